@@ -1,0 +1,207 @@
+"""The one training loop: base DDPM, classifier and every erasure method run through it.
+
+A caller supplies ``step_loss(model, generator, step) -> (loss, logs)``. The loop owns
+everything else: accelerate (devices, DDP, mixed precision), the optimizer and learning
+rate schedule, gradient clipping, the mask constraint, EMA, CSV logging, progress, and
+checkpoints. Randomness comes from a generator seeded by (seed, step, process), so a
+resumed run draws exactly the batches and noise the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from erasure.errors import ErasureError
+from erasure.io import load_checkpoint, save_checkpoint
+from erasure.saliency import MaskConstraint
+
+StepLoss = Callable[[torch.nn.Module, torch.Generator, int], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class LoopSettings:
+    """How to optimize; the loss itself comes from the caller."""
+
+    steps: int
+    lr: float
+    seed: int = 0
+    grad_clip: float | None = 1.0
+    warmup_steps: int = 0
+    cosine: bool = False  # cosine decay to 0 after warmup; else constant
+    weight_decay: float = 0.0
+    ema_decay: float | None = None
+    checkpoint_every: int = 0  # 0: only on interruption
+    log_every: int = 10
+    desc: str = "training"
+
+
+def make_accelerator(device: str = "auto", mixed_precision: str = "auto") -> Accelerator:
+    """An Accelerator for the configured device; 'auto' precision is bf16 where the GPU has it."""
+    cpu = device == "cpu" or not torch.cuda.is_available()
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if not cpu and torch.cuda.is_bf16_supported() else "no"
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+
+
+def step_generator(seed: int, step: int, process: int, device: torch.device) -> torch.Generator:
+    """The generator for one step of one process: reproducible, and different per process."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 1_009 + process)
+
+
+def _lr_factor(step: int, s: LoopSettings) -> float:
+    if step < s.warmup_steps:
+        return (step + 1) / s.warmup_steps
+    if not s.cosine:
+        return 1.0
+    progress = (step - s.warmup_steps) / max(1, s.steps - s.warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train(
+    model: torch.nn.Module,
+    step_loss: StepLoss,
+    settings: LoopSettings,
+    folder: str | Path,
+    accelerator: Accelerator,
+    constraint_mask=None,  # a saliency.Mask: only its True entries may change
+    fingerprint: str = "",
+) -> tuple[torch.nn.Module, EMAModel | None]:
+    """Optimize ``model`` for ``settings.steps`` steps, resuming from ``folder/checkpoint``.
+
+    Returns the trained (unwrapped) model and its EMA, if one was kept.
+    """
+    folder = Path(folder)
+    ckpt_dir = folder / "checkpoint"
+    model = model.to(accelerator.device)
+    # Built before a checkpoint is loaded, so it holds the base values of masked-out weights.
+    constraint = MaskConstraint(model, constraint_mask) if constraint_mask is not None else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    ema = EMAModel(params, decay=settings.ema_decay) if settings.ema_decay else None
+
+    start = 0
+    state = load_checkpoint(ckpt_dir)
+    if state is not None:
+        if state.get("fingerprint", "") != fingerprint:
+            raise ErasureError(f"the checkpoint in '{ckpt_dir}' was made with different settings; delete it to start over.")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict({**state["ema_state"], "shadow_params": list(state["ema"].values())})
+        start = state["step"]
+        accelerator.print(f"resuming {settings.desc} from step {start} ({ckpt_dir})")
+
+    model, optimizer = accelerator.prepare(model, optimizer)
+    names = [n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad]
+
+    def checkpoint(step: int) -> None:
+        if not accelerator.is_main_process:
+            return
+        tensors = {"model": accelerator.unwrap_model(model).state_dict()}
+        extra = {"optimizer": optimizer.state_dict(), "fingerprint": fingerprint}
+        if ema is not None:
+            ema_state = ema.state_dict()
+            tensors["ema"] = dict(zip(names, ema_state.pop("shadow_params")))
+            extra["ema_state"] = ema_state
+        save_checkpoint(ckpt_dir, step, tensors, extra)
+
+    log_path = folder / "log.csv"
+    _truncate_log(log_path, start)
+    step = start
+    bar = tqdm(total=settings.steps, initial=start, desc=settings.desc, disable=not accelerator.is_main_process)
+    model.train()
+    with _StopRequests() as stop:
+        for step in range(start, settings.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = settings.lr * _lr_factor(step, settings)
+            g = step_generator(settings.seed, step, accelerator.process_index, accelerator.device)
+            with accelerator.autocast():
+                loss, logs = step_loss(model, g, step)
+            if not torch.isfinite(loss):
+                raise ErasureError(f"the loss became {loss.item()} at step {step}; lower the learning rate.")
+            accelerator.backward(loss)
+            if settings.grad_clip:
+                accelerator.clip_grad_norm_(params, settings.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if constraint is not None:
+                constraint.enforce()
+            if ema is not None:
+                ema.step(params)
+            bar.update(1)
+            if step % settings.log_every == 0 or step == settings.steps - 1:
+                row = {"step": step, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"], **logs}
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
+                if accelerator.is_main_process:
+                    _append_log(log_path, row)
+            if stop.requested:
+                checkpoint(step + 1)
+                bar.close()
+                raise KeyboardInterrupt(f"stopped after step {step + 1}; rerun the same command to resume")
+            if settings.checkpoint_every and (step + 1) % settings.checkpoint_every == 0 and step + 1 < settings.steps:
+                checkpoint(step + 1)
+    bar.close()
+    if constraint is not None:
+        constraint.remove()
+    accelerator.wait_for_everyone()
+    return accelerator.unwrap_model(model), ema
+
+
+class _StopRequests:
+    """Turn Ctrl-C / SIGTERM into a request honoured at the end of the current step.
+
+    Stopping between steps keeps model, optimizer and step count consistent, so the
+    checkpoint written on the way out resumes exactly. A second Ctrl-C stops at once.
+    """
+
+    signals = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __enter__(self) -> _StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for s in self.signals:
+                self.previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def _append_log(path: Path, row: dict[str, float]) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def _truncate_log(path: Path, start: int) -> None:
+    """Drop log rows past the resumed step, so a resumed run's log has no duplicates."""
+    if not path.exists():
+        return
+    if start == 0:
+        path.unlink()
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = lines[:1] + [line for line in lines[1:] if int(line.split(",", 1)[0]) < start]
+    path.write_text("".join(kept))

@@ -1,0 +1,52 @@
+"""Run folders: one per stage (base model, classifier, each erasure), reused when finished.
+
+A stage folder holds ``config.yaml`` (the resolved config), its outputs, a ``checkpoint/``
+while it runs and ``done.json`` when it has finished. ``done.json`` records a fingerprint
+of the config sections the stage depends on: a finished stage with the same fingerprint
+is reused, and one with a different fingerprint is an error rather than an overwrite.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from erasure.config import Config, to_yaml
+from erasure.errors import ErasureError
+from erasure.io import read_json, write_json, write_text
+
+
+class Stage:
+    """A stage's folder and the fingerprint of what it depends on."""
+
+    def __init__(self, folder: str | Path, fingerprint: str) -> None:
+        self.folder = Path(folder)
+        self.fingerprint = fingerprint
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.folder / "checkpoint"
+
+    def done(self) -> bool:
+        """True if finished with the same inputs; an error if finished with different ones."""
+        marker = self.folder / "done.json"
+        if not marker.is_file():
+            return False
+        previous = read_json(marker).get("fingerprint")
+        if previous != self.fingerprint:
+            raise ErasureError(
+                f"'{self.folder}' already holds a finished run with different settings "
+                f"(fingerprint {previous}, now {self.fingerprint}). Use another workdir, or delete the folder to redo it."
+            )
+        return True
+
+    def begin(self, config: Config) -> None:
+        """Create the folder and save the resolved config into it."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_text(self.folder / "config.yaml", to_yaml(config))
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        """Mark the stage finished and drop its checkpoint."""
+        write_json(self.folder / "done.json", {"fingerprint": self.fingerprint, **summary})
+        shutil.rmtree(self.checkpoint, ignore_errors=True)
