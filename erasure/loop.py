@@ -82,12 +82,14 @@ def train(
     Returns the trained (unwrapped) model and its EMA, if one was kept.
     """
     folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     ckpt_dir = folder / "checkpoint"
     model = model.to(accelerator.device)
     # Built before a checkpoint is loaded, so it holds the base values of masked-out weights.
     constraint = MaskConstraint(model, constraint_mask) if constraint_mask is not None else None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
     ema = EMAModel(params, decay=settings.ema_decay) if settings.ema_decay else None
 
     start = 0
@@ -98,12 +100,11 @@ def train(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if ema is not None:
-            ema.load_state_dict({**state["ema_state"], "shadow_params": list(state["ema"].values())})
+            ema.load_state_dict({**state["ema_state"], "shadow_params": [state["ema"][n] for n in names]})
         start = state["step"]
         accelerator.print(f"resuming {settings.desc} from step {start} ({ckpt_dir})")
 
     model, optimizer = accelerator.prepare(model, optimizer)
-    names = [n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad]
 
     def checkpoint(step: int) -> None:
         if not accelerator.is_main_process:

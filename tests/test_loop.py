@@ -1,0 +1,71 @@
+import os
+import signal
+
+import pytest
+import torch
+
+from erasure.errors import ErasureError
+from erasure.loop import LoopSettings, make_accelerator, train
+from erasure.saliency import Mask
+
+
+def net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+
+def make_step_loss(interrupt_at: int | None = None):
+    target = torch.linspace(-1, 1, 64)[:, None]
+
+    def step_loss(model, g, step):
+        if step == interrupt_at:
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C or a cluster's SIGTERM does
+        x = torch.randn(64, 4, generator=g)
+        noise = torch.randn(64, 1, generator=g) * 0.1
+        return torch.nn.functional.mse_loss(model(x), target + noise), {}
+
+    return step_loss
+
+
+SETTINGS = dict(steps=12, lr=1e-2, seed=3, warmup_steps=2, cosine=True, weight_decay=0.1, ema_decay=0.9, checkpoint_every=5, log_every=1)
+
+
+def test_resume_after_interruption_is_bit_identical(tmp_path):
+    accelerator = make_accelerator("cpu")
+    straight, straight_ema = train(net(), make_step_loss(), LoopSettings(**SETTINGS), tmp_path / "a", accelerator, fingerprint="x")
+
+    with pytest.raises(KeyboardInterrupt):
+        train(net(), make_step_loss(interrupt_at=7), LoopSettings(**SETTINGS), tmp_path / "b", accelerator, fingerprint="x")
+    state = (tmp_path / "b" / "checkpoint" / "state.json").read_text()
+    assert '"step": 8' in state  # the interrupted step was finished, then saved
+    resumed, resumed_ema = train(net(), make_step_loss(), LoopSettings(**SETTINGS), tmp_path / "b", accelerator, fingerprint="x")
+
+    for (n, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), n
+    for a, b in zip(straight_ema.shadow_params, resumed_ema.shadow_params):
+        assert torch.equal(a, b)
+    # The resumed log has each step exactly once.
+    steps = [int(line.split(",")[0]) for line in (tmp_path / "b" / "log.csv").read_text().splitlines()[1:]]
+    assert steps == list(range(12))
+
+
+def test_checkpoint_from_other_settings_is_refused(tmp_path):
+    accelerator = make_accelerator("cpu")
+    with pytest.raises(KeyboardInterrupt):
+        train(net(), make_step_loss(interrupt_at=2), LoopSettings(**SETTINGS), tmp_path, accelerator, fingerprint="x")
+    with pytest.raises(ErasureError, match="different settings"):
+        train(net(), make_step_loss(), LoopSettings(**SETTINGS), tmp_path, accelerator, fingerprint="y")
+
+
+def test_mask_holds_through_the_loop_and_its_resume(tmp_path):
+    accelerator = make_accelerator("cpu")
+    base = net()
+    mask = Mask.random(base, 0.3, seed=1)
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    with pytest.raises(KeyboardInterrupt):
+        train(net(), make_step_loss(interrupt_at=4), LoopSettings(**SETTINGS), tmp_path, accelerator, constraint_mask=mask, fingerprint="m")
+    model, _ = train(net(), make_step_loss(), LoopSettings(**SETTINGS), tmp_path, accelerator, constraint_mask=mask, fingerprint="m")
+    for n, p in model.named_parameters():
+        keep = mask.tensors[n]
+        assert torch.equal(p.detach()[~keep], before[n][~keep]), n
+        assert not keep.any() or not torch.equal(p.detach()[keep], before[n][keep]), n
