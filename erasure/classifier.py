@@ -79,7 +79,9 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return x
 
 
-def train_classifier(config: ClassifierConfig, data: ImageData, folder: str | Path, device: str = "auto", fingerprint: str = "") -> ConvClassifier:
+def train_classifier(
+    config: ClassifierConfig, data: ImageData, folder: str | Path, device: str = "auto", fingerprint: str = ""
+) -> ConvClassifier:
     """Train a classifier on ``data`` with the shared loop; returns it in eval mode."""
     accelerator = make_accelerator(device, "no")
     model = ConvClassifier(data.shape[0], data.num_classes, config.channels)
@@ -92,8 +94,14 @@ def train_classifier(config: ClassifierConfig, data: ImageData, folder: str | Pa
         return F.cross_entropy(m(x), labels[idx]), {}
 
     settings = LoopSettings(
-        steps=config.steps, lr=config.lr, seed=config.seed, warmup_steps=config.steps // 20, cosine=True,
-        weight_decay=5e-4, checkpoint_every=max(1, config.steps // 4), desc="classifier",
+        steps=config.steps,
+        lr=config.lr,
+        seed=config.seed,
+        warmup_steps=config.steps // 20,
+        cosine=True,
+        weight_decay=5e-4,
+        checkpoint_every=max(1, config.steps // 4),
+        desc="classifier",
     )
     model, _ = train(model, step_loss, settings, folder, accelerator, fingerprint=fingerprint)
     return model.eval()

@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("config", cmd_config, "Print the resolved config.")
     add("train-ddpm", cmd_train_ddpm, "Train (or resume) the class-conditional DDPM.")
     add("train-classifier", cmd_train_classifier, "Train the classifier that scores generated images.")
-    add("mask", cmd_mask, "Compute and save a SalUn saliency mask for the forgotten class.").add_argument("--out", help="mask file (.safetensors)")
+    add("mask", cmd_mask, "Compute and save a SalUn saliency mask for the forgotten class.").add_argument(
+        "--out", help="mask file (.safetensors)"
+    )
     add("erase", cmd_erase, "Erase unlearn.forget_class with one or more methods.").add_argument(
         "--method", action="append", help="salun, rl, random or esd; repeat for several (default: unlearn.method)"
     )

@@ -47,14 +47,14 @@ class ModelConfig:
 class TrainConfig:
     """Base-model (DDPM) training."""
 
-    steps: int = 1500
+    steps: int = 800
     batch_size: int = 128
     lr: float = 2e-3
-    warmup_steps: int = 100
+    warmup_steps: int = 50
     ema_decay: float = 0.995
     class_dropout: float = 0.1
     grad_clip: float = 1.0
-    checkpoint_every: int = 500
+    checkpoint_every: int = 200
     seed: int = 0
 
 

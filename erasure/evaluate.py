@@ -81,7 +81,8 @@ def evaluate(config: Config, methods: list[str] | None = None) -> dict[str, Any]
         models[name] = scores
         per_row = min(config.eval.grid_samples, n)
         grid_columns[name] = images.view(k, n, *images.shape[1:])[:, :per_row]
-        print(f"{name}: UA {100 * scores['ua']:.1f}%  retained acc {100 * scores['retained_accuracy']:.1f}%  FID {scores['fid_retained']:.2f} ({fid_name})")
+        ua, kept, fid_value = 100 * scores["ua"], 100 * scores["retained_accuracy"], scores["fid_retained"]
+        print(f"{name}: UA {ua:.1f}%  retained acc {kept:.1f}%  FID {fid_value:.2f} ({fid_name})")
 
     comparison_grid(grid_columns, real.class_names, out / "grid.png")
     report = {

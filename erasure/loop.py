@@ -13,9 +13,9 @@ import csv
 import math
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from accelerate import Accelerator

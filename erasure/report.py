@@ -29,10 +29,12 @@ def write_report(folder: str | Path, report: dict[str, Any]) -> None:
         table(report),
         "",
         "## Protocol",
-        f"- {p['samples_per_class']} generated images per class, DDIM {p['sampling_steps']} steps, guidance w = {p['guidance']}, seed {p['seed']}; every model starts from the same noise.",
+        f"- {p['samples_per_class']} generated images per class, DDIM {p['sampling_steps']} steps, guidance w = {p['guidance']}, "
+        f"seed {p['seed']}; every model starts from the same noise.",
         "- UA = 1 - accuracy of the classifier on images generated for the forgotten class (higher = more forgotten).",
         "- Retained accuracy: the classifier's accuracy on images generated for every other class.",
-        f"- FID retained: generated retained-class images vs {p['fid_real_images']} real training images of those classes, features `{report['fid_features']}`.",
+        f"- FID retained: generated retained-class images vs {p['fid_real_images']} real training images of those classes, "
+        f"features `{report['fid_features']}`.",
         f"- Classifier test accuracy on real images: {100 * report['classifier_test_accuracy']:.1f}%.",
         "",
         "![comparison grid](grid.png)",

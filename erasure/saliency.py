@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -119,7 +120,9 @@ class Mask:
     info: dict[str, Any] = field(default_factory=dict)  # ratio, loss, per_layer, ...
 
     @classmethod
-    def from_scores(cls, model: torch.nn.Module, scores: dict[str, torch.Tensor], ratio: float, per_layer: bool = False, **info: Any) -> Mask:
+    def from_scores(
+        cls, model: torch.nn.Module, scores: dict[str, torch.Tensor], ratio: float, per_layer: bool = False, **info: Any
+    ) -> Mask:
         """Threshold saliency scores (e.g. ``|accumulated gradient|``) of ``model`` into a mask."""
         return cls(threshold(scores, ratio, per_layer), model_fingerprint(model), {"ratio": ratio, "per_layer": per_layer, **info})
 
@@ -165,7 +168,9 @@ class Mask:
             details = []
             if wrong:
                 n = wrong[0]
-                details.append(f"{len(wrong)} shape mismatches (e.g. '{n}': mask {list(self.tensors[n].shape)} vs model {list(params[n].shape)})")
+                details.append(
+                    f"{len(wrong)} shape mismatches (e.g. '{n}': mask {list(self.tensors[n].shape)} vs model {list(params[n].shape)})"
+                )
             if missing:
                 details.append(f"{len(missing)} model parameters not in the mask (e.g. '{missing[0]}')")
             if extra:

@@ -61,8 +61,15 @@ def train_base(config: Config) -> Path:
         return denoising_loss(model, scheduler, to_model_range(images[idx]), c, g), {}
 
     settings = LoopSettings(
-        steps=cfg.steps, lr=cfg.lr, seed=cfg.seed, grad_clip=cfg.grad_clip, warmup_steps=cfg.warmup_steps,
-        cosine=True, ema_decay=cfg.ema_decay, checkpoint_every=cfg.checkpoint_every, desc="base DDPM",
+        steps=cfg.steps,
+        lr=cfg.lr,
+        seed=cfg.seed,
+        grad_clip=cfg.grad_clip,
+        warmup_steps=cfg.warmup_steps,
+        cosine=True,
+        ema_decay=cfg.ema_decay,
+        checkpoint_every=cfg.checkpoint_every,
+        desc="base DDPM",
     )
     unet, ema = train(unet, step_loss, settings, stage.folder, accelerator, fingerprint=stage.fingerprint)
     if accelerator.is_main_process:
@@ -114,8 +121,12 @@ def erase(config: Config, method: str | None = None) -> Path:
         return m.loss(model, g)
 
     settings = LoopSettings(
-        steps=cfg.steps, lr=cfg.lr, seed=cfg.seed, grad_clip=cfg.grad_clip,
-        checkpoint_every=cfg.checkpoint_every, desc=f"erase {method}",
+        steps=cfg.steps,
+        lr=cfg.lr,
+        seed=cfg.seed,
+        grad_clip=cfg.grad_clip,
+        checkpoint_every=cfg.checkpoint_every,
+        desc=f"erase {method}",
     )
     unet, _ = train(unet, step_loss, settings, stage.folder, accelerator, constraint_mask=mask, fingerprint=stage.fingerprint)
     if accelerator.is_main_process:

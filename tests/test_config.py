@@ -1,4 +1,5 @@
 import pytest
+
 from erasure.cli import main
 from erasure.config import Config, load_config, parse_override, to_yaml
 from erasure.errors import ErasureError

@@ -24,7 +24,7 @@ class ESD(Method):
 
     def prepare(self, model: torch.nn.Module) -> None:
         self.frozen = copy.deepcopy(model).eval().requires_grad_(False)
-        self.ddim = DDIMScheduler(num_train_timesteps=self.ctx.scheduler.config.num_train_timesteps)
+        self.ddim = DDIMScheduler(num_train_timesteps=self.ctx.scheduler.config.num_train_timesteps, clip_sample=False)
         self.ddim.set_timesteps(self.ctx.sample.steps)
 
     def loss(self, model: torch.nn.Module, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:

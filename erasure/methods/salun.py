@@ -38,6 +38,12 @@ class SalUn(RL):
         model.train(was_training)
         scores = {n: g.abs() for n, g in grads.items()}
         return Mask.from_scores(
-            model, scores, cfg.ratio, cfg.per_layer,
-            loss="ddpm-guided-mse", guidance=cfg.guidance, batches=cfg.batches, forget_class=ctx.forget_class,
+            model,
+            scores,
+            cfg.ratio,
+            cfg.per_layer,
+            loss="ddpm-guided-mse",
+            guidance=cfg.guidance,
+            batches=cfg.batches,
+            forget_class=ctx.forget_class,
         )

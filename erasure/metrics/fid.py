@@ -59,8 +59,14 @@ def inception_fid(generated: torch.Tensor, real: torch.Tensor, weights: str | No
         except Exception as e:  # noqa: BLE001 - any failure means we must not unpickle it
             raise ErasureError(f"'{weights}' is not a plain state dict of tensors ({e}); refusing to load it.") from None
     metrics = torch_fidelity.calculate_metrics(
-        input1=_RGBImages(generated), input2=_RGBImages(real), fid=True, feature_extractor_weights_path=weights,
-        cuda=torch.cuda.is_available(), batch_size=batch_size, cache=False, verbose=False,
+        input1=_RGBImages(generated),
+        input2=_RGBImages(real),
+        fid=True,
+        feature_extractor_weights_path=weights,
+        cuda=torch.cuda.is_available(),
+        batch_size=batch_size,
+        cache=False,
+        verbose=False,
     )
     return float(metrics["frechet_inception_distance"])
 
