@@ -115,6 +115,7 @@ class FidConfig:
     features: Literal["auto", "inception", "classifier"] = "auto"
     weights: str | None = None  # local torch-fidelity Inception weights (offline use)
     batch_size: int = 64
+    real_images: int | None = None  # cap on real reference images (a seeded subset); None = all
 
 
 @dataclass

@@ -65,6 +65,10 @@ def evaluate(config: Config, methods: list[str] | None = None) -> dict[str, Any]
     forget = config.unlearn.forget_class
     retained = [c for c in range(k) if c != forget]
     real_retained = real.of_classes(retained).images
+    cap = config.eval.fid.real_images
+    if cap is not None and cap < len(real_retained):
+        pick = torch.randperm(len(real_retained), generator=torch.Generator().manual_seed(config.eval.seed))[:cap]
+        real_retained = real_retained[pick]
     labels = torch.arange(k).repeat_interleave(n)
     out = Path(config.workdir) / "eval"
 
@@ -76,7 +80,7 @@ def evaluate(config: Config, methods: list[str] | None = None) -> dict[str, Any]
         predicted = judge.predict(images)
         scores = unlearning_scores(predicted, labels, forget)
         keep = labels != forget
-        scores["fid_retained"], fid_name = fid(images[keep], real_retained, config.eval.fid, judge)
+        scores["fid_retained"], fid_name = fid(images[keep], real_retained, config.eval.fid, judge, cache=out / "fid-cache")
         scores["per_class_accuracy"] = per_class_accuracy(predicted, labels, k)
         models[name] = scores
         per_row = min(config.eval.grid_samples, n)

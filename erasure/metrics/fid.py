@@ -11,31 +11,24 @@ Two feature sets, always named in results:
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from erasure.config import FidConfig
 from erasure.errors import ErasureError
+from erasure.io import load_tensors, save_tensors
 
 INCEPTION = "inception-2048"
 CLASSIFIER = "classifier-features"
 CACHED_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's download name
 
 
-class _RGBImages(Dataset):
-    """uint8 (N, C, H, W) as torch-fidelity wants them: 3-channel uint8 per item."""
-
-    def __init__(self, images: torch.Tensor) -> None:
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        image = self.images[i]
-        return image.expand(3, -1, -1).contiguous() if image.shape[0] == 1 else image
+def _rgb(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, C, H, W) with C = 1 or 3 -> uint8 (N, 3, H, W), as Inception wants."""
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
 
 def inception_weights(config: FidConfig) -> str | None:
@@ -49,26 +42,45 @@ def inception_weights(config: FidConfig) -> str | None:
     return str(cached) if cached.is_file() else None
 
 
-def inception_fid(generated: torch.Tensor, real: torch.Tensor, weights: str | None, batch_size: int = 64) -> float:
-    """Standard FID (2048-d Inception features) via torch-fidelity; downloads weights if None."""
-    import torch_fidelity
+def inception_features(images: torch.Tensor, weights: str | None, batch_size: int = 64) -> torch.Tensor:
+    """2048-d pool features of torch-fidelity's Inception-v3 (downloads its weights if None)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     if weights is not None:
         try:
             torch.load(weights, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any failure means we must not unpickle it
             raise ErasureError(f"'{weights}' is not a plain state dict of tensors ({e}); refusing to load it.") from None
-    metrics = torch_fidelity.calculate_metrics(
-        input1=_RGBImages(generated),
-        input2=_RGBImages(real),
-        fid=True,
-        feature_extractor_weights_path=weights,
-        cuda=torch.cuda.is_available(),
-        batch_size=batch_size,
-        cache=False,
-        verbose=False,
-    )
-    return float(metrics["frechet_inception_distance"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    extractor = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=weights).to(device)
+    with torch.no_grad():
+        batches = range(0, len(images), batch_size)
+        feats = [
+            extractor(_rgb(images[i : i + batch_size]).to(device))[0].double().cpu() for i in tqdm(batches, desc="inception", leave=False)
+        ]
+    return torch.cat(feats)
+
+
+def inception_fid(
+    generated: torch.Tensor, real: torch.Tensor, weights: str | None, batch_size: int = 64, cache: str | Path | None = None
+) -> float:
+    """Standard FID (2048-d Inception features, torch-fidelity's extractor and formula).
+
+    With ``cache`` set, the real images' features are stored there as safetensors (keyed
+    by the images' content), so scoring several models against one reference extracts
+    them once.
+    """
+    real_feats = None
+    if cache is not None:
+        digest = hashlib.sha256(real.numpy().tobytes()).hexdigest()[:16]
+        cache_file = Path(cache) / f"inception2048-{digest}.safetensors"
+        if cache_file.is_file():
+            real_feats = load_tensors(cache_file)["features"]
+    if real_feats is None:
+        real_feats = inception_features(real, weights, batch_size)
+        if cache is not None:
+            save_tensors(cache_file, {"features": real_feats})
+    return feature_fid(inception_features(generated, weights, batch_size), real_feats)
 
 
 def feature_fid(generated: torch.Tensor, real: torch.Tensor) -> float:
@@ -79,11 +91,17 @@ def feature_fid(generated: torch.Tensor, real: torch.Tensor) -> float:
     return float(fid_statistics_to_metric(*stats, verbose=False)["frechet_inception_distance"])
 
 
-def fid(generated: torch.Tensor, real: torch.Tensor, config: FidConfig, classifier: torch.nn.Module | None = None) -> tuple[float, str]:
+def fid(
+    generated: torch.Tensor,
+    real: torch.Tensor,
+    config: FidConfig,
+    classifier: torch.nn.Module | None = None,
+    cache: str | Path | None = None,
+) -> tuple[float, str]:
     """(FID, feature-set name) of uint8 images ``generated`` against ``real``."""
     weights = inception_weights(config) if config.features != "classifier" else None
     if config.features == "inception" or (config.features == "auto" and weights is not None):
-        return inception_fid(generated, real, weights, config.batch_size), INCEPTION
+        return inception_fid(generated, real, weights, config.batch_size, cache), INCEPTION
     if classifier is None:
         raise ErasureError("the classifier-feature FID needs a classifier.")
     device = next(classifier.parameters()).device
