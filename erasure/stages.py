@@ -110,11 +110,17 @@ def erase(config: Config, method: str | None = None) -> Path:
     unet = load_unet(base.folder / "model", accelerator.device)
     ctx = erase_context(config, unet, load_scheduler(base.folder / "model"), accelerator.device)
     m = method_cls(ctx)
+    # The main process computes the mask (or keeps the one a resumed run already made) and
+    # every process loads that file, so all ranks of a multi-GPU job train the same weights.
     mask_file = stage.folder / "mask.safetensors"
     resuming = (stage.checkpoint / "state.json").is_file() and mask_file.is_file()
-    mask = Mask.load(mask_file, unet) if resuming else m.make_mask(unet)
-    if mask is not None and accelerator.is_main_process:
-        mask.save(stage.folder / "mask.safetensors")
+    if accelerator.is_main_process and not resuming:
+        mask_file.unlink(missing_ok=True)
+        mask = m.make_mask(unet)
+        if mask is not None:
+            mask.save(mask_file)
+    accelerator.wait_for_everyone()
+    mask = Mask.load(mask_file, unet) if mask_file.is_file() else None
     m.prepare(unet)
 
     def step_loss(model: torch.nn.Module, g: torch.Generator, step: int) -> tuple[torch.Tensor, dict[str, float]]:
