@@ -146,7 +146,7 @@ def train(
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
                 if accelerator.is_main_process:
                     _append_log(log_path, row)
-            if stop.requested:
+            if stop.agreed(accelerator):
                 checkpoint(step + 1)
                 bar.close()
                 raise KeyboardInterrupt(f"stopped after step {step + 1}; rerun the same command to resume")
@@ -175,6 +175,13 @@ class _StopRequests:
     def _handle(self, signum: int, frame: object) -> None:
         self.requested = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def agreed(self, accelerator: Accelerator) -> bool:
+        """Whether any process was asked to stop; all ranks must stop at the same step."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
     def __enter__(self) -> _StopRequests:
         if threading.current_thread() is threading.main_thread():
