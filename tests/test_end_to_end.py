@@ -128,3 +128,22 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     for path in ("eval/grid.png", "eval/report.json", "eval/report.md", "erase/salun-forget0/mask.safetensors"):
         assert (workdir / path).is_file(), path
     assert Path(workdir / "erase" / "salun-forget0" / "config.yaml").read_text().startswith("workdir:")
+
+
+def test_bad_models_and_classes_are_clear_errors(run, tmp_path, capsys):
+    import shutil
+
+    from erasure.errors import ErasureError
+
+    workdir, args = run
+    corrupt = tmp_path / "model"
+    shutil.copytree(workdir / "ddpm" / "model", corrupt)
+    weights = corrupt / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:500])
+    with pytest.raises(ErasureError, match="could not load the UNet"):
+        load_unet(corrupt)
+    with pytest.raises(ErasureError, match="holds no UNet"):
+        load_unet(tmp_path)
+    capsys.readouterr()
+    assert main(["erase", *args, "unlearn.forget_class=12"]) == 2
+    assert "not a class of digits" in capsys.readouterr().err
