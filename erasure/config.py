@@ -183,6 +183,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return _build(tp, value, where + ".")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if tp is bool and not isinstance(value, bool):
         raise ErasureError(f"config key '{where}' must be true or false, got {value!r}.")
     if tp in (int, float, str) and (not isinstance(value, tp) or isinstance(value, bool) and tp is not bool):

@@ -14,7 +14,8 @@ def test_defaults_are_the_demo():
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("unlearn:\n  alpha: 0.5\n  mask:\n    ratio: 0.3\nworkdir: here\n")
-    config = load_config(path, ["unlearn.alpha=2", "model.channels=[16,32]"])
+    config = load_config(path, ["unlearn.alpha=2", "model.channels=[16,32]", "unlearn.lr=1e-4"])
+    assert config.unlearn.lr == 1e-4  # YAML reads 1e-4 as a string; the schema knows it is a float
     assert config.unlearn.alpha == 2.0 and isinstance(config.unlearn.alpha, float)
     assert config.unlearn.mask.ratio == 0.3
     assert config.model.channels == [16, 32]
