@@ -9,6 +9,7 @@ is reused, and one with a different fingerprint is an error rather than an overw
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +46,10 @@ class Stage:
         """Create the folder and save the resolved config into it."""
         self.folder.mkdir(parents=True, exist_ok=True)
         write_text(self.folder / "config.yaml", to_yaml(config))
+        self.started = time.time()
 
     def finish(self, summary: dict[str, Any]) -> None:
-        """Mark the stage finished and drop its checkpoint."""
-        write_json(self.folder / "done.json", {"fingerprint": self.fingerprint, **summary})
+        """Mark the stage finished (with the wall time of the run that finished it) and drop its checkpoint."""
+        seconds = round(time.time() - self.started, 1)
+        write_json(self.folder / "done.json", {"fingerprint": self.fingerprint, "seconds": seconds, **summary})
         shutil.rmtree(self.checkpoint, ignore_errors=True)
