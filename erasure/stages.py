@@ -38,7 +38,7 @@ def judge_stage(config: Config) -> Stage:
 def erase_stage(config: Config, method: str) -> Stage:
     """Where erasing ``config.unlearn.forget_class`` with ``method`` lives."""
     folder = Path(config.workdir) / "erase" / f"{method}-forget{config.unlearn.forget_class}"
-    return Stage(folder, fingerprint(config.data, config.model, config.train, config.unlearn, config.sample) + method)
+    return Stage(folder, f"{fingerprint(config.data, config.model, config.train, config.unlearn, config.sample)}-{method}")
 
 
 def train_base(config: Config) -> Path:
