@@ -68,7 +68,7 @@ class ConvClassifier(nn.Module):
 
 
 def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Random 2-px shifts for all images; horizontal flips for colour images (digits must not flip)."""
+    """One random shift of up to 2 px per batch; per-image horizontal flips for colour images (digits must not flip)."""
     n, c, h, w = x.shape
     padded = F.pad(x, (2, 2, 2, 2), mode="replicate")
     dx, dy = torch.randint(0, 5, (2,), generator=g, device=g.device).tolist()

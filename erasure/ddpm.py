@@ -7,6 +7,8 @@ Guidance follows the reference form ``(1 + w) * eps(x, c) - w * eps(x, null)``.
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -118,9 +120,6 @@ def sample(
 
 def save_model(unet: UNet2DModel, scheduler: DDPMScheduler, folder: str | Path) -> None:
     """Save UNet and noise schedule in the diffusers layout, atomically per folder."""
-    import os
-    import shutil
-
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

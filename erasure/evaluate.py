@@ -24,15 +24,12 @@ from erasure.io import load_tensors, read_metadata, save_tensors
 from erasure.metrics.accuracy import per_class_accuracy, unlearning_scores
 from erasure.metrics.fid import fid
 from erasure.report import write_report
-from erasure.stages import base_stage, erase_stage, judge_stage, load_judge, resolve_device
+from erasure.stages import erase_stage, finished_base, judge_stage, load_judge, resolve_device
 
 
 def model_folders(config: Config, methods: list[str]) -> dict[str, Path]:
     """The original model and each finished erasure, by display name."""
-    base = base_stage(config)
-    if not base.done():
-        raise ErasureError(f"no finished base model in '{base.folder}'; run `erasure train-ddpm` first.")
-    folders = {"original": base.folder / "model"}
+    folders = {"original": finished_base(config)}
     for method in methods:
         stage = erase_stage(config, method)
         if not stage.done():

@@ -9,6 +9,7 @@ Evaluation lives in :mod:`erasure.evaluate`.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -38,7 +39,17 @@ def judge_stage(config: Config) -> Stage:
 def erase_stage(config: Config, method: str) -> Stage:
     """Where erasing ``config.unlearn.forget_class`` with ``method`` lives."""
     folder = Path(config.workdir) / "erase" / f"{method}-forget{config.unlearn.forget_class}"
-    return Stage(folder, f"{fingerprint(config.data, config.model, config.train, config.unlearn, config.sample)}-{method}")
+    # The method is in the folder name; unlearn.method (the default for `erase`) must not change the fingerprint.
+    unlearn = dataclasses.replace(config.unlearn, method=method)
+    return Stage(folder, fingerprint(config.data, config.model, config.train, unlearn, config.sample))
+
+
+def finished_base(config: Config) -> Path:
+    """The folder of the finished base DDPM, or a clear error saying how to make it."""
+    stage = base_stage(config)
+    if not stage.done():
+        raise ErasureError(f"no finished base model in '{stage.folder}'; run `erasure train-ddpm` with this config first.")
+    return stage.folder / "model"
 
 
 def train_base(config: Config) -> Path:
@@ -101,14 +112,12 @@ def erase(config: Config, method: str | None = None) -> Path:
     stage = erase_stage(config, method)
     if stage.done():
         return stage.folder / "model"
-    base = base_stage(config)
-    if not base.done():
-        raise ErasureError(f"no finished base model in '{base.folder}'; run `erasure train-ddpm` with this config first.")
+    base = finished_base(config)
     stage.begin(config)
     cfg = config.unlearn
     accelerator = make_accelerator(config.device, config.mixed_precision)
-    unet = load_unet(base.folder / "model", accelerator.device)
-    ctx = erase_context(config, unet, load_scheduler(base.folder / "model"), accelerator.device)
+    unet = load_unet(base, accelerator.device)
+    ctx = erase_context(config, unet, load_scheduler(base), accelerator.device)
     m = method_cls(ctx)
     # The main process computes the mask (or keeps the one a resumed run already made) and
     # every process loads that file, so all ranks of a multi-GPU job train the same weights.
@@ -170,12 +179,10 @@ def compute_mask(config: Config, out: str | Path) -> Mask:
     """Compute SalUn's saliency mask for ``config.unlearn.forget_class`` and save it to ``out``."""
     from erasure.methods.salun import SalUn
 
-    base = base_stage(config)
-    if not base.done():
-        raise ErasureError(f"no finished base model in '{base.folder}'; run `erasure train-ddpm` with this config first.")
+    base = finished_base(config)
     device = resolve_device(config.device)
-    unet = load_unet(base.folder / "model", device)
-    mask = SalUn(erase_context(config, unet, load_scheduler(base.folder / "model"), device)).make_mask(unet)
+    unet = load_unet(base, device)
+    mask = SalUn(erase_context(config, unet, load_scheduler(base), device)).make_mask(unet)
     mask.save(out)
     return mask
 

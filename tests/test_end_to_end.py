@@ -105,6 +105,11 @@ def test_finished_stages_are_reused_and_changed_settings_refused(run, capsys):
     before = weights.stat().st_mtime_ns
     assert main(["erase", *args]) == 0
     assert weights.stat().st_mtime_ns == before
+    # `--method rl` and `unlearn.method=rl` name the same run.
+    rl_weights = workdir / "erase" / "rl-forget0" / "model" / "diffusion_pytorch_model.safetensors"
+    rl_before = rl_weights.stat().st_mtime_ns
+    assert main(["erase", *args, "unlearn.method=rl"]) == 0
+    assert rl_weights.stat().st_mtime_ns == rl_before
     capsys.readouterr()
     assert main(["erase", *args, "unlearn.alpha=0.5"]) == 2
     assert "different settings" in capsys.readouterr().err
