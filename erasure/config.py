@@ -16,11 +16,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 
 from erasure.errors import ErasureError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -144,6 +146,15 @@ class Config:
     unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def validate(self) -> None:
+        """Checks that span keys, so that a bad value fails before any work starts."""
+        if not 0.0 < self.unlearn.mask.ratio <= 1.0:
+            raise ErasureError("unlearn.mask.ratio must lie in (0, 1].")
+        if self.unlearn.target_shift % 10 == 0:
+            raise ErasureError("unlearn.target_shift must not map the forgotten class onto itself.")
+        if not self.model.channels or any(c % self.model.norm_groups for c in self.model.channels):
+            raise ErasureError("model.channels must be non-empty multiples of model.norm_groups.")
+
 
 # ----------------------------------------------------------------------------- building
 
@@ -227,8 +238,12 @@ def parse_override(text: str) -> dict[str, Any]:
     return value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the YAML file, then ``key=value`` overrides; validated against the schema."""
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), schema: type[T] = Config) -> T:
+    """Defaults, then the YAML file, then ``key=value`` overrides; validated against ``schema``.
+
+    ``schema`` is a dataclass (the DDPM :class:`Config` by default); if it has a
+    ``validate()`` method, that runs last for checks that span keys.
+    """
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -243,19 +258,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         values = loaded
     for text in overrides:
         values = _merge(values, parse_override(text))
-    config = _build(Config, values)
-    validate(config)
+    config = _build(schema, values)
+    if hasattr(config, "validate"):
+        config.validate()
     return config
-
-
-def validate(config: Config) -> None:
-    """Checks that span keys, so that a bad value fails before any work starts."""
-    if not 0.0 < config.unlearn.mask.ratio <= 1.0:
-        raise ErasureError("unlearn.mask.ratio must lie in (0, 1].")
-    if config.unlearn.target_shift % 10 == 0:
-        raise ErasureError("unlearn.target_shift must not map the forgotten class onto itself.")
-    if not config.model.channels or any(c % config.model.norm_groups for c in config.model.channels):
-        raise ErasureError("model.channels must be non-empty multiples of model.norm_groups.")
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -40,6 +40,8 @@ class LoopSettings:
     warmup_steps: int = 0
     cosine: bool = False  # cosine decay to 0 after warmup; else constant
     weight_decay: float = 0.0
+    optimizer: str = "adamw"  # adamw | sgd (sgd: plain momentum)
+    momentum: float = 0.9  # sgd only
     ema_decay: float | None = None
     checkpoint_every: int = 0  # 0: only on interruption
     log_every: int = 10
@@ -52,6 +54,15 @@ def make_accelerator(device: str = "auto", mixed_precision: str = "auto") -> Acc
     if mixed_precision == "auto":
         mixed_precision = "bf16" if not cpu and torch.cuda.is_bf16_supported() else "no"
     return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+
+
+def make_optimizer(params: list[torch.nn.Parameter], s: LoopSettings) -> torch.optim.Optimizer:
+    """AdamW (diffusion models) or SGD with momentum (the classification recipes)."""
+    if s.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    if s.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    raise ErasureError(f"unknown optimizer '{s.optimizer}'; choose adamw or sgd.")
 
 
 def step_generator(seed: int, step: int, process: int, device: torch.device) -> torch.Generator:
@@ -88,7 +99,7 @@ def train(
     # Built before a checkpoint is loaded, so it holds the base values of masked-out weights.
     constraint = MaskConstraint(model, constraint_mask) if constraint_mask is not None else None
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    optimizer = make_optimizer(params, settings)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     ema = EMAModel(params, decay=settings.ema_decay) if settings.ema_decay else None
 
