@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("evaluate", cmd_evaluate, "Score the original and erased models: UA, retained accuracy, FID, grid.").add_argument(
         "--method", action="append", help="erased models to include (default: eval.methods)"
     )
+    from erasure.sd.cli import add_parser as add_sd
+
+    add_sd(sub)
     return parser
 
 

@@ -275,6 +275,6 @@ def to_yaml(config: Any) -> str:
 
 
 def fingerprint(*sections: Any) -> str:
-    """A short hash of config sections: a stage's output is reused only if its inputs match."""
-    blob = json.dumps([to_dict(s) for s in sections], sort_keys=True)
+    """A short hash of config sections (or plain JSON values): a stage's output is reused only if its inputs match."""
+    blob = json.dumps([to_dict(s) if dataclasses.is_dataclass(s) else s for s in sections], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

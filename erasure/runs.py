@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from erasure.config import Config, to_yaml
+import torch
+from accelerate import Accelerator
+
+from erasure.config import to_yaml
 from erasure.errors import ErasureError
 from erasure.io import read_json, write_json, write_text
+from erasure.saliency import Mask
 
 
 class Stage:
@@ -42,7 +47,7 @@ class Stage:
             )
         return True
 
-    def begin(self, config: Config) -> None:
+    def begin(self, config: Any) -> None:
         """Create the folder and save the resolved config into it."""
         self.folder.mkdir(parents=True, exist_ok=True)
         write_text(self.folder / "config.yaml", to_yaml(config))
@@ -53,3 +58,20 @@ class Stage:
         seconds = round(time.time() - self.started, 1)
         write_json(self.folder / "done.json", {"fingerprint": self.fingerprint, "seconds": seconds, **summary})
         shutil.rmtree(self.checkpoint, ignore_errors=True)
+
+
+def shared_mask(stage: Stage, accelerator: Accelerator, model: torch.nn.Module, make: Callable[[], Mask | None]) -> Mask | None:
+    """The stage's mask, made once by the main process and loaded by every process.
+
+    All ranks of a multi-GPU job must train the same weights, so they share one file; a
+    resumed run keeps the mask it started with instead of recomputing it.
+    """
+    path = stage.folder / "mask.safetensors"
+    resuming = (stage.checkpoint / "state.json").is_file() and path.is_file()
+    if accelerator.is_main_process and not resuming:
+        path.unlink(missing_ok=True)
+        mask = make()
+        if mask is not None:
+            mask.save(path)
+    accelerator.wait_for_everyone()
+    return Mask.load(path, model) if path.is_file() else None

@@ -95,14 +95,16 @@ def threshold(scores: dict[str, torch.Tensor], ratio: float = 0.5, per_layer: bo
     return out
 
 
-def _pack(bits: torch.Tensor) -> torch.Tensor:
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """A boolean tensor as uint8 bytes, 8 entries per byte (most significant bit first)."""
     flat = bits.flatten().to(torch.uint8)
     flat = torch.nn.functional.pad(flat, (0, (-flat.numel()) % 8))
     weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=bits.device)
     return (flat.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
 
 
-def _unpack(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
+def unpack_bits(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    """The inverse of :func:`pack_bits`, reshaped to ``shape``."""
     shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
     bits = (packed[:, None] >> shifts) & 1
     numel = 1
@@ -143,7 +145,7 @@ class Mask:
         """Bit-packed safetensors; shapes, ratio, loss and fingerprint go in the metadata."""
         shapes = {n: list(t.shape) for n, t in self.tensors.items()}
         metadata = {"format": FORMAT, "fingerprint": self.fingerprint, "shapes": json.dumps(shapes), "info": json.dumps(self.info)}
-        save_tensors(path, {n: _pack(t) for n, t in self.tensors.items()}, metadata)
+        save_tensors(path, {n: pack_bits(t) for n, t in self.tensors.items()}, metadata)
 
     @classmethod
     def load(cls, path: str | Path, model: torch.nn.Module | None = None, device: str | torch.device = "cpu") -> Mask:
@@ -153,7 +155,7 @@ class Mask:
         if metadata.get("format") != FORMAT:
             raise ErasureError(f"'{path}' is not an erasure mask (format {metadata.get('format')!r}, expected {FORMAT!r}).")
         shapes = json.loads(metadata["shapes"])
-        mask = cls({n: _unpack(packed[n], shapes[n]) for n in shapes}, metadata["fingerprint"], json.loads(metadata["info"]))
+        mask = cls({n: unpack_bits(packed[n], shapes[n]) for n in shapes}, metadata["fingerprint"], json.loads(metadata["info"]))
         if model is not None:
             mask.check(model, source=str(path))
         return mask
@@ -195,7 +197,7 @@ class MaskConstraint:
         self.hooks = []
         for name, p in model.named_parameters():
             keep = mask.tensors[name].to(p.device)
-            if bool(keep.all()):
+            if bool(keep.all()) or not p.requires_grad:  # frozen weights cannot move anyway
                 continue
             self.entries.append((p, keep, p.detach().clone()))
             self.hooks.append(p.register_hook(lambda grad, keep=keep: grad * keep))

@@ -22,7 +22,7 @@ from erasure.ddpm import build_unet, denoising_loss, load_scheduler, load_unet, 
 from erasure.errors import ErasureError
 from erasure.loop import LoopSettings, make_accelerator, train
 from erasure.methods import EraseContext, get_method
-from erasure.runs import Stage
+from erasure.runs import Stage, shared_mask
 from erasure.saliency import Mask
 
 
@@ -119,17 +119,7 @@ def erase(config: Config, method: str | None = None) -> Path:
     unet = load_unet(base, accelerator.device)
     ctx = erase_context(config, unet, load_scheduler(base), accelerator.device)
     m = method_cls(ctx)
-    # The main process computes the mask (or keeps the one a resumed run already made) and
-    # every process loads that file, so all ranks of a multi-GPU job train the same weights.
-    mask_file = stage.folder / "mask.safetensors"
-    resuming = (stage.checkpoint / "state.json").is_file() and mask_file.is_file()
-    if accelerator.is_main_process and not resuming:
-        mask_file.unlink(missing_ok=True)
-        mask = m.make_mask(unet)
-        if mask is not None:
-            mask.save(mask_file)
-    accelerator.wait_for_everyone()
-    mask = Mask.load(mask_file, unet) if mask_file.is_file() else None
+    mask = shared_mask(stage, accelerator, unet, lambda: m.make_mask(unet))
     m.prepare(unet)
 
     def step_loss(model: torch.nn.Module, g: torch.Generator, step: int) -> tuple[torch.Tensor, dict[str, float]]:

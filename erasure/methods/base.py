@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -10,7 +9,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from erasure.config import SampleConfig, UnlearnConfig
-from erasure.errors import ErasureError
+from erasure.registry import Registry
 from erasure.saliency import Mask
 
 
@@ -57,22 +56,6 @@ class Method:
         raise NotImplementedError
 
 
-METHODS: dict[str, type[Method]] = {}
-
-
-def register(name: str) -> Callable[[type[Method]], type[Method]]:
-    """Class decorator: make a method available under ``name``."""
-
-    def add(cls: type[Method]) -> type[Method]:
-        cls.name = name
-        METHODS[name] = cls
-        return cls
-
-    return add
-
-
-def get_method(name: str) -> type[Method]:
-    """The method class registered under ``name``, or a clear error listing the choices."""
-    if name not in METHODS:
-        raise ErasureError(f"unknown method '{name}'; choose one of: {', '.join(sorted(METHODS))}.")
-    return METHODS[name]
+METHODS: Registry[type[Method]] = Registry("method")
+register = METHODS.register
+get_method = METHODS.get

@@ -1,0 +1,1 @@
+"""Stable Diffusion erasure: SalUn, ESD and FMN on any diffusers SD pipeline."""

@@ -1,0 +1,106 @@
+"""``erasure sd ...``: the Stable Diffusion commands.
+
+Each takes ``-c CONFIG.yaml`` (an :class:`~erasure.sd.config.SDConfig`) and ``key=value``
+overrides, e.g. ``erasure sd erase -c configs/sd/nudity_salun.yaml train.alpha=0.5``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from erasure.config import load_config, to_yaml
+from erasure.sd.config import SDConfig
+
+
+def _config(args: argparse.Namespace) -> SDConfig:
+    overrides = list(args.overrides)
+    if args.workdir:
+        overrides.append(f"workdir={args.workdir}")
+    if args.model:
+        overrides.append(f"model.pretrained={args.model}")
+    return load_config(args.config, overrides, schema=SDConfig)
+
+
+def cmd_config(args: argparse.Namespace) -> None:
+    print(to_yaml(_config(args)), end="")
+
+
+def cmd_generate_data(args: argparse.Namespace) -> None:
+    from erasure.loop import make_accelerator
+    from erasure.sd.config import load_concept
+    from erasure.sd.erase import training_sets
+    from erasure.sd.pipeline import frozen_dtype, load_pipeline
+
+    config = _config(args)
+    concept = load_concept(config.concept)
+    device = make_accelerator(config.device, config.mixed_precision).device
+    pipe = load_pipeline(config.model.pretrained, config.model.revision, frozen_dtype(config.model.frozen_dtype, device)).to(device)
+    sets = training_sets(config, concept, pipe, tuple(args.set or ["forget", "retain"]), device)
+    for name, s in sets.items():
+        print(f"{name}: {len(s.latents)} images -> {Path(config.workdir) / 'data' / name}")
+
+
+def cmd_erase(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from erasure.sd.erase import erase
+
+    config = _config(args)
+    for method in args.method or [config.method]:
+        folder = erase(dataclasses.replace(config, method=method))
+        print(f"{method}: {folder}")
+
+
+def cmd_apply_delta(args: argparse.Namespace) -> None:
+    from erasure.delta import apply_delta
+    from erasure.sd.pipeline import load_pipeline
+
+    pipe = load_pipeline(args.base)
+    pipe.unet.load_state_dict(apply_delta(pipe.unet.state_dict(), args.delta))
+    pipe.save_pretrained(args.out, safe_serialization=True)
+    print(f"merged pipeline: {args.out}")
+
+
+def cmd_tiny_pipeline(args: argparse.Namespace) -> None:
+    import tempfile
+
+    from erasure.sd.tiny import tiny_pipeline
+
+    with tempfile.TemporaryDirectory() as tokenizer_folder:
+        tiny_pipeline(tokenizer_folder, seed=args.seed).save_pretrained(args.out, safe_serialization=True)
+    print(f"tiny random Stable Diffusion pipeline: {args.out}")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``erasure sd`` and its subcommands."""
+    sd = sub.add_parser("sd", help="Stable Diffusion: generate training data, erase with SalUn / ESD / FMN, apply deltas.")
+    sd_sub = sd.add_subparsers(dest="sd_command", required=True)
+
+    def add(name: str, func, help: str) -> argparse.ArgumentParser:  # noqa: A002
+        p = sd_sub.add_parser(name, help=help, description=help)
+        p.add_argument("-c", "--config", help="YAML run config, e.g. configs/sd/nudity_salun.yaml")
+        p.add_argument("--workdir", help="shortcut for workdir=...")
+        p.add_argument("--model", help="shortcut for model.pretrained=... (hub id or local folder)")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.alpha=0.5")
+        p.set_defaults(func=func)
+        return p
+
+    add("config", cmd_config, "Print the resolved SD config.")
+    add("generate-data", cmd_generate_data, "Generate the forget / retain training images with the base model (resumable).").add_argument(
+        "--set", action="append", default=None, choices=["forget", "retain"], help="which set (default: both)"
+    )
+    add("erase", cmd_erase, "Erase the concept with one or more methods; writes a pipeline folder and a delta.").add_argument(
+        "--method", action="append", help="salun, esd-x, esd-u, esd-all, esd-x-strict or fmn; repeat for several (default: method)"
+    )
+
+    p = sd_sub.add_parser("apply-delta", help="Merge a delta onto its base model into a full pipeline folder.")
+    p.add_argument("--base", required=True, help="the base pipeline (hub id or folder) the delta was made from")
+    p.add_argument("--delta", required=True, help="delta.safetensors of an erasure run")
+    p.add_argument("--out", required=True, help="output folder (StableDiffusionPipeline.from_pretrained loads it)")
+    p.set_defaults(func=cmd_apply_delta)
+
+    p = sd_sub.add_parser("tiny-pipeline", help="Write a tiny random SD pipeline, to try every command offline in seconds.")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tiny_pipeline)

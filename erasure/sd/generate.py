@@ -1,0 +1,131 @@
+"""The generation engine: prompts and seeds in, image files and a manifest out.
+
+Every SD image the toolkit makes goes through :func:`generate`: the forget and target
+training sets, evaluation sets and audits. It is
+
+- seeded per item: an item's image depends only on its prompt, seed and settings, not on
+  the batch it landed in or the number of processes;
+- sharded: with N processes, process r makes items r, r+N, ...;
+- resumable: an image file that exists is never made again, and files are written
+  atomically, so an interrupted run leaves no half-written image;
+- documented: ``manifest.jsonl`` lists every file with its prompt, seed, guidance, steps,
+  size, scheduler and model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from itertools import groupby
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+)
+from tqdm.auto import tqdm
+
+from erasure.io import atomic_path, write_text
+
+SCHEDULERS = {
+    "ddim": DDIMScheduler,
+    "lms": LMSDiscreteScheduler,
+    "pndm": PNDMScheduler,
+    "euler": EulerDiscreteScheduler,
+    "dpm": DPMSolverMultistepScheduler,
+}
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image to generate."""
+
+    prompt: str
+    seed: int
+    guidance: float = 7.5
+    steps: int = 50
+    width: int | None = None  # None: the model's native size
+    height: int | None = None
+    negative_prompt: str = ""
+
+    def settings(self) -> tuple:
+        """Items that share these can be generated in one batch."""
+        return (self.guidance, self.steps, self.width, self.height)
+
+
+def image_path(folder: str | Path, index: int) -> Path:
+    """Where item ``index`` of a generation lives."""
+    return Path(folder) / f"{index:06d}.png"
+
+
+def set_scheduler(pipe: StableDiffusionPipeline, name: str) -> None:
+    """Swap the pipeline's sampler for ``name`` (same noise schedule)."""
+    if name not in SCHEDULERS:
+        from erasure.errors import ErasureError
+
+        raise ErasureError(f"unknown scheduler '{name}'; choose one of: {', '.join(SCHEDULERS)}.")
+    pipe.scheduler = SCHEDULERS[name].from_config(pipe.scheduler.config)
+
+
+@torch.no_grad()
+def generate(
+    pipe: StableDiffusionPipeline,
+    items: list[Item],
+    folder: str | Path,
+    model_name: str,
+    scheduler: str = "ddim",
+    batch_size: int = 4,
+    desc: str = "generating",
+) -> list[Path]:
+    """Make every missing image of ``items`` in ``folder``; returns all their paths in order.
+
+    Call it from every process of an ``accelerate launch``: each makes its share, and the
+    main process writes the manifest once all are done.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = PartialState()
+    set_scheduler(pipe, scheduler)
+    mine = [i for i in range(len(items)) if i % state.num_processes == state.process_index and not image_path(folder, i).exists()]
+    device = pipe.unet.device
+    bar = tqdm(total=len(mine), desc=desc, disable=not state.is_main_process or not mine)
+    # Grouping by settings keeps batches homogeneous; within a group, items keep their order.
+    for _, group in groupby(sorted(mine, key=lambda i: (items[i].settings(), i)), key=lambda i: items[i].settings()):
+        group = list(group)
+        for start in range(0, len(group), batch_size):
+            chunk = group[start : start + batch_size]
+            first = items[chunk[0]]
+            images = pipe(
+                [items[i].prompt for i in chunk],
+                negative_prompt=[items[i].negative_prompt for i in chunk] if any(items[i].negative_prompt for i in chunk) else None,
+                num_inference_steps=first.steps,
+                guidance_scale=first.guidance,
+                width=first.width,
+                height=first.height,
+                generator=[torch.Generator(device).manual_seed(items[i].seed) for i in chunk],
+            ).images
+            for i, image in zip(chunk, images):
+                with atomic_path(image_path(folder, i)) as tmp:
+                    image.save(tmp, format="PNG")
+            bar.update(len(chunk))
+    bar.close()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        lines = [
+            json.dumps({"file": image_path(folder, i).name, **asdict(item), "scheduler": scheduler, "model": model_name})
+            for i, item in enumerate(items)
+        ]
+        write_text(folder / "manifest.jsonl", "\n".join(lines) + "\n")
+    state.wait_for_everyone()
+    return [image_path(folder, i) for i in range(len(items))]
+
+
+def read_manifest(folder: str | Path) -> list[dict]:
+    """The rows of a generation's ``manifest.jsonl``."""
+    return [json.loads(line) for line in (Path(folder) / "manifest.jsonl").read_text().splitlines() if line.strip()]

@@ -1,0 +1,100 @@
+"""The interface of Stable Diffusion erasure methods, their shared context and registry.
+
+A method says which UNet weights it trains (:meth:`SDMethod.trainable`), optionally makes
+a saliency mask, and gives the loss of one step. Everything else (optimizer, precision,
+DDP, checkpoints, export) belongs to the shared training loop and :mod:`erasure.sd.erase`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+from erasure.registry import Registry
+from erasure.saliency import Mask
+from erasure.sd.config import Concept, SDConfig
+
+
+@dataclass
+class LatentSet:
+    """Training images as VAE latents, each with the index of its prompt in ``embeddings``."""
+
+    latents: torch.Tensor  # [N, 4, h, w]
+    prompt_index: torch.Tensor  # [N] long
+    embeddings: torch.Tensor  # [P, tokens, dim]
+    prompts: list[str]
+
+    def batch(self, g: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A random batch: latents, their prompt embeddings, and the prompt indices."""
+        idx = torch.randint(0, len(self.latents), (n,), generator=g, device=g.device).to(self.latents.device)
+        p = self.prompt_index[idx]
+        return self.latents[idx], self.embeddings[p], p
+
+
+@dataclass
+class SDContext:
+    """What a method may use."""
+
+    config: SDConfig
+    concept: Concept
+    pipe: StableDiffusionPipeline  # frozen VAE and text encoder (its UNet is the model being trained)
+    scheduler: DDPMScheduler
+    sets: dict[str, LatentSet]  # 'forget' / 'retain', as the method asked for
+    uncond: torch.Tensor  # [1, tokens, dim] embedding of the empty prompt
+    device: torch.device
+
+    def noisy(self, latents: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x_t, noise, t)`` for random timesteps."""
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(latents),), generator=g, device=g.device)
+        t = t.to(latents.device)
+        noise = torch.randn(latents.shape, generator=g, device=g.device).to(latents.device)
+        return self.scheduler.add_noise(latents, noise, t), noise, t
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """Text embeddings of ``prompts`` (fp32, on the training device)."""
+        from erasure.sd.pipeline import encode_prompts
+
+        return encode_prompts(self.pipe, prompts).float().to(self.device)
+
+
+def eps(model: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    """The UNet's noise prediction."""
+    return model(x_t, t, encoder_hidden_states=emb).sample
+
+
+def denoising_loss(model: torch.nn.Module, ctx: SDContext, latents: torch.Tensor, emb: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """The standard latent-diffusion loss (per-element mean)."""
+    x_t, noise, t = ctx.noisy(latents, g)
+    return F.mse_loss(eps(model, x_t, t, emb).float(), noise.float())
+
+
+class SDMethod:
+    """An SD erasure method."""
+
+    name: ClassVar[str]
+    needs: ClassVar[tuple[str, ...]] = ()  # image sets the method trains on ('forget', 'retain')
+
+    def __init__(self, ctx: SDContext) -> None:
+        self.ctx = ctx
+
+    def trainable(self, name: str) -> bool:
+        """Whether the UNet parameter ``name`` is trained (the rest are frozen)."""
+        return True
+
+    def make_mask(self, model: torch.nn.Module) -> Mask | None:
+        """The entries this method may change (None: all trainable ones)."""
+        return None
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        """One-off setup before training (e.g. a frozen teacher)."""
+
+    def loss(self, model: torch.nn.Module, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of one step, and numbers worth logging."""
+        raise NotImplementedError
+
+
+SD_METHODS: Registry[type[SDMethod]] = Registry("Stable Diffusion method")

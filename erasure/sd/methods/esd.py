@@ -1,0 +1,83 @@
+"""ESD (erased stable diffusion): negative guidance away from the concept, data-free.
+
+Each step samples an intermediate latent x_t from the model being trained (DDIM,
+``esd.ddim_steps`` steps, guidance ``esd.start_guidance``, stopped at a random step), and
+regresses ε(x_t, c) onto ε₀ − η(ε_c − ε₀) of a frozen copy kept in low precision. The
+variants differ only in which weights they train.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from erasure.sd.methods.base import SD_METHODS, SDMethod, eps
+from erasure.sd.pipeline import ddim_scheduler, frozen_dtype
+
+
+class ESD(SDMethod):
+    """Shared by every variant."""
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        ctx = self.ctx
+        self.teacher = copy.deepcopy(model).requires_grad_(False).eval()
+        self.teacher.to(dtype=frozen_dtype(ctx.config.model.frozen_dtype, ctx.device))
+        self.concept = ctx.encode([ctx.concept.concept])
+        self.sampler = ddim_scheduler(ctx.pipe)
+        self.sampler.set_timesteps(ctx.config.esd.ddim_steps, device=ctx.device)
+
+    @torch.no_grad()
+    def _trajectory(self, model: torch.nn.Module, stop: int, n: int, g: torch.Generator) -> torch.Tensor:
+        """x_t after ``stop`` DDIM steps from pure noise, guided towards the concept."""
+        ctx, w = self.ctx, self.ctx.config.esd.start_guidance
+        size = ctx.pipe.unet.config.sample_size
+        x = torch.randn((n, ctx.pipe.unet.config.in_channels, size, size), generator=g, device=g.device).to(ctx.device)
+        emb = torch.cat([ctx.uncond.expand(n, -1, -1), self.concept.expand(n, -1, -1)])
+        for t in self.sampler.timesteps[:stop]:
+            uncond, cond = eps(model, torch.cat([x, x]), t.expand(2 * n), emb).chunk(2)
+            x = self.sampler.step(uncond + w * (cond - uncond), t, x).prev_sample
+        return x
+
+    def loss(self, model: torch.nn.Module, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        ctx, n = self.ctx, self.ctx.config.train.batch_size
+        stop = int(torch.randint(0, ctx.config.esd.ddim_steps, (1,), generator=g, device=g.device))
+        x_t = self._trajectory(model, stop, n, g)
+        t = self.sampler.timesteps[stop].expand(n)
+        with torch.no_grad():
+            dtype = next(self.teacher.parameters()).dtype
+            emb = torch.cat([ctx.uncond, self.concept]).repeat_interleave(n, 0).to(dtype)
+            e0, ec = eps(self.teacher, torch.cat([x_t, x_t]).to(dtype), torch.cat([t, t]), emb).float().chunk(2)
+        target = e0 - ctx.config.esd.eta * (ec - e0)
+        loss = F.mse_loss(eps(model, x_t, t, self.concept.expand(n, -1, -1)).float(), target)
+        return loss, {"stop": float(stop)}
+
+
+@SD_METHODS.register("esd-x")
+class ESDX(ESD):
+    """Cross-attention only: erases what the prompt's words do (e.g. a style)."""
+
+    def trainable(self, name: str) -> bool:
+        return ".attn2." in name
+
+
+@SD_METHODS.register("esd-u")
+class ESDU(ESD):
+    """Everything except cross-attention: erases the concept however it is prompted."""
+
+    def trainable(self, name: str) -> bool:
+        return ".attn2." not in name
+
+
+@SD_METHODS.register("esd-all")
+class ESDAll(ESD):
+    """Every UNet weight."""
+
+
+@SD_METHODS.register("esd-x-strict")
+class ESDXStrict(ESD):
+    """Only the key and value projections of cross-attention (what reads the text)."""
+
+    def trainable(self, name: str) -> bool:
+        return ".attn2.to_k." in name or ".attn2.to_v." in name
