@@ -70,7 +70,9 @@ def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[s
     if not path.is_file():
         raise ErasureError(f"'{path}' does not exist.")
     try:
-        return load_file(str(path), device=str(device))
+        device = torch.device(device)
+        # safetensors accepts "cpu" but not "cpu:0", which accelerate reports in multi-process CPU runs.
+        return load_file(str(path), device="cpu" if device.type == "cpu" else str(device))
     except (SafetensorError, OSError, ValueError) as e:
         raise ErasureError(f"'{path}' is not a readable safetensors file ({e}); it may be corrupt.") from None
 

@@ -1,0 +1,174 @@
+"""The Stable Diffusion path on a tiny random pipeline: every method, masks, deltas, resume."""
+
+import os
+import signal
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from erasure.cli import main
+from erasure.config import load_config
+from erasure.delta import apply_delta
+from erasure.errors import ErasureError
+from erasure.saliency import Mask
+from erasure.sd.config import ConceptConfig, SDConfig, load_concept
+from erasure.sd.erase import erase
+from erasure.sd.methods import salun
+from erasure.sd.pipeline import load_pipeline, load_unet
+from erasure.sd.tiny import tiny_pipeline
+
+METHODS = ["salun", "esd-x", "esd-u", "esd-all", "esd-x-strict", "fmn"]
+TINY_SD = [
+    "device=cpu",
+    "generation.images_per_set=6",
+    "generation.steps=2",
+    "generation.batch_size=3",
+    "mask.batches=2",
+    "mask.batch_size=2",
+    "train.steps=4",
+    "train.batch_size=2",
+    "train.lr=1e-3",  # large enough that a few steps visibly move the tiny model
+    "train.checkpoint_every=2",
+    "esd.ddim_steps=3",
+]
+
+
+def sd_config(model, workdir, *extra) -> SDConfig:
+    overrides = [*TINY_SD, f"model.pretrained={model}", f"workdir={workdir}", *extra]
+    return load_config("configs/sd/nudity_salun.yaml", overrides, schema=SDConfig)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-sd")
+    tiny_pipeline(folder / "tokenizer").save_pretrained(folder / "model")
+    return folder / "model"
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model, tmp_path_factory):
+    """Every method erased from the same tiny model in one workdir (the data is generated once)."""
+    workdir = tmp_path_factory.mktemp("sd-run")
+    folders = {m: erase(sd_config(tiny_model, workdir, f"method={m}")) for m in METHODS}
+    return tiny_model, workdir, folders
+
+
+def changed_params(base, erased) -> set[str]:
+    other = dict(erased.named_parameters())
+    return {n for n, p in base.named_parameters() if not torch.equal(p, other[n])}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_trains_exports_and_the_model_reloads_and_generates(runs, method):
+    model, _, folders = runs
+    folder = folders[method]
+    assert (folder / "done.json").is_file() and (folder / "log.csv").is_file()
+    assert not (folder / "checkpoint").exists()
+    pipe = StableDiffusionPipeline.from_pretrained(folder / "model")
+    assert pipe.safety_checker is None
+    image = pipe("a photo", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert image.shape == (1, 16, 16, 3) and torch.isfinite(torch.from_numpy(image)).all()
+    assert changed_params(load_unet(str(model)), pipe.unet), "training changed nothing"
+
+
+def test_salun_mask_holds_masked_out_weights_bit_identical(runs):
+    model, _, folders = runs
+    base, erased = load_unet(str(model)), load_unet(str(folders["salun"] / "model"))
+    mask = Mask.load(folders["salun"] / "mask.safetensors", base)
+    assert abs(mask.kept_fraction - 0.5) < 1e-6 and mask.info["loss"] == "sd-guided-mse"
+    other = dict(erased.named_parameters())
+    moved = 0
+    for n, p in base.named_parameters():
+        keep = mask.tensors[n]
+        assert torch.equal(p[~keep], other[n][~keep]), n
+        moved += int((p[keep] != other[n][keep]).sum())
+    assert moved > 0
+
+
+def test_esd_variants_train_only_their_weights(runs):
+    model, _, folders = runs
+    base = load_unet(str(model))
+    changed = {m: changed_params(base, load_unet(str(folders[m] / "model"))) for m in ["esd-x", "esd-u", "esd-x-strict"]}
+    assert changed["esd-x"] and all(".attn2." in n for n in changed["esd-x"])
+    assert changed["esd-u"] and not any(".attn2." in n for n in changed["esd-u"])
+    assert changed["esd-x-strict"] and all(".attn2.to_k." in n or ".attn2.to_v." in n for n in changed["esd-x-strict"])
+    fmn = changed_params(base, load_unet(str(folders["fmn"] / "model")))
+    assert fmn and all(".attn2." in n for n in fmn)
+
+
+@pytest.mark.parametrize("method", ["salun", "esd-x"])
+def test_delta_round_trip_is_exact_and_refuses_the_wrong_base(runs, method, tmp_path):
+    model, _, folders = runs
+    base, erased = load_unet(str(model)), load_unet(str(folders[method] / "model"))
+    delta = folders[method] / "delta.safetensors"
+    assert delta.stat().st_size < sum(t.numel() * 4 for t in base.state_dict().values())
+    merged = apply_delta(base.state_dict(), delta)
+    for name, value in erased.state_dict().items():
+        assert torch.equal(merged[name], value), name
+    with pytest.raises(ErasureError, match="different base weights"):
+        apply_delta(erased.state_dict(), delta)
+    assert main(["sd", "apply-delta", "--base", str(model), "--delta", str(delta), "--out", str(tmp_path / "merged")]) == 0
+    reloaded = load_unet(str(tmp_path / "merged"))
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.parameters(), erased.parameters()))
+
+
+def test_finished_runs_and_generated_data_are_reused(runs, capsys):
+    model, workdir, folders = runs
+    stamp = (folders["salun"] / "done.json").stat().st_mtime_ns
+    images = sorted((workdir / "data" / "forget" / "images").glob("*.png"))
+    assert len(images) == 6 and (workdir / "data" / "forget" / "images" / "manifest.jsonl").is_file()
+    args = ["sd", "erase", "-c", "configs/sd/nudity_salun.yaml", *TINY_SD, f"model.pretrained={model}", f"workdir={workdir}"]
+    assert main(args) == 0
+    assert (folders["salun"] / "done.json").stat().st_mtime_ns == stamp
+    assert main([*args, "train.alpha=0.7"]) == 2
+    assert "different settings" in capsys.readouterr().err
+
+
+def test_interrupted_erase_resumes_to_the_same_weights(runs, tmp_path, monkeypatch):
+    model, _, folders = runs
+    config = sd_config(model, tmp_path / "run", "method=salun")
+    original = salun.SalUnSD.loss
+    calls = []
+
+    def interrupt_once(self, m, g):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, m, g)
+
+    monkeypatch.setattr(salun.SalUnSD, "loss", interrupt_once)
+    with pytest.raises(KeyboardInterrupt):
+        erase(config)
+    assert (tmp_path / "run" / "salun" / "checkpoint" / "state.json").is_file()
+    monkeypatch.setattr(salun.SalUnSD, "loss", original)
+    folder = erase(config)
+    resumed, uninterrupted = load_unet(str(folder / "model")), load_unet(str(folders["salun"] / "model"))
+    assert all(torch.equal(a, b) for a, b in zip(resumed.parameters(), uninterrupted.parameters()))
+
+
+def test_class_sets_target_the_next_class_and_keep_the_rest():
+    concept = load_concept(ConceptConfig("configs/sd/concepts/imagenette.yaml", "church"))
+    assert concept.forget == ["an image of a church"]
+    assert concept.target == ["an image of a French horn"]
+    assert len(concept.retain) == 9 and "an image of a church" not in concept.retain
+    with pytest.raises(ErasureError, match="not a class"):
+        load_concept(ConceptConfig("configs/sd/concepts/imagenette.yaml", "cathedral"))
+    template = load_concept(ConceptConfig("configs/sd/concepts/template.yaml"))
+    assert template.words == "Van Gogh" and len(template.forget) == 3
+
+
+def test_bad_input_is_a_clear_error(tiny_model, tmp_path, capsys):
+    base = ["sd", "erase", "-c", "configs/sd/nudity_salun.yaml", *TINY_SD, f"workdir={tmp_path}"]
+    assert main([*base, f"model.pretrained={tmp_path / 'nowhere'}"]) == 2
+    assert "not a diffusers pipeline folder" in capsys.readouterr().err
+    assert main([*base, f"model.pretrained={tiny_model}", "method=esd-y"]) == 2
+    assert "esd-x" in capsys.readouterr().err
+    assert main([*base, f"model.pretrained={tiny_model}", "train.alhpa=1"]) == 2
+    assert "Did you mean 'alpha'" in capsys.readouterr().err
+    wrong = tmp_path / "wrong-mask.safetensors"
+    Mask.random(torch.nn.Linear(3, 3), 0.5).save(wrong)
+    assert main([*base, f"model.pretrained={tiny_model}", f"mask.path={wrong}"]) == 2
+    assert "does not fit this model" in capsys.readouterr().err
+    with pytest.raises(ErasureError, match="no model_index.json"):
+        load_pipeline(str(tmp_path))
