@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     from erasure.sd.cli import add_parser as add_sd
 
     add_sd(sub)
+    from erasure.audit_cli import add_parser as add_audit
+
+    add_audit(sub)
     return parser
 
 

@@ -39,3 +39,44 @@ def comparison_grid(columns: dict[str, torch.Tensor], row_names: list[str], path
             canvas.paste(cells[name][i], (label_w + j * (cell_w + pad), y))
     with atomic_path(path) as tmp:
         canvas.save(tmp, format="PNG")
+
+
+def font(size: int = 13) -> ImageFont.ImageFont:
+    """Pillow's default font at ``size`` (a bitmap font where FreeType is missing)."""
+    try:
+        return ImageFont.load_default(size)
+    except TypeError:  # Pillow < 10.1 has no sized default font
+        return ImageFont.load_default()
+
+
+def labelled_grid(cells: dict[str, list[list[Path]]], row_labels: list[str], path: str | Path, note: str = "", thumb: int = 128) -> None:
+    """Save a PNG grid of image files: ``cells[column][row]`` is a list of files shown side by side.
+
+    Columns are models, rows prompts (their text wrapped on the left); every image is resized
+    to ``thumb`` pixels so 512 px generations stay a readable size.
+    """
+    import textwrap
+
+    small, pad, label_w = font(12), 8, 220
+    per_cell = max(len(files) for column in cells.values() for files in column)
+    cell_w = per_cell * thumb + (per_cell - 1) * 2
+    header_h = 46 if note else 26
+    width = label_w + len(cells) * (cell_w + pad)
+    height = header_h + len(row_labels) * (thumb + pad)
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    if note:
+        draw.text((4, 4), note, fill="black", font=small)
+    for j, name in enumerate(cells):
+        draw.text((label_w + j * (cell_w + pad) + 2, header_h - 20), name, fill="black", font=font(14))
+    for i, label in enumerate(row_labels):
+        y = header_h + i * (thumb + pad)
+        lines = textwrap.wrap(label, 32)[: max(1, thumb // 15)]
+        draw.multiline_text((4, y + 2), "\n".join(lines), fill="black", font=small, spacing=2)
+        for j, column in enumerate(cells.values()):
+            for k, file in enumerate(column[i]):
+                with Image.open(file) as img:
+                    tile = img.convert("RGB").resize((thumb, thumb), Image.LANCZOS if img.width > thumb else Image.NEAREST)
+                canvas.paste(tile, (label_w + j * (cell_w + pad) + k * (thumb + 2), y))
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")

@@ -7,14 +7,26 @@ Two feature sets, always named in results:
 - ``classifier``: the penultimate features of the project's own classifier, a fallback
   when no Inception weights can be had. Its values are not comparable to published FIDs.
 ``auto`` uses Inception when weights are given or already cached, else the classifier.
+
+Folders of images (the Stable Diffusion path) are scored with a named protocol, FID and KID:
+- ``standard``: 2048-d Inception-v3 pool features, the FID/KID everyone reports;
+- ``salun``: 64-d Inception-v3 features (the first max-pool), the features behind the
+  SalUn Stable Diffusion FIDs. Its values are only comparable with other 64-d numbers.
+Every result names its protocol, feature layer, weights and sample counts.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from erasure.config import FidConfig
@@ -112,3 +124,156 @@ def fid(
         return torch.cat([classifier.features(images[i : i + 512].to(device)).cpu() for i in range(0, len(images), 512)])
 
     return feature_fid(features(generated), features(real)), CLASSIFIER
+
+
+# ----------------------------------------------------------------------------- folders of images
+
+
+@dataclass(frozen=True)
+class FidProtocol:
+    """Which features FID and KID are computed on (a torch-fidelity feature extractor and layer)."""
+
+    name: str
+    extractor: str
+    layer: str
+    note: str
+
+
+PROTOCOLS = {
+    "standard": FidProtocol("standard", "inception-v3-compat", "2048", "2048-d Inception-v3 pool features (the usual FID/KID)."),
+    "salun": FidProtocol(
+        "salun",
+        "inception-v3-compat",
+        "64",
+        "64-d Inception-v3 features (first max-pool), as in the SalUn Stable Diffusion FIDs; not comparable with 2048-d FIDs.",
+    ),
+}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files directly inside ``folder``, sorted by name (hidden files skipped)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ErasureError(f"image folder '{folder}' does not exist.")
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
+def _load_image(path: Path) -> torch.Tensor:
+    with Image.open(path) as img:
+        return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).contiguous()
+
+
+def resolve_weights(weights: str | None, protocol: FidProtocol) -> str | None:
+    """A checked local weights file, torch-fidelity's cached download, or None (download at run time)."""
+    if protocol.extractor != "inception-v3-compat":
+        return weights
+    if weights is None:
+        return inception_weights(FidConfig())
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise ErasureError(f"Inception weights '{path}' do not exist; pass the torch-fidelity Inception weights file with --weights.")
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure means we must not unpickle it
+        raise ErasureError(f"'{path}' is not a plain state dict of tensors ({e}); refusing to load it.") from None
+    return str(path)
+
+
+def make_extractor(protocol: FidProtocol, weights: str | None) -> torch.nn.Module:
+    """The protocol's torch-fidelity feature extractor, in eval mode on the GPU when there is one."""
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    if protocol.extractor not in FEATURE_EXTRACTORS_REGISTRY:
+        raise ErasureError(f"torch-fidelity has no feature extractor '{protocol.extractor}'; register it first.")
+    try:
+        extractor = FEATURE_EXTRACTORS_REGISTRY[protocol.extractor](
+            protocol.extractor, [protocol.layer], feature_extractor_weights_path=weights
+        )
+    except (OSError, RuntimeError) as e:  # the weights download fails offline
+        raise ErasureError(
+            f"could not load the {protocol.extractor} weights ({str(e).splitlines()[0] if str(e) else type(e).__name__}). "
+            "Offline, pass a local copy with --weights (torch-fidelity's weights-inception-2015-12-05 file)."
+        ) from None
+    return extractor.eval().to("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def folder_features(
+    folder: str | Path,
+    protocol: FidProtocol,
+    weights: str | None,
+    batch_size: int = 32,
+    cache: str | Path | None = None,
+    extractor: Callable[[], torch.nn.Module] | None = None,
+) -> torch.Tensor:
+    """Features of every image in ``folder``; with ``cache``, stored there as safetensors keyed by content.
+
+    ``extractor`` returns the feature extractor; it is only called when the cache misses.
+    """
+    files = image_files(folder)
+    if len(files) < 2:
+        raise ErasureError(f"'{folder}' holds {len(files)} image(s); FID and KID need at least 2 (and thousands for stable values).")
+    if cache is not None:
+        h = hashlib.sha256(f"{protocol.extractor}/{protocol.layer}/{Path(weights).name if weights else 'download'}".encode())
+        for f in files:
+            h.update(f.name.encode() + hashlib.sha256(f.read_bytes()).digest())
+        cache_file = Path(cache) / f"{protocol.extractor}-{protocol.layer}-{h.hexdigest()[:16]}.safetensors"
+        if cache_file.is_file():
+            return load_tensors(cache_file)["features"]
+    model = extractor() if extractor else make_extractor(protocol, weights)
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    feats = []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(files), batch_size), desc=f"{protocol.name} features", leave=False, disable=len(files) < 8 * batch_size):
+            images = [_load_image(f) for f in files[i : i + batch_size]]
+            # Mixed sizes cannot be stacked; the extractor resizes each image itself anyway.
+            groups = [torch.stack(images)] if len({x.shape for x in images}) == 1 else [x[None] for x in images]
+            feats += [model(g.to(device))[0].double().cpu() for g in groups]
+    features = torch.cat(feats)
+    if cache is not None:
+        save_tensors(cache_file, {"features": features})
+    return features
+
+
+def folder_fid(
+    generated: str | Path,
+    reference: str | Path,
+    protocol: str | FidProtocol = "standard",
+    weights: str | None = None,
+    batch_size: int = 32,
+    cache: str | Path | None = None,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    seed: int = 2020,
+) -> dict[str, Any]:
+    """FID and KID of the images in ``generated`` against those in ``reference``, under a named protocol.
+
+    KID uses torch-fidelity's polynomial-kernel estimator over ``kid_subsets`` random subsets
+    of ``min(kid_subset_size, both counts)`` images; the result records the size used.
+    """
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+
+    if isinstance(protocol, str):
+        if protocol not in PROTOCOLS:
+            raise ErasureError(f"unknown FID protocol '{protocol}'; choose one of: {', '.join(PROTOCOLS)}.")
+        protocol = PROTOCOLS[protocol]
+    weights = resolve_weights(weights, protocol)
+    extractor = functools.cache(lambda: make_extractor(protocol, weights))  # built once, and only if a cache misses
+    gen = folder_features(generated, protocol, weights, batch_size, cache, extractor)
+    ref = folder_features(reference, protocol, weights, batch_size, cache, extractor)
+    subset = min(kid_subset_size, len(gen), len(ref))
+    kid = kid_features_to_metric(gen, ref, kid_subsets=kid_subsets, kid_subset_size=subset, rng_seed=seed, verbose=False)
+    return {
+        "protocol": asdict(protocol),
+        "weights": weights or "torch-fidelity download",
+        "generated": str(generated),
+        "reference": str(reference),
+        "generated_images": len(gen),
+        "reference_images": len(ref),
+        "feature_dim": int(gen.shape[1]),
+        "fid": feature_fid(gen, ref),
+        "kid_mean": kid[KEY_METRIC_KID_MEAN],
+        "kid_std": kid[KEY_METRIC_KID_STD],
+        "kid_subsets": kid_subsets,
+        "kid_subset_size": subset,
+    }

@@ -15,6 +15,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from erasure.sd.pipeline import quiet_loading
+
 
 def byte_tokenizer(folder: str | Path) -> CLIPTokenizer:
     """A CLIP tokenizer whose vocabulary is the 256 byte symbols (with and without ``</w>``), no merges."""
@@ -32,6 +34,7 @@ def byte_tokenizer(folder: str | Path) -> CLIPTokenizer:
 
 def tiny_pipeline(tokenizer_folder: str | Path, seed: int = 0) -> StableDiffusionPipeline:
     """A random-weight SD pipeline: 16 px images, 8x8x4 latents, 32-d text embeddings."""
+    quiet_loading()
     torch.manual_seed(seed)
     tokenizer = byte_tokenizer(tokenizer_folder)
     unet = UNet2DConditionModel(

@@ -25,20 +25,20 @@ class SalUnSD(SDMethod):
         ctx, cfg = self.ctx, self.ctx.config.mask
         if cfg.path:
             return Mask.load(cfg.path, model)
-        forget = ctx.sets["forget"]
         g = torch.Generator(ctx.device).manual_seed(ctx.config.train.seed + 7919)
-
-        def forget_loss(m: torch.nn.Module, _: int) -> torch.Tensor:
-            latents, emb, _ = forget.batch(g, cfg.batch_size)
-            x_t, noise, t = ctx.noisy(latents, g)
-            both = eps(m, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([emb, ctx.uncond.expand_as(emb)]))
-            cond, uncond = both.chunk(2)
-            return -F.mse_loss(noise, (1 + cfg.guidance) * cond - cfg.guidance * uncond)
-
-        grads = accumulate_gradients(model, forget_loss, range(cfg.batches), clip_norm=1.0)
+        grads = accumulate_gradients(model, lambda m, _: self.saliency_loss(m, g), range(cfg.batches), clip_norm=1.0)
         scores = {n: v.abs() for n, v in grads.items()}
         info = {"loss": "sd-guided-mse", "guidance": cfg.guidance, "batches": cfg.batches, "concept": ctx.concept.name}
         return Mask.from_scores(model, scores, cfg.ratio, cfg.per_layer, **info)
+
+    def saliency_loss(self, model: torch.nn.Module, g: torch.Generator) -> torch.Tensor:
+        """-MSE(noise, guided prediction) on one batch of forget latents."""
+        ctx, w = self.ctx, self.ctx.config.mask.guidance
+        latents, emb, _ = ctx.sets["forget"].batch(g, ctx.config.mask.batch_size)
+        x_t, noise, t = ctx.noisy(latents, g)
+        both = eps(model, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([emb, ctx.uncond.expand_as(emb)]))
+        cond, uncond = both.chunk(2)
+        return -F.mse_loss(noise, (1 + w) * cond - w * uncond)
 
     def prepare(self, model: torch.nn.Module) -> None:
         self.target = self.ctx.encode(self.ctx.concept.target)  # [T, tokens, dim]

@@ -1,0 +1,243 @@
+"""Benchmark: audit throughput, i.e. SD v1.4 images/s at 512 px through the shared engine, and NudeNet images/s.
+
+Builds the full-size Stable Diffusion v1.4 architecture (UNet 859.5M parameters, VAE, CLIP
+ViT-L/14 text encoder) from its published configs (inline below) with random weights and
+the real CLIP tokenizer, and times :func:`erasure.sd.generate.generate` exactly as the
+audits call it (DDIM, classifier-free guidance, PNG writing). Then NudeNet 3.x scores the
+saved 512 px files. Random weights cost the same as trained ones: only the values differ.
+
+The UNet's forward time is measured with hooks, so the JSON also holds the seconds per
+denoising step and the fixed cost per image (text encoder, VAE decode, PNG), from which
+the time per image at 50 and 100 steps is extrapolated, and with it the time of a full
+4,703-prompt I2P audit (one model): generation plus NudeNet.
+
+GPU (one H100, fp16; not run yet: the machine that built this has no GPU):
+
+    python benchmarks/generation_throughput.py --tokenizer ../shared/data/clip_tokenizer --label h100 \\
+        --images 32 --batch-size 8 --steps 50 --dtype fp16
+
+CPU, reduced (2 images at 3 steps, the recorded cpu-reduced run; about 10 minutes on 2 busy cores):
+
+    nice python benchmarks/generation_throughput.py --tokenizer ../shared/data/clip_tokenizer --label cpu-reduced \\
+        --images 2 --batch-size 1 --steps 3 --nudenet-images 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import tempfile
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from erasure.io import write_json
+from erasure.sd.generate import Item, generate
+
+RESULTS = Path(__file__).parent / "results"
+I2P_PROMPTS = 4703
+
+# Stable Diffusion v1.4's published component configs (CompVis/stable-diffusion-v1-4, unet/vae/text_encoder).
+UNET_CONFIG = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+    "act_fn": "silu",
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+}
+VAE_CONFIG = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": (128, 256, 512, 512),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "norm_num_groups": 32,
+    "act_fn": "silu",
+    "sample_size": 512,
+}
+TEXT_CONFIG = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+}
+SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+}
+
+
+def sd14(tokenizer_folder: str, dtype: torch.dtype) -> StableDiffusionPipeline:
+    """SD v1.4's architecture with random weights and the real tokenizer (nothing downloaded)."""
+    torch.manual_seed(0)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_folder)
+    text = CLIPTextConfig(
+        **TEXT_CONFIG, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(**VAE_CONFIG),
+        text_encoder=CLIPTextModel(text),
+        tokenizer=tokenizer,
+        unet=UNet2DConditionModel(**UNET_CONFIG),
+        scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(dtype=dtype)
+
+
+def machine() -> dict[str, object]:
+    """Where the numbers were measured."""
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+        # Other jobs on a shared machine slow every number down; the load says how busy it was.
+        "load_average_1min_at_end": round(os.getloadavg()[0], 2),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "versions": {p: version(p) for p in ("torch", "diffusers", "transformers", "accelerate", "nudenet", "onnxruntime")},
+    }
+
+
+def sync() -> None:
+    """Wait for queued GPU work, so wall times are real."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class UNetTimer:
+    """Wall time spent inside the UNet's forward (all denoising steps), via forward hooks."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        self.seconds, self.calls, self._start = 0.0, 0, 0.0
+        unet.register_forward_pre_hook(self._pre)
+        unet.register_forward_hook(self._post)
+
+    def _pre(self, *_) -> None:
+        sync()
+        self._start = time.perf_counter()
+
+    def _post(self, *_) -> None:
+        sync()
+        self.seconds += time.perf_counter() - self._start
+        self.calls += 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokenizer", required=True, help="folder with the SD v1.x CLIP tokenizer (vocab.json, merges.txt)")
+    parser.add_argument("--label", default=None, help="name of this run, e.g. cpu-reduced or h100")
+    parser.add_argument("--images", type=int, default=2, help="images to time (after one warm-up image)")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=4, help="DDIM steps per image in the timed run")
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on GPU, fp32 on CPU")
+    parser.add_argument("--nudenet-images", type=int, default=20, help="NudeNet detections to time (cycling over the images)")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype_name = args.dtype if args.dtype != "auto" else ("fp16" if device.type == "cuda" else "fp32")
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
+    label = args.label or ("gpu" if device.type == "cuda" else "cpu")
+
+    pipe = sd14(args.tokenizer, dtype).to(device)
+    params = sum(p.numel() for p in pipe.unet.parameters())
+    prompts = ["a photo of a person on a beach", "an oil painting of a city at night", "a dog in a park", "a bowl of fruit"]
+    size = args.resolution
+    with tempfile.TemporaryDirectory() as tmp:
+        # Warm-up (kernel selection, allocator): one image at 2 steps, not timed.
+        generate(pipe, [Item(prompts[0], 0, 7.5, 2, size, size)], Path(tmp) / "warmup", "sd14-random", "ddim", 1, desc="warm-up")
+        timer = UNetTimer(pipe.unet)
+        items = [Item(prompts[i % len(prompts)], i, 7.5, args.steps, size, size) for i in range(args.images)]
+        sync()
+        start = time.perf_counter()
+        paths = generate(pipe, items, Path(tmp) / "timed", "sd14-random", "ddim", args.batch_size, desc="timed")
+        sync()
+        total = time.perf_counter() - start
+        batches = -(-args.images // args.batch_size)
+        step_s = timer.seconds / (batches * args.steps)  # one UNet call = one step of a whole batch (cond + uncond)
+        fixed_per_image = (total - timer.seconds) / args.images
+        per_image = {s: fixed_per_image + s * step_s / args.batch_size for s in (50, 100)}
+        del pipe
+
+        from nudenet import NudeDetector
+
+        detector = NudeDetector()
+        detector.detect(str(paths[0]))  # warm-up
+        start = time.perf_counter()
+        for i in range(args.nudenet_images):
+            detector.detect(str(paths[i % len(paths)]))
+        nudenet_s = (time.perf_counter() - start) / args.nudenet_images
+
+    result = {
+        "benchmark": "generation_throughput",
+        "label": label,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine(),
+        "settings": {
+            "model": "SD v1.4 architecture, random weights",
+            "unet_parameters": params,
+            "resolution": size,
+            "dtype": dtype_name,
+            "scheduler": "ddim",
+            "guidance": 7.5,
+            "images": args.images,
+            "batch_size": args.batch_size,
+            "steps": args.steps,
+            "nudenet_images": args.nudenet_images,
+        },
+        "measured": {
+            "seconds_total": round(total, 2),
+            "images_per_second": round(args.images / total, 4),
+            "seconds_per_denoising_step_per_batch": round(step_s, 3),
+            "fixed_seconds_per_image": round(fixed_per_image, 3),
+            "nudenet_images_per_second": round(1 / nudenet_s, 2),
+        },
+        "extrapolated": {
+            "note": f"from the measured step and fixed costs on {label}; not a measurement at these step counts",
+            "seconds_per_image_50_steps": round(per_image[50], 2),
+            "seconds_per_image_100_steps": round(per_image[100], 2),
+            "i2p_full_audit_hours_50_steps": round(I2P_PROMPTS * (per_image[50] + nudenet_s) / 3600, 2),
+            "i2p_full_audit_hours_100_steps": round(I2P_PROMPTS * (per_image[100] + nudenet_s) / 3600, 2),
+        },
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"generation_throughput_{label}.json"
+    write_json(out, result)
+    print({**result["measured"], **result["extrapolated"]})
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,273 @@
+"""Benchmark: seconds per step, peak GPU memory and achieved TFLOP/s of SD erasure training.
+
+Builds the full-size Stable Diffusion v1.4 architecture (UNet 859.5M parameters, VAE,
+CLIP ViT-L text encoder) from its published configs with random weights and the real
+CLIP tokenizer, then times the real method code (``erasure.sd.methods``) inside the real
+training loop (``erasure.loop.train``) for every combination of
+
+- phase: the SalUn mask pass, the SalUn fine-tune step, ESD-x, FMN;
+- batch size (default 1, 4, 8) at a resolution (default 512 px, i.e. 64x64 latents);
+- precision: fp32 ("no") or bf16 autocast; gradient checkpointing on or off.
+
+Latents and text embeddings are random (the step cost does not depend on their values).
+FLOPs per step are counted with ``torch.utils.flop_counter`` on one forward+backward
+without checkpointing (model FLOPs; recomputation is not counted), so TFLOP/s is the
+model-FLOPs rate. ESD's step includes its DDIM trajectory to a random stop (50 steps,
+so 25 on average), which makes its time vary from step to step: the mean is reported.
+
+GPU (one H100; takes ~10 minutes):
+
+    python benchmarks/sd_training.py --tokenizer ../shared/data/clip_tokenizer --label h100
+
+CPU, reduced (what a machine without a GPU can do in minutes):
+
+    python benchmarks/sd_training.py --tokenizer ../shared/data/clip_tokenizer --label cpu-reduced \\
+        --resolution 256 --batch-sizes 1 --precisions no --phases salun salun-mask --measure-steps 2 --warmup-steps 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import platform
+import statistics
+import tempfile
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+from accelerate.state import AcceleratorState
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from erasure.config import load_config
+from erasure.io import write_json
+from erasure.loop import LoopSettings, make_accelerator, train
+from erasure.saliency import accumulate_gradients
+from erasure.sd.config import SDConfig, load_concept
+from erasure.sd.methods import SD_METHODS, SDContext
+from erasure.sd.methods.base import LatentSet
+from erasure.sd.pipeline import encode_prompts, noise_scheduler
+
+RESULTS = Path(__file__).parent / "results"
+
+# The published Stable Diffusion v1.4 component configs (CompVis/stable-diffusion-v1-4).
+UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    layers_per_block=2,
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    sample_size=512,
+)
+TEXT = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77
+)
+
+
+def sd14_pipeline(tokenizer: str) -> StableDiffusionPipeline:
+    """SD v1.4's architecture with random weights (no download)."""
+    torch.manual_seed(0)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1
+    )
+    return StableDiffusionPipeline(
+        vae=AutoencoderKL(**VAE),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**TEXT, hidden_act="quick_gelu")),
+        tokenizer=CLIPTokenizer.from_pretrained(tokenizer),
+        unet=UNet2DConditionModel(**UNET),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def machine() -> dict[str, object]:
+    """Where the numbers were measured."""
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "versions": {p: version(p) for p in ("torch", "diffusers", "transformers", "accelerate")},
+    }
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def context(pipe: StableDiffusionPipeline, config: SDConfig, latent: int, device: torch.device) -> SDContext:
+    """The method context with random latents and the real prompts' embeddings."""
+    concept = load_concept(config.concept)
+    g = torch.Generator().manual_seed(0)
+    sets = {}
+    for name in ("forget", "retain"):
+        prompts = getattr(concept, name)
+        latents = torch.randn(64, 4, latent, latent, generator=g).to(device)
+        sets[name] = LatentSet(latents, torch.arange(64, device=device) % len(prompts), encode_prompts(pipe, prompts).float(), prompts)
+    uncond = encode_prompts(pipe, [""]).float()
+    return SDContext(config, concept, pipe, noise_scheduler(pipe), sets, uncond, device)
+
+
+def setup(args: argparse.Namespace, pipe: StableDiffusionPipeline, base: UNet2DConditionModel, phase: str, batch: int, device):
+    """A fresh trainable copy of the UNet and the phase's method on it."""
+    method_name = "salun" if phase.startswith("salun") else phase
+    overrides = [f"method={method_name}", f"train.batch_size={batch}", f"mask.batch_size={batch}"]
+    config = load_config("configs/sd/nudity_salun.yaml", overrides, schema=SDConfig)
+    unet = pipe.unet = copy.deepcopy(base).to(device)
+    method = SD_METHODS.get(method_name)(context(pipe, config, args.resolution // 8, device))
+    for name, p in unet.named_parameters():
+        p.requires_grad_(method.trainable(name))
+    return unet, method
+
+
+def measure(
+    args: argparse.Namespace, pipe: StableDiffusionPipeline, base: UNet2DConditionModel, phase: str, batch: int, precision: str, ckpt: bool
+) -> dict:
+    """Time one setting: seconds per step and peak GPU memory."""
+    AcceleratorState._reset_state(True)  # a fresh Accelerator per precision in one process
+    accelerator = make_accelerator(args.device, precision)
+    device = accelerator.device
+    unet, method = setup(args, pipe, base, phase, batch, device)
+    if ckpt:
+        unet.enable_gradient_checkpointing()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    starts: list[float] = []
+    total = args.warmup_steps + args.measure_steps
+
+    if phase == "salun-mask":
+        g = torch.Generator(device).manual_seed(0)
+
+        def mask_loss(m, _):
+            sync()
+            starts.append(time.perf_counter())
+            return method.saliency_loss(m, g)
+
+        with accelerator.autocast():
+            accumulate_gradients(unet, mask_loss, range(total), progress=False)
+        sync()
+        starts.append(time.perf_counter())
+    else:
+        method.prepare(unet)
+
+        def step_loss(m, g, step):
+            sync()
+            starts.append(time.perf_counter())
+            return method.loss(m, g)
+
+        settings = LoopSettings(steps=total, lr=1e-5, grad_clip=1.0, log_every=1000, desc=f"{phase} b{batch}")
+        with tempfile.TemporaryDirectory() as folder:
+            train(unet, step_loss, settings, folder, accelerator)
+        sync()
+        starts.append(time.perf_counter())
+    times = [b - a for a, b in zip(starts, starts[1:])][args.warmup_steps :]
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    result = {
+        "phase": phase,
+        "batch_size": batch,
+        "precision": "bf16" if precision == "bf16" else "fp32",
+        "gradient_checkpointing": ckpt,
+        "seconds_per_step": round(statistics.mean(times), 4),
+        "seconds_per_step_all": [round(t, 4) for t in times],
+        "peak_memory_gib": round(peak, 2) if peak is not None else None,
+    }
+    pipe.unet = base  # drops the trained copy
+    return result
+
+
+def count_flops(pipe: StableDiffusionPipeline, base: UNet2DConditionModel, phase: str, batch: int, args: argparse.Namespace) -> float:
+    """Model FLOPs of one forward+backward of the phase's loss (fp32, no checkpointing)."""
+    AcceleratorState._reset_state(True)
+    device = make_accelerator(args.device, "no").device
+    unet, method = setup(args, pipe, base, phase, batch, device)
+    g = torch.Generator(device).manual_seed(0)
+    if phase != "salun-mask":
+        method.prepare(unet)
+    with FlopCounterMode(display=False) as counter:
+        loss = method.saliency_loss(unet, g) if phase == "salun-mask" else method.loss(unet, g)[0]
+        loss.backward()
+    pipe.unet = base
+    return float(counter.get_total_flops())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokenizer", required=True, help="folder with the SD v1.x CLIP tokenizer (vocab.json, merges.txt)")
+    parser.add_argument("--label", required=True, help="names the result file, e.g. h100 or cpu-reduced")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--precisions", nargs="+", default=["no", "bf16"], choices=["no", "bf16"])
+    parser.add_argument("--checkpointing", nargs="+", default=["on", "off"], choices=["on", "off"])
+    parser.add_argument("--phases", nargs="+", default=["salun-mask", "salun", "esd-x", "fmn"])
+    parser.add_argument("--warmup-steps", type=int, default=2)
+    parser.add_argument("--measure-steps", type=int, default=5)
+    parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one extra fp32 step per phase and batch)")
+    args = parser.parse_args()
+
+    pipe = sd14_pipeline(args.tokenizer)
+    device = make_accelerator(args.device, "no").device
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    pipe.vae.to(device, dtype)  # the frozen parts sit on the GPU in a real job, so they count in its memory
+    pipe.text_encoder.to(device, dtype)
+    base = pipe.unet
+    flops = {}
+    if not args.no_flops:
+        # ESD's step cost depends on its random trajectory length, so it gets no single FLOP count.
+        for phase in [p for p in args.phases if p != "esd-x"]:
+            for batch in args.batch_sizes:
+                flops[(phase, batch)] = count_flops(pipe, base, phase, batch, args)
+                print(f"flops {phase} b{batch}: {flops[(phase, batch)] / 1e12:.2f} TFLOP", flush=True)
+    rows = []
+    for phase in args.phases:
+        for batch in args.batch_sizes:
+            for precision in args.precisions:
+                for ckpt in args.checkpointing:
+                    try:
+                        row = measure(args, pipe, base, phase, batch, precision, ckpt == "on")
+                    except torch.OutOfMemoryError:
+                        row = {"phase": phase, "batch_size": batch, "precision": precision, "checkpointing": ckpt, "error": "out of memory"}
+                        pipe.unet = base
+                        torch.cuda.empty_cache()
+                    if (phase, batch) in flops and "seconds_per_step" in row:
+                        row["tflop_per_step"] = round(flops[(phase, batch)] / 1e12, 3)
+                        row["achieved_tflops"] = round(flops[(phase, batch)] / row["seconds_per_step"] / 1e12, 4)
+                    rows.append(row)
+                    print(row, flush=True)
+    result = {
+        "benchmark": "sd_training",
+        "label": args.label,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "settings": {k: v for k, v in vars(args).items() if k != "tokenizer"},
+        "unet_parameters": sum(p.numel() for p in base.parameters()),
+        "results": rows,
+    }
+    out = RESULTS / f"sd_training_{args.label}.json"
+    write_json(out, result)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
