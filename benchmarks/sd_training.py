@@ -13,7 +13,9 @@ Latents and text embeddings are random (the step cost does not depend on their v
 FLOPs per step are counted with ``torch.utils.flop_counter`` on one forward+backward
 without checkpointing (model FLOPs; recomputation is not counted), so TFLOP/s is the
 model-FLOPs rate. ESD's step includes its DDIM trajectory to a random stop (50 steps,
-so 25 on average), which makes its time vary from step to step: the mean is reported.
+so 25 on average), which makes its time vary from step to step: the mean is reported,
+and it gets no FLOP count. Peak memory is the GPU's ``max_memory_allocated`` (it
+includes the bf16 VAE and text encoder, as in a real job); on a CPU it is not measured.
 
 GPU (one H100; takes ~10 minutes):
 
@@ -22,7 +24,8 @@ GPU (one H100; takes ~10 minutes):
 CPU, reduced (what a machine without a GPU can do in minutes):
 
     python benchmarks/sd_training.py --tokenizer ../shared/data/clip_tokenizer --label cpu-reduced \\
-        --resolution 256 --batch-sizes 1 --precisions no --phases salun salun-mask --measure-steps 2 --warmup-steps 1
+        --resolution 64 --batch-sizes 1 --precisions no --checkpointing off --esd-ddim-steps 4 \\
+        --measure-steps 2 --warmup-steps 1
 """
 
 from __future__ import annotations
@@ -131,7 +134,7 @@ def context(pipe: StableDiffusionPipeline, config: SDConfig, latent: int, device
 def setup(args: argparse.Namespace, pipe: StableDiffusionPipeline, base: UNet2DConditionModel, phase: str, batch: int, device):
     """A fresh trainable copy of the UNet and the phase's method on it."""
     method_name = "salun" if phase.startswith("salun") else phase
-    overrides = [f"method={method_name}", f"train.batch_size={batch}", f"mask.batch_size={batch}"]
+    overrides = [f"method={method_name}", f"train.batch_size={batch}", f"mask.batch_size={batch}", f"esd.ddim_steps={args.esd_ddim_steps}"]
     config = load_config("configs/sd/nudity_salun.yaml", overrides, schema=SDConfig)
     unet = pipe.unet = copy.deepcopy(base).to(device)
     method = SD_METHODS.get(method_name)(context(pipe, config, args.resolution // 8, device))
@@ -221,6 +224,7 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["no", "bf16"], choices=["no", "bf16"])
     parser.add_argument("--checkpointing", nargs="+", default=["on", "off"], choices=["on", "off"])
     parser.add_argument("--phases", nargs="+", default=["salun-mask", "salun", "esd-x", "fmn"])
+    parser.add_argument("--esd-ddim-steps", type=int, default=50, help="length of ESD's sampling trajectory (the reference uses 50)")
     parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--measure-steps", type=int, default=5)
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one extra fp32 step per phase and batch)")

@@ -193,20 +193,22 @@ class MaskConstraint:
 
     def __init__(self, model: torch.nn.Module, mask: Mask) -> None:
         mask.check(model)
+        # Only the masked-out values are kept (not a copy of the whole model): for the SD
+        # UNet at ratio 0.5 that is 1.7 GB instead of 3.4 GB of GPU memory.
         self.entries: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]] = []
         self.hooks = []
         for name, p in model.named_parameters():
-            keep = mask.tensors[name].to(p.device)
-            if bool(keep.all()) or not p.requires_grad:  # frozen weights cannot move anyway
+            frozen = ~mask.tensors[name].to(p.device)
+            if not bool(frozen.any()) or not p.requires_grad:  # frozen weights cannot move anyway
                 continue
-            self.entries.append((p, keep, p.detach().clone()))
-            self.hooks.append(p.register_hook(lambda grad, keep=keep: grad * keep))
+            self.entries.append((p, frozen, p.detach()[frozen].clone()))
+            self.hooks.append(p.register_hook(lambda grad, frozen=frozen: grad.masked_fill(frozen, 0)))
 
     @torch.no_grad()
     def enforce(self) -> None:
         """Restore every masked-out entry to its original value."""
-        for p, keep, original in self.entries:
-            p.copy_(torch.where(keep, p, original))
+        for p, frozen, original in self.entries:
+            p.masked_scatter_(frozen, original)
 
     def remove(self) -> None:
         """Detach the gradient hooks."""
