@@ -19,14 +19,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import shutil
 import sys
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 import torch
+from common import machine  # benchmarks/ is on sys.path when a script runs
 
 from erasure.config import load_config, to_dict
 from erasure.evaluate import evaluate
@@ -34,17 +33,6 @@ from erasure.io import write_json
 from erasure.stages import base_stage, erase, erase_stage, judge_stage, train_base, train_judge
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def machine() -> dict[str, object]:
-    info: dict[str, object] = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_count": torch.get_num_threads(),
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-    }
-    info["versions"] = {p: version(p) for p in ("torch", "diffusers", "accelerate", "torch-fidelity", "safetensors")}
-    return info
 
 
 def timed(name: str, timings: dict[str, dict[str, object]], done: bool, fn, *args):
@@ -86,7 +74,7 @@ def main() -> None:
         "label": label,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": machine(),
+        "machine": machine(("torch", "diffusers", "accelerate", "torch-fidelity", "safetensors")),
         "timings": timings,
         "results": report,
         "base_model": json.loads((base_stage(config).folder / "done.json").read_text()),

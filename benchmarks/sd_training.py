@@ -33,18 +33,16 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import platform
 import statistics
 import tempfile
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 import torch
 from accelerate.state import AcceleratorState
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from common import machine, sd14, sync  # benchmarks/ is on sys.path when a script runs
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from erasure.config import load_config
 from erasure.io import write_json
@@ -56,67 +54,6 @@ from erasure.sd.methods.base import LatentSet
 from erasure.sd.pipeline import encode_prompts, noise_scheduler
 
 RESULTS = Path(__file__).parent / "results"
-
-# The published Stable Diffusion v1.4 component configs (CompVis/stable-diffusion-v1-4).
-UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768,
-    attention_head_dim=8,
-)
-VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    latent_channels=4,
-    layers_per_block=2,
-    block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    sample_size=512,
-)
-TEXT = dict(
-    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77
-)
-
-
-def sd14_pipeline(tokenizer: str) -> StableDiffusionPipeline:
-    """SD v1.4's architecture with random weights (no download)."""
-    torch.manual_seed(0)
-    scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1
-    )
-    return StableDiffusionPipeline(
-        vae=AutoencoderKL(**VAE),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**TEXT, hidden_act="quick_gelu")),
-        tokenizer=CLIPTokenizer.from_pretrained(tokenizer),
-        unet=UNet2DConditionModel(**UNET),
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
-def machine() -> dict[str, object]:
-    """Where the numbers were measured."""
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_threads": torch.get_num_threads(),
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-        "versions": {p: version(p) for p in ("torch", "diffusers", "transformers", "accelerate")},
-    }
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
 
 def context(pipe: StableDiffusionPipeline, config: SDConfig, latent: int, device: torch.device) -> SDContext:
     """The method context with random latents and the real prompts' embeddings."""
@@ -230,7 +167,7 @@ def main() -> None:
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one extra fp32 step per phase and batch)")
     args = parser.parse_args()
 
-    pipe = sd14_pipeline(args.tokenizer)
+    pipe = sd14(args.tokenizer, torch.float32)
     device = make_accelerator(args.device, "no").device
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     pipe.vae.to(device, dtype)  # the frozen parts sit on the GPU in a real job, so they count in its memory
@@ -263,7 +200,7 @@ def main() -> None:
         "benchmark": "sd_training",
         "label": args.label,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
+        "machine": machine(("torch", "diffusers", "transformers", "accelerate")),
         "settings": {k: v for k, v in vars(args).items() if k != "tokenizer"},
         "unet_parameters": sum(p.numel() for p in base.parameters()),
         "results": rows,
