@@ -172,3 +172,25 @@ def test_bad_input_is_a_clear_error(tiny_model, tmp_path, capsys):
     assert "does not fit this model" in capsys.readouterr().err
     with pytest.raises(ErasureError, match="no model_index.json"):
         load_pipeline(str(tmp_path))
+
+
+def test_v_prediction_models_train_on_velocity(tiny_model, tmp_path):
+    """SD 2.x (768 px) predicts velocity; the denoising targets must follow the scheduler."""
+    from diffusers import DDIMScheduler
+
+    from erasure.sd.methods.base import SDContext
+    from erasure.sd.pipeline import noise_scheduler
+
+    pipe = load_pipeline(str(tiny_model))
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
+    pipe.save_pretrained(tmp_path / "v-model")
+    config = sd_config(tmp_path / "v-model", tmp_path / "run", "method=salun")
+    scheduler = noise_scheduler(load_pipeline(str(tmp_path / "v-model")))
+    latents = torch.randn(2, 4, 8, 8)
+    ctx = SDContext(config, load_concept(config.concept), pipe, scheduler, {}, torch.zeros(1), torch.device("cpu"))
+    x_t, target, t = ctx.noisy(latents, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    t_again = torch.randint(0, 1000, (2,), generator=g)
+    noise = torch.randn(latents.shape, generator=g)
+    assert torch.equal(t, t_again) and torch.allclose(target, scheduler.get_velocity(latents, noise, t))
+    assert (erase(config) / "done.json").is_file()

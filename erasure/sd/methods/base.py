@@ -48,11 +48,19 @@ class SDContext:
     device: torch.device
 
     def noisy(self, latents: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(x_t, noise, t)`` for random timesteps."""
+        """``(x_t, target, t)`` for random timesteps; the target is what the UNet should predict.
+
+        That is the noise for epsilon-prediction models (SD 1.x, SD 2 base) and the velocity
+        for v-prediction ones (SD 2.x at 768 px).
+        """
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(latents),), generator=g, device=g.device)
         t = t.to(latents.device)
         noise = torch.randn(latents.shape, generator=g, device=g.device).to(latents.device)
-        return self.scheduler.add_noise(latents, noise, t), noise, t
+        if self.scheduler.config.prediction_type == "v_prediction":
+            target = self.scheduler.get_velocity(latents, noise, t)
+        else:
+            target = noise
+        return self.scheduler.add_noise(latents, noise, t), target, t
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
         """Text embeddings of ``prompts`` (fp32, on the training device)."""
@@ -62,14 +70,14 @@ class SDContext:
 
 
 def eps(model: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-    """The UNet's noise prediction."""
+    """The UNet's prediction (noise, or velocity for v-prediction models)."""
     return model(x_t, t, encoder_hidden_states=emb).sample
 
 
 def denoising_loss(model: torch.nn.Module, ctx: SDContext, latents: torch.Tensor, emb: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """The standard latent-diffusion loss (per-element mean)."""
-    x_t, noise, t = ctx.noisy(latents, g)
-    return F.mse_loss(eps(model, x_t, t, emb).float(), noise.float())
+    x_t, target, t = ctx.noisy(latents, g)
+    return F.mse_loss(eps(model, x_t, t, emb).float(), target.float())
 
 
 class SDMethod:

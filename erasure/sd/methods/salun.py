@@ -32,13 +32,13 @@ class SalUnSD(SDMethod):
         return Mask.from_scores(model, scores, cfg.ratio, cfg.per_layer, **info)
 
     def saliency_loss(self, model: torch.nn.Module, g: torch.Generator) -> torch.Tensor:
-        """-MSE(noise, guided prediction) on one batch of forget latents."""
+        """-MSE(target, guided prediction) on one batch of forget latents (the target is the noise for SD 1.x)."""
         ctx, w = self.ctx, self.ctx.config.mask.guidance
         latents, emb, _ = ctx.sets["forget"].batch(g, ctx.config.mask.batch_size)
-        x_t, noise, t = ctx.noisy(latents, g)
+        x_t, target, t = ctx.noisy(latents, g)
         both = eps(model, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([emb, ctx.uncond.expand_as(emb)]))
         cond, uncond = both.chunk(2)
-        return -F.mse_loss(noise, (1 + w) * cond - w * uncond)
+        return -F.mse_loss(target.float(), ((1 + w) * cond - w * uncond).float())
 
     def prepare(self, model: torch.nn.Module) -> None:
         self.target = self.ctx.encode(self.ctx.concept.target)  # [T, tokens, dim]
