@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     from erasure.audit_cli import add_parser as add_audit
 
     add_audit(sub)
+    from erasure.classification.cli import add_parser as add_classification
+
+    add_classification(sub)
     return parser
 
 

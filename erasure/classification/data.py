@@ -1,0 +1,126 @@
+"""Splits, forget sets and the device-resident input pipeline for classification unlearning.
+
+The dataset's train split is cut (seeded) into train and validation; the forget set is a
+seeded random share of train, or one whole class. Every index set is saved with the run
+(``split.safetensors``), so a table can always be traced back to the exact images.
+
+Images stay uint8 on the device for the whole run; batches are drawn by index, then
+cropped, flipped and scaled there, so the GPU never waits for a data loader.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from erasure.classification.config import ForgetConfig, SplitConfig
+from erasure.data import to_model_range
+from erasure.errors import ErasureError
+from erasure.io import load_tensors, read_metadata, save_tensors
+
+FIELDS = ("train", "val", "forget", "retain", "test", "test_forget")
+
+
+@dataclass
+class Split:
+    """Index sets: train/val/forget/retain index the dataset's train split, test/test_forget its test split."""
+
+    train: torch.Tensor
+    val: torch.Tensor
+    forget: torch.Tensor  # subset of train
+    retain: torch.Tensor  # train minus forget
+    test: torch.Tensor  # the test set for TA (class-wise: without the forgotten class)
+    test_forget: torch.Tensor  # class-wise: the forgotten class's test images; random: empty
+
+    def save(self, path: str | Path, fingerprint: str) -> None:
+        """Indices as int64 safetensors, with the fingerprint of the settings that made them."""
+        save_tensors(path, {k: getattr(self, k) for k in FIELDS}, {"format": "erasure-split/1", "fingerprint": fingerprint})
+
+    @classmethod
+    def load(cls, path: str | Path, fingerprint: str) -> Split:
+        """Load a saved split, refusing one made with other settings."""
+        found = read_metadata(path).get("fingerprint")
+        if found != fingerprint:
+            raise ErasureError(f"'{path}' holds a split made with other settings ({found}, now {fingerprint}); use another workdir.")
+        tensors = load_tensors(path)
+        return cls(**{k: tensors[k] for k in FIELDS})
+
+
+def seeded_perm(n: int, seed: int) -> torch.Tensor:
+    """A seeded permutation of range(n) (CPU generator: the same on every machine)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+def make_split(train_labels: torch.Tensor, test_labels: torch.Tensor, split: SplitConfig, forget: ForgetConfig) -> Split:
+    """The seeded split and forget set for the given labels."""
+    n = len(train_labels)
+    if split.val_size >= n:
+        raise ErasureError(f"split.val_size={split.val_size} leaves no training images (the train split has {n}).")
+    order = seeded_perm(n, split.seed)
+    val, train = order[: split.val_size].sort().values, order[split.val_size :]
+    if split.train_limit is not None:
+        train = train[: split.train_limit]
+    train = train.sort().values
+    test = torch.arange(len(test_labels))
+    if split.test_limit is not None:
+        test = seeded_perm(len(test_labels), split.seed + 1)[: split.test_limit].sort().values
+
+    if forget.kind == "random":
+        k = int(round(forget.fraction * len(train)))
+        if not 0 < k < len(train):
+            raise ErasureError(f"forget.fraction={forget.fraction} of {len(train)} training images leaves an empty forget or retain set.")
+        is_forget = torch.zeros(len(train), dtype=torch.bool)
+        is_forget[seeded_perm(len(train), forget.seed)[:k]] = True
+        test_forget = torch.zeros(0, dtype=torch.long)
+    else:
+        c = forget.class_index
+        is_forget = train_labels[train] == c
+        if not is_forget.any():
+            raise ErasureError(f"class {c} has no training images to forget.")
+        test_forget, test = test[test_labels[test] == c], test[test_labels[test] != c]
+    return Split(train, val, train[is_forget], train[~is_forget], test, test_forget)
+
+
+class EpochSampler:
+    """Batch indices for step ``s``: epochs of a seeded permutation, so steps map to epochs exactly."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, device: torch.device | str = "cpu") -> None:
+        if n < 1:
+            raise ErasureError("cannot train on an empty set of images.")
+        self.n, self.batch_size, self.seed, self.device = n, batch_size, seed, device
+        self.steps_per_epoch = math.ceil(n / batch_size)
+        self._epoch, self.seeded_perm = -1, torch.empty(0)
+
+    def epoch(self, step: int) -> int:
+        """The epoch that ``step`` belongs to."""
+        return step // self.steps_per_epoch
+
+    def __call__(self, step: int) -> torch.Tensor:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:  # one permutation per epoch, made again on resume from (seed, epoch)
+            self._epoch, self.seeded_perm = epoch, seeded_perm(self.n, self.seed * 100_003 + epoch).to(self.device)
+        return self.seeded_perm[i * self.batch_size : (i + 1) * self.batch_size]
+
+
+def augment(images: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop (zero padding ``pad``) and horizontal flip of a uint8 batch, on its device."""
+    b, c, h, w = images.shape
+    dev = images.device
+    padded = F.pad(images, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=g, device=g.device).to(dev)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=g, device=g.device).to(dev)
+    rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]
+    out = padded[torch.arange(b, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None], rows, cols]
+    flip = (torch.rand(b, generator=g, device=g.device) < 0.5).to(dev)
+    return torch.where(flip[:, None, None, None], out.flip(3), out)
+
+
+def to_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 batch -> the network's float input in [-1, 1]; channels-last on the GPU (faster convolutions)."""
+    x = to_model_range(images)
+    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x

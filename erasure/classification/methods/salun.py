@@ -1,0 +1,39 @@
+"""SalUn: RL restricted, as a hard constraint, to the weights most salient to the forget set.
+
+Saliency is |sum over forget batches of the gradient of -CE| (no per-batch clipping, as in
+the reference classifier code), thresholded globally to the top ``ratio`` of weights.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from erasure.classification.data import to_input
+from erasure.classification.methods.base import Method, register
+from erasure.classification.methods.rl import relabeled
+from erasure.runs import Stage, shared_mask
+from erasure.saliency import Mask, accumulate_gradients
+
+
+@register("salun")
+class SalUn(Method):
+    def make_mask(self, model: nn.Module) -> Mask:
+        """The saliency mask of ``model`` (eval mode, so BatchNorm statistics stay as they are)."""
+        ctx, cfg = self.ctx, self.ctx.config.unlearn.salun
+        size = ctx.config.unlearn.batch_size
+        batches = [(ctx.forget_images[i : i + size], ctx.forget_labels[i : i + size]) for i in range(0, len(ctx.forget_labels), size)]
+
+        def forget_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            x, y = batch
+            return -F.cross_entropy(model(to_input(x)), y)
+
+        model.eval()
+        grads = accumulate_gradients(model, forget_loss, batches, clip_norm=None, progress=False)
+        scores = {n: g.abs() for n, g in grads.items()}
+        return Mask.from_scores(model, scores, cfg.ratio, cfg.per_layer, loss="classifier-neg-ce", batches=len(batches))
+
+    def run(self, model: nn.Module) -> nn.Module:
+        ctx, cfg = self.ctx, self.ctx.config.unlearn.salun
+        mask = shared_mask(Stage(ctx.folder, ctx.fingerprint), ctx.accelerator, model, lambda: self.make_mask(model))
+        self.info["mask_kept_fraction"] = mask.kept_fraction
+        return ctx.fit(model, *relabeled(ctx), cfg.epochs, cfg.lr, mask=mask, desc="salun")

@@ -1,0 +1,39 @@
+"""ResNet-18 for 32x32 images: torchvision's network with the CIFAR stem.
+
+The ImageNet stem (7x7 stride-2 conv + max-pool) shrinks a 32x32 image to 8x8 before the
+first block; CIFAR models use a 3x3 stride-1 conv and no pool instead. ``width`` scales
+every stage (64 is the standard network); narrower ones are for CPU-sized runs.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+from torchvision.models import resnet18 as tv_resnet18
+from torchvision.models.resnet import BasicBlock
+
+from erasure.errors import ErasureError
+
+
+def resnet18(num_classes: int, in_channels: int = 3, width: int = 64) -> nn.Module:
+    """torchvision's ResNet-18 with a 3x3 stride-1 stem, no max-pool, and stage widths ``width * [1, 2, 4, 8]``."""
+    if width < 1:
+        raise ErasureError(f"model.width must be positive, got {width}.")
+    model = tv_resnet18(num_classes=num_classes)
+    model.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+    model.maxpool = nn.Identity()
+    if width != 64:
+        # torchvision fixes the widths at 64..512; rebuild the stages with its own block builder.
+        model.bn1 = nn.BatchNorm2d(width)
+        model.inplanes = width
+        model.layer1 = model._make_layer(BasicBlock, width, 2)
+        model.layer2 = model._make_layer(BasicBlock, 2 * width, 2, stride=2)
+        model.layer3 = model._make_layer(BasicBlock, 4 * width, 2, stride=2)
+        model.layer4 = model._make_layer(BasicBlock, 8 * width, 2, stride=2)
+        model.fc = nn.Linear(8 * width, num_classes)
+    for m in model.modules():  # torchvision's initialization, redone for the swapped layers
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return model

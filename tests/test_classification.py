@@ -1,0 +1,189 @@
+"""Classification unlearning: methods, mask constraint, MIA, splits, config errors, CLI (all tiny, CPU)."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from erasure.classification.config import ClassificationConfig
+from erasure.classification.data import EpochSampler, Split, augment, make_split
+from erasure.classification.methods import METHODS, UnlearnContext, get_method
+from erasure.classification.metrics import make_table, markdown, mia_efficacy
+from erasure.classification.model import resnet18
+from erasure.cli import main
+from erasure.config import load_config
+from erasure.errors import ErasureError
+from erasure.loop import LoopSettings, _lr_factor, make_accelerator
+from erasure.saliency import Mask
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny networks run fastest on one thread, and far faster when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TINY_TABLE = [
+    "device=cpu",
+    "model.width=4",
+    "train.epochs=2",
+    "retrain.epochs=2",
+    "unlearn.ft.epochs=1",
+    "unlearn.rl.epochs=1",
+    "unlearn.ga.epochs=1",
+    "unlearn.l1.epochs=1",
+    "unlearn.salun.epochs=1",
+    "unlearn.iu.samples=8",
+    "split.train_limit=300",
+    "split.test_limit=100",
+]
+
+
+def tiny_context(folder, **overrides) -> tuple[UnlearnContext, torch.nn.Module]:
+    """Random 3x8x8 images of 4 classes, a width-4 ResNet-18, one epoch per method."""
+    opts = [*TINY_TABLE, "unlearn.batch_size=16", "unlearn.augment=true", *[f"{k}={v}" for k, v in overrides.items()]]
+    config = load_config(None, opts, schema=ClassificationConfig)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (80, 3, 8, 8), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, 4, (80,), generator=g)
+    ctx = UnlearnContext(config, make_accelerator("cpu"), folder, "test", images[:16], labels[:16], images[16:], labels[16:], num_classes=4)
+    torch.manual_seed(0)
+    return ctx, resnet18(4, 3, width=4)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_runs_and_changes_the_model(tmp_path, name):
+    ctx, model = tiny_context(tmp_path)
+    before = copy.deepcopy(model.state_dict())
+    out = get_method(name)(ctx).run(model)
+    after = out.state_dict()
+    assert all(torch.isfinite(v.float()).all() for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point())
+
+
+def test_salun_leaves_masked_out_weights_bit_identical(tmp_path):
+    ctx, model = tiny_context(tmp_path, **{"unlearn.salun.epochs": 2, "unlearn.weight_decay": 0.1})
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    method = get_method("salun")(ctx)
+    out = method.run(model)
+    mask = Mask.load(tmp_path / "mask.safetensors", out)
+    assert mask.info["loss"] == "classifier-neg-ce"
+    assert method.info["mask_kept_fraction"] == pytest.approx(0.5, abs=1e-4)
+    changed = 0
+    for n, p in out.named_parameters():
+        keep = mask.tensors[n]
+        assert torch.equal(p.detach()[~keep], original[n][~keep]), n  # momentum and weight decay included
+        changed += int((p.detach()[keep] != original[n][keep]).sum())
+    assert changed > 0
+
+
+def test_mia_efficacy_on_known_cases():
+    g = torch.Generator().manual_seed(0)
+    members = 0.9 + 0.1 * torch.rand(400, generator=g)  # confident: seen in training
+    non_members = 0.5 * torch.rand(200, generator=g)
+    assert mia_efficacy(members, non_members, 0.9 + 0.1 * torch.rand(100, generator=g)) < 2  # forget set looks trained on
+    assert mia_efficacy(members, non_members, 0.5 * torch.rand(100, generator=g)) > 98  # forget set looks unseen
+
+
+def test_gap_table():
+    rows = {"retrain": {"UA": 5.0, "RA": 100.0, "TA": 94.0, "MIA": 13.0}, "x": {"UA": 3.0, "RA": 99.0, "TA": 93.0, "MIA": 17.0, "RTE": 0.5}}
+    table = make_table(rows)
+    assert table[0]["avg_gap"] == 0
+    assert table[1]["gap_MIA"] == 4 and table[1]["avg_gap"] == pytest.approx((2 + 1 + 1 + 4) / 4)
+    assert "| x | 3.00 (2.00) | 99.00 (1.00) | 93.00 (1.00) | 17.00 (4.00) | 2.00 | 0.50 |" in markdown(table)
+
+
+def test_split_is_deterministic_disjoint_and_saved(tmp_path):
+    config = load_config(None, ["split.val_size=50", "split.test_limit=60", "forget.fraction=0.25"], schema=ClassificationConfig)
+    train_labels, test_labels = torch.arange(400) % 10, torch.arange(100) % 10
+    a = make_split(train_labels, test_labels, config.split, config.forget)
+    b = make_split(train_labels, test_labels, config.split, config.forget)
+    assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("train", "val", "forget", "retain", "test"))
+    assert (len(a.train), len(a.val), len(a.forget), len(a.test)) == (350, 50, 88, 60)
+    assert set(a.train.tolist()).isdisjoint(a.val.tolist())
+    assert sorted(a.forget.tolist() + a.retain.tolist()) == a.train.tolist()
+    other = load_config(None, ["split.val_size=50", "forget.fraction=0.25", "forget.seed=1"], schema=ClassificationConfig)
+    assert not torch.equal(make_split(train_labels, test_labels, other.split, other.forget).forget, a.forget)
+
+    a.save(tmp_path / "split.safetensors", "fp")
+    loaded = Split.load(tmp_path / "split.safetensors", "fp")
+    assert torch.equal(loaded.forget, a.forget) and torch.equal(loaded.test, a.test)
+    with pytest.raises(ErasureError, match="other settings"):
+        Split.load(tmp_path / "split.safetensors", "another")
+
+    cls = load_config(None, ["split.val_size=50", "forget.kind=class", "forget.class_index=3"], schema=ClassificationConfig)
+    c = make_split(train_labels, test_labels, cls.split, cls.forget)
+    assert (train_labels[c.forget] == 3).all() and not (train_labels[c.retain] == 3).any()
+    assert (test_labels[c.test_forget] == 3).all() and len(c.test_forget) == 10
+    assert not (test_labels[c.test] == 3).any() and len(c.test) == 90
+
+
+def test_sampler_covers_each_image_once_per_epoch():
+    sampler = EpochSampler(10, 4, seed=0)
+    assert sampler.steps_per_epoch == 3
+    for epoch in range(2):
+        seen = torch.cat([sampler(epoch * 3 + i) for i in range(3)])
+        assert sorted(seen.tolist()) == list(range(10))
+    assert not torch.equal(torch.cat([sampler(i) for i in range(3)]), torch.cat([sampler(3 + i) for i in range(3)]))
+
+
+def test_augment_crops_and_flips_the_padded_image():
+    x = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+    y = augment(x, torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    for i in range(6):
+        windows = [padded[i, :, a : a + 8, b : b + 8] for a in range(9) for b in range(9)]
+        assert any(torch.equal(y[i], w) or torch.equal(y[i], w.flip(2)) for w in windows)
+
+
+def test_resnet18_has_the_cifar_stem():
+    model = resnet18(10, 3, width=64)
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
+    assert isinstance(model.maxpool, torch.nn.Identity)
+    assert sum(p.numel() for p in model.parameters()) == 11_173_962  # the standard CIFAR ResNet-18
+    assert resnet18(10, 1, width=4)(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_multistep_lr():
+    s = LoopSettings(steps=100, lr=1.0, milestones=(50, 75), gamma=0.1, warmup_steps=10)
+    assert [_lr_factor(i, s) for i in (0, 9, 10, 49)] == [0.1, 1.0, 1.0, 1.0]
+    assert _lr_factor(50, s) == pytest.approx(0.1) and _lr_factor(99, s) == pytest.approx(0.01)
+
+
+def test_bad_method_and_unknown_key_are_clear_errors():
+    with pytest.raises(ErasureError, match="unknown classification-unlearning method 'sallun'; choose one of: .*salun"):
+        load_config(None, ["unlearn.methods=[ft,sallun]"], schema=ClassificationConfig)
+    with pytest.raises(ErasureError, match="unknown config key 'unlearn.salun.ratoi'. Did you mean 'ratio'"):
+        load_config(None, ["unlearn.salun.ratoi=0.3"], schema=ClassificationConfig)
+    with pytest.raises(ErasureError, match="forget.fraction"):
+        load_config(None, ["forget.fraction=1.5"], schema=ClassificationConfig)
+
+
+def test_cli_runs_the_table_and_a_rerun_reuses_every_method(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    assert main(["unlearn-classifier", "--workdir", str(workdir), *TINY_TABLE]) == 0
+    first = capsys.readouterr().out
+    report = json.loads((workdir / "results.json").read_text())
+    assert [row["method"] for row in report["table"]] == ["original", "retrain", "ft", "rl", "ga", "iu", "l1", "salun"]
+    assert report["table"][1]["avg_gap"] == 0 and all(row["avg_gap"] is not None for row in report["table"])
+    assert (workdir / "split.safetensors").is_file() and (workdir / "salun" / "mask.safetensors").is_file()
+    assert "| salun |" in (workdir / "results.md").read_text() and "[salun] unlearning" in first
+
+    stamps = {p: p.stat().st_mtime_ns for p in workdir.glob("*/model.safetensors")}
+    assert main(["unlearn-classifier", "--workdir", str(workdir), *TINY_TABLE]) == 0
+    assert "unlearning ->" not in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in workdir.glob("*/model.safetensors")} == stamps
+
+    # Changing one method's settings touches only that method, and refuses to overwrite it.
+    assert main(["unlearn-classifier", "--workdir", str(workdir), *TINY_TABLE, "unlearn.ft.lr=0.5"]) == 2
+    assert "'" + str(workdir / "ft") + "' already holds a finished run" in capsys.readouterr().err
+
+
+def test_a_diverging_iu_step_is_a_clear_error(tmp_path):
+    ctx, model = tiny_context(tmp_path, **{"unlearn.iu.alpha": 1e38})
+    with pytest.raises(ErasureError, match="IU step is not finite"):
+        get_method("iu")(ctx).run(model)
