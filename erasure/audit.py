@@ -122,6 +122,13 @@ def generate_images(
             torch.cuda.empty_cache()
 
 
+def generate_all(
+    models: list[tuple[str, str]], prompts: list[Prompt], folders: dict[str, Path], scheduler: str, batch_size: int
+) -> dict[str, list[Path]]:
+    """Generate ``prompts`` with every model into its folder; returns each model's image paths."""
+    return {label: generate_images(label, model, prompts, folders[label], scheduler, batch_size) for label, model in models}
+
+
 def _is_main() -> bool:
     from accelerate import PartialState
 
@@ -152,7 +159,7 @@ def nudity_audit(
     version = nudenet_version()  # fail before generating anything
     out = Path(out)
     folders = {label: out / "images" / label for label, _ in models}
-    paths = {label: generate_images(label, model, prompts, folders[label], scheduler, batch_size) for label, model in models}
+    paths = generate_all(models, prompts, folders, scheduler, batch_size)
     if not _is_main():
         return None
     result = {
@@ -268,7 +275,7 @@ def ua_audit(
     classifier = load_classifier(classifier_weights)  # fail before generating anything
     out = Path(out)
     folders = {label: out / "images" / label for label, _ in models}
-    paths = {label: generate_images(label, model, prompts, folders[label], scheduler, batch_size) for label, model in models}
+    paths = generate_all(models, prompts, folders, scheduler, batch_size)
     if not _is_main():
         return None
     result = {

@@ -67,6 +67,7 @@ def test_each_method_trains_exports_and_the_model_reloads_and_generates(runs, me
     assert not (folder / "checkpoint").exists()
     pipe = StableDiffusionPipeline.from_pretrained(folder / "model")
     assert pipe.safety_checker is None
+    assert load_pipeline(str(folder)).unet.config == pipe.unet.config  # a run folder loads its exported model
     image = pipe("a photo", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert image.shape == (1, 16, 16, 3) and torch.isfinite(torch.from_numpy(image)).all()
     assert changed_params(load_unet(str(model)), pipe.unet), "training changed nothing"

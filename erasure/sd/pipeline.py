@@ -25,13 +25,15 @@ def frozen_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_pipeline(pretrained: str, revision: str | None = None, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
-    """A Stable Diffusion pipeline from a hub id or a local folder, safety checker off."""
+    """A Stable Diffusion pipeline from a hub id, a local pipeline folder or an erasure run folder; safety checker off."""
     local = Path(pretrained).expanduser()
     looks_local = local.exists() or pretrained.startswith((".", "/", "~")) or pretrained.count("/") > 1
+    if looks_local and not (local / "model_index.json").is_file() and (local / "model" / "model_index.json").is_file():
+        local = local / "model"  # an erasure run folder: its exported pipeline
     if looks_local and not (local / "model_index.json").is_file():
         raise ErasureError(
             f"'{pretrained}' is not a diffusers pipeline folder (no model_index.json). "
-            "Give a folder written by save_pretrained, or a hub id such as CompVis/stable-diffusion-v1-4."
+            "Give a folder written by save_pretrained, an erasure run folder, or a hub id such as CompVis/stable-diffusion-v1-4."
         )
     quiet_loading()
     try:
@@ -110,6 +112,8 @@ def encode_images(pipe: StableDiffusionPipeline, images: torch.Tensor, batch_siz
 def load_unet(pretrained: str, revision: str | None = None) -> UNet2DConditionModel:
     """Only the UNet of a pipeline (fp32), e.g. the base weights a delta is made against."""
     local = Path(pretrained).expanduser()
+    if not (local / "model_index.json").is_file() and (local / "model" / "model_index.json").is_file():
+        local = local / "model"
     source = str(local) if (local / "model_index.json").is_file() else pretrained
     quiet_loading()
     try:
