@@ -111,9 +111,10 @@ def generate_images(
         return paths
     from accelerate import PartialState
 
-    from erasure.sd.pipeline import load_pipeline
+    from erasure.sd.pipeline import frozen_dtype, load_pipeline
 
-    pipe = load_pipeline(model).to(PartialState().device)
+    device = PartialState().device
+    pipe = load_pipeline(model, dtype=frozen_dtype("auto", device)).to(device)  # bf16 on GPUs, fp32 on CPUs
     try:
         return generate(pipe, items, folder, model, scheduler, batch_size, desc=label)
     finally:
