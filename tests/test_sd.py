@@ -195,3 +195,18 @@ def test_v_prediction_models_train_on_velocity(tiny_model, tmp_path):
     noise = torch.randn(latents.shape, generator=g)
     assert torch.equal(t, t_again) and torch.allclose(target, scheduler.get_velocity(latents, noise, t))
     assert (erase(config) / "done.json").is_file()
+
+
+def test_generate_data_command_makes_resumable_seeded_sets(tiny_model, tmp_path, capsys):
+    args = ["sd", "generate-data", "-c", "configs/sd/nudity_salun.yaml", *TINY_SD, f"model.pretrained={tiny_model}", f"workdir={tmp_path}"]
+    assert main([*args, "--set", "forget"]) == 0
+    assert "forget: 6 images" in capsys.readouterr().out
+    folder = tmp_path / "data" / "forget" / "images"
+    first = (folder / "000002.png").read_bytes()
+    # An interrupted generation: the finished marker and one image are gone; only that image is made again.
+    (tmp_path / "data" / "forget" / "done.json").unlink()
+    (folder / "000002.png").unlink()
+    stamp = (folder / "000001.png").stat().st_mtime_ns
+    assert main([*args, "--set", "forget"]) == 0
+    assert (folder / "000002.png").read_bytes() == first  # seeded per image
+    assert (folder / "000001.png").stat().st_mtime_ns == stamp
