@@ -31,6 +31,7 @@ class DataConfig:
 
     name: Literal["digits", "mnist", "cifar10"] = "digits"
     path: str | None = None  # local file or folder; None means embedded (digits) or download
+    size: int | None = None  # resize images to size x size (area average), e.g. 16 for a reduced-cost MNIST run
     download_root: str = "~/.cache/erasure/datasets"
 
 

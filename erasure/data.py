@@ -83,6 +83,9 @@ def load_data(config: DataConfig, split: str = "train") -> ImageData:
         data = _torchvision(config.name, Path(config.download_root).expanduser(), split)
     if config.name == "mnist" and data.images.shape[-1] == 28:
         data.images = F.pad(data.images, (2, 2, 2, 2))  # black border: 28 -> 32 px
+    if config.size is not None and data.images.shape[-1] != config.size:
+        resized = F.interpolate(data.images.float(), size=(config.size, config.size), mode="area")
+        data.images = resized.round().clamp(0, 255).to(torch.uint8)
     return data
 
 

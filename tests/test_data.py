@@ -31,6 +31,10 @@ def test_mnist_npz_is_padded_to_32(tmp_path):
     data = load_data(DataConfig(name="mnist", path=str(path)), "train")
     assert data.shape == (1, 32, 32) and len(data.labels) == 20
     assert int(data.images[:, :, :2].max()) == 0  # black border
+    small = load_data(DataConfig(name="mnist", path=str(path), size=16), "train")
+    assert small.shape == (1, 16, 16) and small.images.dtype == torch.uint8
+    expected = data.images[:3].float().unflatten(2, (16, 2)).unflatten(4, (16, 2)).mean((3, 5))  # 2x2 area average
+    assert torch.equal(small.images[:3], expected.round().to(torch.uint8))
 
 
 def test_cifar_packed_jpeg_npz(tmp_path):
