@@ -71,17 +71,15 @@ def training_sets(
         if not stage.done():
             if state.is_main_process:
                 stage.begin(config)
-            if real:
-                images = load_image_folder(real, size)
-            else:
+            if not real:
                 # Image i uses prompt i mod P and its own seed, so sets are reproducible and extendable.
                 items = [
                     Item(prompts[i % len(prompts)], gen.seed * 1_000_003 + i, gen.guidance, gen.steps, size, size)
                     for i in range(gen.images_per_set)
                 ]
                 generate(pipe, items, stage.folder / "images", config.model.pretrained, gen.scheduler, gen.batch_size, f"generating {name}")
-                images = load_image_folder(stage.folder / "images", size)
-            if state.is_main_process:
+            if state.is_main_process:  # only the main process reads the images and encodes the latents
+                images = load_image_folder(real or stage.folder / "images", size)
                 latents = encode_images(pipe, images).cpu()
                 index = torch.arange(len(latents)) % len(prompts)
                 save_tensors(stage.folder / "latents.safetensors", {"latents": latents, "prompt_index": index})
