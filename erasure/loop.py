@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import signal
 import threading
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,12 +52,48 @@ class LoopSettings:
     desc: str = "training"
 
 
-def make_accelerator(device: str = "auto", mixed_precision: str = "auto") -> Accelerator:
-    """An Accelerator for the configured device; 'auto' precision is bf16 where the GPU has it."""
-    cpu = device == "cpu" or not torch.cuda.is_available()
+class StageAccelerator(Accelerator):
+    """accelerate's Accelerator, with mixed precision chosen per stage rather than per process.
+
+    accelerate keeps mixed precision in a process-wide singleton (``AcceleratorState``), so
+    a second stage asking for another precision (the judge classifier in fp32 after a bf16
+    DDPM, in one ``erasure demo``) raises. We therefore always hand accelerate "no" and
+    apply the stage's precision ourselves with ``torch.autocast`` in :meth:`autocast`.
+    Only bf16 is offered for training: it needs no loss scaling, so gradients, clipping
+    and the optimizer step are those of fp32.
+    """
+
+    def __init__(self, cpu: bool, precision: str) -> None:
+        super().__init__(cpu=cpu, mixed_precision="no")
+        self.precision = precision
+
+    @contextmanager
+    def autocast(self, autocast_handler: object = None):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            yield
+
+
+def resolve_precision(mixed_precision: str, cpu: bool) -> str:
+    """'auto' is bf16 on a GPU that has it (or what ``accelerate launch --mixed_precision`` asked for), else fp32."""
     if mixed_precision == "auto":
-        mixed_precision = "bf16" if not cpu and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+        launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()
+        if launched in ("no", "bf16"):
+            return launched
+        return "bf16" if not cpu and torch.cuda.is_bf16_supported() else "no"
+    if mixed_precision == "fp16":
+        raise ErasureError("mixed_precision=fp16 is not supported for training (it needs loss scaling); use bf16, auto or no.")
+    if mixed_precision not in ("no", "bf16"):
+        raise ErasureError(f"unknown mixed_precision '{mixed_precision}'; choose auto, bf16 or no.")
+    return mixed_precision
+
+
+def make_accelerator(device: str = "auto", mixed_precision: str = "auto") -> StageAccelerator:
+    """An Accelerator for the configured device, autocasting to this stage's precision.
+
+    Any number of stages with different precisions may run in one process (see :class:`StageAccelerator`).
+    """
+    cpu = device == "cpu" or not torch.cuda.is_available()
+    return StageAccelerator(cpu, resolve_precision(mixed_precision, cpu))
 
 
 def make_optimizer(params: list[torch.nn.Parameter], s: LoopSettings) -> torch.optim.Optimizer:

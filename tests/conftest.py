@@ -1,8 +1,14 @@
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Tests that touch a device run on the GPU when there is one, so one `pytest` on a GPU
+# machine covers the CUDA paths. accelerate fixes the device once per process, so every
+# test uses this one.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # A CPU-sized experiment: every stage of the DDPM path in seconds.
 TINY = [
@@ -21,7 +27,7 @@ TINY = [
     "sample.steps=4",
     "eval.samples_per_class=4",
     "eval.grid_samples=2",
-    "device=cpu",
+    f"device={DEVICE}",
 ]
 
 

@@ -16,6 +16,7 @@ from erasure.config import load_config
 from erasure.errors import ErasureError
 from erasure.loop import LoopSettings, _lr_factor, make_accelerator
 from erasure.saliency import Mask
+from tests.conftest import DEVICE
 
 
 @pytest.fixture(autouse=True)
@@ -28,7 +29,7 @@ def one_thread():
 
 
 TINY_TABLE = [
-    "device=cpu",
+    f"device={DEVICE}",
     "model.width=4",
     "train.epochs=2",
     "retrain.epochs=2",
@@ -50,7 +51,8 @@ def tiny_context(folder, **overrides) -> tuple[UnlearnContext, torch.nn.Module]:
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (80, 3, 8, 8), generator=g, dtype=torch.uint8)
     labels = torch.randint(0, 4, (80,), generator=g)
-    ctx = UnlearnContext(config, make_accelerator("cpu"), folder, "test", images[:16], labels[:16], images[16:], labels[16:], num_classes=4)
+    forget, retain = (images[:16], labels[:16]), (images[16:], labels[16:])
+    ctx = UnlearnContext(config, make_accelerator(DEVICE), folder, "test", *forget, *retain, num_classes=4)
     torch.manual_seed(0)
     return ctx, resnet18(4, 3, width=4)
 

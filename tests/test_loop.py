@@ -7,6 +7,7 @@ import torch
 from erasure.errors import ErasureError
 from erasure.loop import LoopSettings, make_accelerator, train
 from erasure.saliency import Mask
+from tests.conftest import DEVICE
 
 
 def net() -> torch.nn.Module:
@@ -20,9 +21,9 @@ def make_step_loss(interrupt_at: int | None = None):
     def step_loss(model, g, step):
         if step == interrupt_at:
             os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C or a cluster's SIGTERM does
-        x = torch.randn(64, 4, generator=g)
-        noise = torch.randn(64, 1, generator=g) * 0.1
-        return torch.nn.functional.mse_loss(model(x), target + noise), {}
+        x = torch.randn(64, 4, generator=g, device=g.device)
+        noise = torch.randn(64, 1, generator=g, device=g.device) * 0.1
+        return torch.nn.functional.mse_loss(model(x), target.to(g.device) + noise), {}
 
     return step_loss
 
@@ -31,7 +32,7 @@ SETTINGS = dict(steps=12, lr=1e-2, seed=3, warmup_steps=2, cosine=True, weight_d
 
 
 def test_resume_after_interruption_is_bit_identical(tmp_path):
-    accelerator = make_accelerator("cpu")
+    accelerator = make_accelerator(DEVICE)
     straight, straight_ema = train(net(), make_step_loss(), LoopSettings(**SETTINGS), tmp_path / "a", accelerator, fingerprint="x")
 
     with pytest.raises(KeyboardInterrupt):
@@ -50,7 +51,7 @@ def test_resume_after_interruption_is_bit_identical(tmp_path):
 
 
 def test_checkpoint_from_other_settings_is_refused(tmp_path):
-    accelerator = make_accelerator("cpu")
+    accelerator = make_accelerator(DEVICE)
     with pytest.raises(KeyboardInterrupt):
         train(net(), make_step_loss(interrupt_at=2), LoopSettings(**SETTINGS), tmp_path, accelerator, fingerprint="x")
     with pytest.raises(ErasureError, match="different settings"):
@@ -58,7 +59,7 @@ def test_checkpoint_from_other_settings_is_refused(tmp_path):
 
 
 def test_mask_holds_through_the_loop_and_its_resume(tmp_path):
-    accelerator = make_accelerator("cpu")
+    accelerator = make_accelerator(DEVICE)
     base = net()
     mask = Mask.random(base, 0.3, seed=1)
     before = {n: p.detach().clone() for n, p in base.named_parameters()}
@@ -69,3 +70,24 @@ def test_mask_holds_through_the_loop_and_its_resume(tmp_path):
         keep = mask.tensors[n]
         assert torch.equal(p.detach()[~keep], before[n][~keep]), n
         assert not keep.any() or not torch.equal(p.detach()[keep], before[n][keep]), n
+
+
+def test_stages_with_different_precisions_share_one_process(tmp_path):
+    """accelerate's state is process-wide: a bf16 stage then an fp32 stage crashed `erasure demo` on CUDA.
+
+    bf16 forced on the CPU reproduces it without a GPU.
+    On the GPU, the model and data must follow the device.
+    """
+    bf16 = make_accelerator(DEVICE, "bf16")
+    with bf16.autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    train(net(), make_step_loss(), LoopSettings(steps=2, lr=1e-2), tmp_path / "a", bf16)
+    fp32 = make_accelerator(DEVICE, "no")  # raised ValueError: AcceleratorState has already been initialized
+    with fp32.autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    train(net(), make_step_loss(), LoopSettings(steps=2, lr=1e-2), tmp_path / "b", fp32)
+
+
+def test_fp16_training_is_refused_clearly():
+    with pytest.raises(ErasureError, match="fp16"):
+        make_accelerator(DEVICE, "fp16")

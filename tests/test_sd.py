@@ -17,10 +17,11 @@ from erasure.sd.erase import erase
 from erasure.sd.methods import salun
 from erasure.sd.pipeline import load_pipeline, load_unet
 from erasure.sd.tiny import tiny_pipeline
+from tests.conftest import DEVICE
 
 METHODS = ["salun", "esd-x", "esd-u", "esd-all", "esd-x-strict", "fmn"]
 TINY_SD = [
-    "device=cpu",
+    f"device={DEVICE}",
     "generation.images_per_set=6",
     "generation.steps=2",
     "generation.batch_size=3",

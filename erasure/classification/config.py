@@ -121,7 +121,7 @@ class ClassificationConfig:
 
     workdir: str = "runs/classification"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # bf16 autocast; fp16 would need loss scaling
     eval_batch_size: int = 512
     data: DataConfig = field(default_factory=DataConfig)
     split: SplitConfig = field(default_factory=SplitConfig)

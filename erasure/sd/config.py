@@ -106,7 +106,7 @@ class SDConfig:
 
     workdir: str = "runs/sd"
     device: str = "auto"
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # bf16 autocast; fp16 would need loss scaling
     method: str = "salun"
     model: SDModelConfig = field(default_factory=SDModelConfig)
     concept: ConceptConfig = field(default_factory=ConceptConfig)
