@@ -30,8 +30,8 @@ import torch
 from erasure.classification.config import ClassificationConfig
 from erasure.classification.metrics import markdown
 from erasure.classification.pipeline import method_stage, original_stage, run_table
-from erasure.config import load_config, to_dict
-from erasure.io import write_json, write_text
+from erasure.core.config import load_config, to_dict
+from erasure.core.io import write_json, write_text
 
 RESULTS = Path(__file__).parent / "results"
 

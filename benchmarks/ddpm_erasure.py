@@ -27,10 +27,11 @@ from pathlib import Path
 import torch
 from common import machine  # benchmarks/ is on sys.path when a script runs
 
-from erasure.config import load_config, to_dict
-from erasure.evaluate import evaluate
-from erasure.io import write_json
-from erasure.stages import base_stage, erase, erase_stage, judge_stage, train_base, train_judge
+from erasure.core.config import to_dict
+from erasure.core.io import write_json
+from erasure.ddpm.config import load
+from erasure.ddpm.evaluate import evaluate
+from erasure.ddpm.pipeline import base_stage, erase, erase_stage, judge_stage, train_base, train_judge
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -55,7 +56,7 @@ def main() -> None:
     overrides = [f"data.path={args.data_path}", *args.overrides]
     if args.fid_weights:
         overrides += ["eval.fid.features=inception", f"eval.fid.weights={args.fid_weights}"]
-    config = load_config(args.config, overrides)
+    config = load(args.config, overrides)
     methods = config.eval.methods
     label = args.label or ("gpu" if torch.cuda.is_available() else "cpu")
 

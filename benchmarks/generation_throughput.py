@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from common import machine, sd14, sync  # benchmarks/ is on sys.path when a script runs
 
-from erasure.io import write_json
+from erasure.core.io import write_json
 from erasure.sd.generate import Item, generate
 
 RESULTS = Path(__file__).parent / "results"

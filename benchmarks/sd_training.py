@@ -3,7 +3,7 @@
 Builds the full-size Stable Diffusion v1.4 architecture (UNet 859.5M parameters, VAE,
 CLIP ViT-L text encoder) from its published configs with random weights and the real
 CLIP tokenizer, then times the real method code (``erasure.sd.methods``) inside the real
-training loop (``erasure.loop.train``) for every combination of
+training loop (``erasure.core.loop.train``) for every combination of
 
 - phase: the SalUn mask pass, the SalUn fine-tune step, ESD-x, FMN;
 - batch size (default 1, 4, 8) at a resolution (default 512 px, i.e. 64x64 latents);
@@ -44,14 +44,14 @@ from common import machine, sd14, sync  # benchmarks/ is on sys.path when a scri
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from erasure.config import load_config
-from erasure.io import write_json
-from erasure.loop import LoopSettings, make_accelerator, train
-from erasure.saliency import accumulate_gradients
+from erasure.core.config import load_config
+from erasure.core.io import write_json
+from erasure.core.loop import LoopSettings, make_accelerator, train
+from erasure.core.saliency import accumulate_gradients
 from erasure.sd.config import SDConfig, load_concept
 from erasure.sd.methods import SD_METHODS, SDContext
 from erasure.sd.methods.base import LatentSet
-from erasure.sd.pipeline import encode_prompts, noise_scheduler
+from erasure.sd.model import encode_prompts, noise_scheduler
 
 RESULTS = Path(__file__).parent / "results"
 

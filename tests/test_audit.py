@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from erasure.cli import main
-from erasure.errors import ErasureError
-from erasure.metrics.fid import PROTOCOLS, FidProtocol, folder_fid
-from erasure.metrics.nudity import EXPOSED, count_exposed, parse_classes
-from erasure.prompts import load_prompts
+from erasure.core.errors import ErasureError
+from erasure.evaluation.metrics.fid import PROTOCOLS, FidProtocol, folder_fid
+from erasure.evaluation.metrics.nudity import EXPOSED, count_exposed, parse_classes
+from erasure.evaluation.prompts import load_prompts
 
 SHARED = Path(__file__).parents[2] / "shared/data"
 SHARED_FID = Path(os.environ.get("ERASURE_FID_WEIGHTS", SHARED / "fid/weights-inception-2015-12-05-torch-fidelity.pth"))
@@ -192,7 +192,7 @@ def test_interrupted_audit_resumes(audit_dir, monkeypatch):
     def no_loading(*a, **k):
         raise AssertionError("a model was loaded although every image exists")
 
-    monkeypatch.setattr("erasure.sd.pipeline.load_pipeline", no_loading)
+    monkeypatch.setattr("erasure.sd.model.load_pipeline", no_loading)
     assert main(args) == 0
     # Other settings into the same folder would mix images: refused.
     changed = [a if a != "2" else "3" for a in args]

@@ -12,10 +12,10 @@ from erasure.classification.methods import METHODS, UnlearnContext, get_method
 from erasure.classification.metrics import make_table, markdown, mia_efficacy
 from erasure.classification.model import resnet18
 from erasure.cli import main
-from erasure.config import load_config
-from erasure.errors import ErasureError
-from erasure.loop import LoopSettings, _lr_factor, make_accelerator
-from erasure.saliency import Mask
+from erasure.core.config import load_config
+from erasure.core.errors import ErasureError
+from erasure.core.loop import LoopSettings, _lr_factor, make_accelerator
+from erasure.core.saliency import Mask
 from tests.conftest import DEVICE
 
 

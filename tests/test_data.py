@@ -5,9 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from erasure.config import DataConfig
-from erasure.data import load_data, to_model_range, to_uint8
-from erasure.errors import ErasureError
+from erasure.core.data import DataConfig, load_data, to_model_range, to_uint8
+from erasure.core.errors import ErasureError
 
 
 def test_embedded_digits_split():

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from erasure.cli import main
-from erasure.ddpm import load_unet
-from erasure.saliency import Mask
+from erasure.core.saliency import Mask
+from erasure.ddpm.model import load_unet
 from tests.conftest import TINY
 
 
@@ -139,7 +139,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
 def test_bad_models_and_classes_are_clear_errors(run, tmp_path, capsys):
     import shutil
 
-    from erasure.errors import ErasureError
+    from erasure.core.errors import ErasureError
 
     workdir, args = run
     corrupt = tmp_path / "model"

@@ -4,9 +4,9 @@ import signal
 import pytest
 import torch
 
-from erasure.errors import ErasureError
-from erasure.loop import LoopSettings, make_accelerator, train
-from erasure.saliency import Mask
+from erasure.core.errors import ErasureError
+from erasure.core.loop import LoopSettings, make_accelerator, train
+from erasure.core.saliency import Mask
 from tests.conftest import DEVICE
 
 

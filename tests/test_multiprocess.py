@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from erasure.cli import main
-from erasure.ddpm import load_unet
-from erasure.saliency import Mask
-from erasure.sd.pipeline import load_unet as load_sd_unet
+from erasure.core.saliency import Mask
+from erasure.ddpm.model import load_unet
+from erasure.sd.model import load_unet as load_sd_unet
 from erasure.sd.tiny import tiny_pipeline
 from tests.conftest import TINY
 from tests.test_sd import TINY_SD

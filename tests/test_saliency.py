@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from erasure.errors import ErasureError
-from erasure.saliency import Mask, MaskConstraint, accumulate_gradients, model_fingerprint, threshold, top_fraction
+from erasure.core.errors import ErasureError
+from erasure.core.saliency import Mask, MaskConstraint, accumulate_gradients, model_fingerprint, threshold, top_fraction
 
 
 def brute_force(scores: dict[str, torch.Tensor], ratio: float) -> dict[str, torch.Tensor]:

@@ -8,14 +8,14 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from erasure.cli import main
-from erasure.config import load_config
-from erasure.delta import apply_delta
-from erasure.errors import ErasureError
-from erasure.saliency import Mask
+from erasure.core.config import load_config
+from erasure.core.delta import apply_delta
+from erasure.core.errors import ErasureError
+from erasure.core.saliency import Mask
 from erasure.sd.config import ConceptConfig, SDConfig, load_concept
-from erasure.sd.erase import erase
 from erasure.sd.methods import salun
-from erasure.sd.pipeline import load_pipeline, load_unet
+from erasure.sd.model import load_pipeline, load_unet
+from erasure.sd.pipeline import erase
 from erasure.sd.tiny import tiny_pipeline
 from tests.conftest import DEVICE
 
@@ -181,7 +181,7 @@ def test_v_prediction_models_train_on_velocity(tiny_model, tmp_path):
     from diffusers import DDIMScheduler
 
     from erasure.sd.methods.base import SDContext
-    from erasure.sd.pipeline import noise_scheduler
+    from erasure.sd.model import noise_scheduler
 
     pipe = load_pipeline(str(tiny_model))
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")

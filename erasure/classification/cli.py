@@ -7,15 +7,8 @@ import time
 from pathlib import Path
 
 from erasure.classification.config import ClassificationConfig
-from erasure.config import load_config, to_yaml
-
-
-def load(args: argparse.Namespace) -> ClassificationConfig:
-    """The config of a parsed command line: file (or the embedded default), ``--workdir``, then overrides."""
-    overrides = list(args.overrides)
-    if args.workdir:
-        overrides.append(f"workdir={args.workdir}")
-    return load_config(args.config, overrides, schema=ClassificationConfig)
+from erasure.core.cli import config_command, load
+from erasure.core.config import to_yaml
 
 
 def cmd_unlearn_classifier(args: argparse.Namespace) -> None:
@@ -37,10 +30,7 @@ def cmd_unlearn_classifier(args: argparse.Namespace) -> None:
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register the ``unlearn-classifier`` subcommand."""
     help_text = "Classification unlearning (ResNet-18): original model, Retrain, FT, RL, GA, IU, l1-sparse, SalUn; UA/RA/TA/MIA/RTE table."
-    p = subparsers.add_parser("unlearn-classifier", help=help_text, description=help_text)
-    p.add_argument("-c", "--config", help="YAML config, e.g. configs/classification/cifar10_random10.yaml (default: tiny digits run)")
-    p.add_argument("--workdir", help="shortcut for workdir=...")
+    config_help = "YAML config, e.g. configs/classification/cifar10_random10.yaml (default: tiny digits run)"
+    p = config_command(subparsers, "unlearn-classifier", cmd_unlearn_classifier, help_text, ClassificationConfig, config_help)
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. forget.fraction=0.5")
-    p.set_defaults(func=cmd_unlearn_classifier)
     return p

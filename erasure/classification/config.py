@@ -3,7 +3,7 @@
 Its defaults are a tiny offline experiment (sklearn's 8x8 digits, a narrow ResNet-18, a
 few epochs) that runs on a CPU in about a minute. ``configs/classification/*.yaml`` hold
 the CIFAR-10 protocols with the reference recipe. Epoch counts are converted to steps of
-the shared training loop (``erasure.loop``).
+the shared training loop (``erasure.core.loop``).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from erasure.config import DataConfig
-from erasure.errors import ErasureError
+from erasure.core.data import DataConfig
+from erasure.core.errors import ErasureError
 
 
 @dataclass

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from erasure.classification.config import ForgetConfig, SplitConfig
-from erasure.data import to_model_range
-from erasure.errors import ErasureError
-from erasure.io import load_tensors, read_metadata, save_tensors
+from erasure.core.data import to_model_range
+from erasure.core.errors import ErasureError
+from erasure.core.io import load_tensors, read_metadata, save_tensors
 
 FIELDS = ("train", "val", "forget", "retain", "test", "test_forget")
 

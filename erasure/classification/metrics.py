@@ -19,7 +19,7 @@ import torch
 from accelerate import Accelerator
 
 from erasure.classification.data import to_input
-from erasure.errors import ErasureError
+from erasure.core.errors import ErasureError
 
 METRICS = ("UA", "RA", "TA", "MIA")
 

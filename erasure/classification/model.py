@@ -11,7 +11,7 @@ import torch.nn as nn
 from torchvision.models import resnet18 as tv_resnet18
 from torchvision.models.resnet import BasicBlock
 
-from erasure.errors import ErasureError
+from erasure.core.errors import ErasureError
 
 
 def resnet18(num_classes: int, in_channels: int = 3, width: int = 64) -> nn.Module:

@@ -7,7 +7,7 @@ Layout of ``{workdir}``:
     {method}/             one per method: model.safetensors (+ mask.safetensors for salun), done.json
     results.json results.md
 
-Every folder is a :class:`erasure.runs.Stage`: a finished one with the same settings is
+Every folder is a :class:`erasure.core.stages.Stage`: a finished one with the same settings is
 reused, an interrupted one resumes from its checkpoint, and one finished with other
 settings is an error rather than an overwrite.
 """
@@ -28,11 +28,11 @@ from erasure.classification.data import Split, make_split
 from erasure.classification.methods import UnlearnContext, get_method
 from erasure.classification.metrics import make_table, markdown, score
 from erasure.classification.train import build_model, fit, load_weights, save_model
-from erasure.config import fingerprint, to_dict
-from erasure.data import load_data
-from erasure.io import read_json, write_json, write_text
-from erasure.loop import make_accelerator
-from erasure.runs import Stage
+from erasure.core.config import fingerprint, to_dict
+from erasure.core.data import load_data
+from erasure.core.io import read_json, write_json, write_text
+from erasure.core.loop import make_accelerator
+from erasure.core.stages import Stage
 
 
 def _hash(*parts: Any) -> str:

@@ -13,9 +13,9 @@ from accelerate import Accelerator
 from erasure.classification.config import ClassificationConfig, RecipeConfig
 from erasure.classification.data import EpochSampler, augment, to_input
 from erasure.classification.model import resnet18
-from erasure.io import load_tensors, save_tensors
-from erasure.loop import LoopSettings, train
-from erasure.saliency import Mask
+from erasure.core.io import load_tensors, save_tensors
+from erasure.core.loop import LoopSettings, train
+from erasure.core.saliency import Mask
 
 # (model, inputs, labels, epoch) -> (loss, numbers to log)
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, dict[str, float]]]

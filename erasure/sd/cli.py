@@ -9,30 +9,22 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from erasure.config import load_config, to_yaml
+from erasure.core.cli import config_command, load
+from erasure.core.config import to_yaml
 from erasure.sd.config import SDConfig
 
 
-def _config(args: argparse.Namespace) -> SDConfig:
-    overrides = list(args.overrides)
-    if args.workdir:
-        overrides.append(f"workdir={args.workdir}")
-    if args.model:
-        overrides.append(f"model.pretrained={args.model}")
-    return load_config(args.config, overrides, schema=SDConfig)
-
-
 def cmd_config(args: argparse.Namespace) -> None:
-    print(to_yaml(_config(args)), end="")
+    print(to_yaml(load(args)), end="")
 
 
 def cmd_generate_data(args: argparse.Namespace) -> None:
-    from erasure.loop import make_accelerator
+    from erasure.core.loop import make_accelerator
     from erasure.sd.config import load_concept
-    from erasure.sd.erase import training_sets
-    from erasure.sd.pipeline import frozen_dtype, load_pipeline
+    from erasure.sd.model import frozen_dtype, load_pipeline
+    from erasure.sd.pipeline import training_sets
 
-    config = _config(args)
+    config = load(args)
     concept = load_concept(config.concept)
     device = make_accelerator(config.device, config.mixed_precision).device
     pipe = load_pipeline(config.model.pretrained, config.model.revision, frozen_dtype(config.model.frozen_dtype, device)).to(device)
@@ -44,17 +36,17 @@ def cmd_generate_data(args: argparse.Namespace) -> None:
 def cmd_erase(args: argparse.Namespace) -> None:
     import dataclasses
 
-    from erasure.sd.erase import erase
+    from erasure.sd.pipeline import erase
 
-    config = _config(args)
+    config = load(args)
     for method in args.method or [config.method]:
         folder = erase(dataclasses.replace(config, method=method))
         print(f"{method}: {folder}")
 
 
 def cmd_apply_delta(args: argparse.Namespace) -> None:
-    from erasure.delta import apply_delta
-    from erasure.sd.pipeline import load_pipeline
+    from erasure.core.delta import apply_delta
+    from erasure.sd.model import load_pipeline
 
     pipe = load_pipeline(args.base)
     pipe.unet.load_state_dict(apply_delta(pipe.unet.state_dict(), args.delta))
@@ -78,13 +70,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     sd_sub = sd.add_subparsers(dest="sd_command", required=True)
 
     def add(name: str, func, help: str) -> argparse.ArgumentParser:  # noqa: A002
-        p = sd_sub.add_parser(name, help=help, description=help)
-        p.add_argument("-c", "--config", help="YAML run config, e.g. configs/sd/nudity_salun.yaml")
-        p.add_argument("--workdir", help="shortcut for workdir=...")
-        p.add_argument("--model", help="shortcut for model.pretrained=... (hub id or local folder)")
-        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.alpha=0.5")
-        p.set_defaults(func=func)
-        return p
+        config_help = "YAML run config, e.g. configs/sd/nudity_salun.yaml"
+        return config_command(sd_sub, name, func, help, SDConfig, config_help, {"model": "model.pretrained"})
 
     add("config", cmd_config, "Print the resolved SD config.")
     add("generate-data", cmd_generate_data, "Generate the forget / retain training images with the base model (resumable).").add_argument(

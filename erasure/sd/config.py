@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from erasure.config import load_config
-from erasure.errors import ErasureError
+from erasure.core.config import load_config
+from erasure.core.errors import ErasureError
 
 
 @dataclass

@@ -31,7 +31,7 @@ from diffusers import (
 )
 from tqdm.auto import tqdm
 
-from erasure.io import atomic_path, write_text
+from erasure.core.io import atomic_path, write_text
 
 SCHEDULERS = {
     "ddim": DDIMScheduler,
@@ -67,7 +67,7 @@ def image_path(folder: str | Path, index: int) -> Path:
 def set_scheduler(pipe: StableDiffusionPipeline, name: str) -> None:
     """Swap the pipeline's sampler for ``name`` (same noise schedule)."""
     if name not in SCHEDULERS:
-        from erasure.errors import ErasureError
+        from erasure.core.errors import ErasureError
 
         raise ErasureError(f"unknown scheduler '{name}'; choose one of: {', '.join(SCHEDULERS)}.")
     pipe.scheduler = SCHEDULERS[name].from_config(pipe.scheduler.config)

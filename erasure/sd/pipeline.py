@@ -1,122 +1,160 @@
-"""Loading and saving Stable Diffusion pipelines, and the frozen parts used in training.
+"""A Stable Diffusion erasure run, from config to exported model:
 
-Any diffusers ``StableDiffusionPipeline`` works: a hub id (users online) or a local folder
-(air-gapped clusters). The safety checker is always off: this is a research tool whose job
-is to measure what the model itself generates, and every run's config says so.
+1. :func:`training_sets` - the forget / retain images (generated with the base model unless
+   the concept spec points at real ones) as cached VAE latents  -> ``{workdir}/data/{set}``
+2. :func:`erase` - the method's mask (SalUn), the shared training loop, and the export:
+   a diffusers pipeline folder and a compact delta              -> ``{workdir}/{method}``
+
+Every step is resumable and runs unchanged under ``accelerate launch`` on N processes.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from accelerate import PartialState
+from diffusers import StableDiffusionPipeline
+from PIL import Image
 
-from erasure.errors import ErasureError
+from erasure.core.config import fingerprint
+from erasure.core.delta import make_delta
+from erasure.core.errors import ErasureError
+from erasure.core.io import load_tensors, save_tensors
+from erasure.core.loop import LoopSettings, make_accelerator, train
+from erasure.core.stages import Stage, shared_mask
+from erasure.sd.config import Concept, SDConfig, load_concept
+from erasure.sd.generate import Item, generate
+from erasure.sd.methods import SD_METHODS, SDContext
+from erasure.sd.methods.base import LatentSet
+from erasure.sd.model import encode_images, encode_prompts, frozen_dtype, load_pipeline, load_unet, noise_scheduler
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def frozen_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The dtype of frozen modules (VAE, text encoder, ESD teacher): 'auto' is bf16 on GPU, fp32 on CPU."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return DTYPES[name]
-
-
-def load_pipeline(pretrained: str, revision: str | None = None, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
-    """A Stable Diffusion pipeline from a hub id, a local pipeline folder or an erasure run folder; safety checker off."""
-    local = Path(pretrained).expanduser()
-    looks_local = local.exists() or pretrained.startswith((".", "/", "~")) or pretrained.count("/") > 1
-    if looks_local and not (local / "model_index.json").is_file() and (local / "model" / "model_index.json").is_file():
-        local = local / "model"  # an erasure run folder: its exported pipeline
-    if looks_local and not (local / "model_index.json").is_file():
-        raise ErasureError(
-            f"'{pretrained}' is not a diffusers pipeline folder (no model_index.json). "
-            "Give a folder written by save_pretrained, an erasure run folder, or a hub id such as CompVis/stable-diffusion-v1-4."
-        )
-    quiet_loading()
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            str(local) if looks_local else pretrained,
-            revision=revision,
-            torch_dtype=dtype,
-            safety_checker=None,
-            requires_safety_checker=False,
-        )
-    except (OSError, ValueError) as e:
-        raise ErasureError(
-            f"could not load the Stable Diffusion pipeline '{pretrained}': {str(e).splitlines()[0]} "
-            "Check the hub id (and your network or HF_HUB_OFFLINE), or pass a local folder."
-        ) from None
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
-def quiet_loading() -> None:
-    """Silence the per-component loading bars of diffusers and transformers (our own bars stay)."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
+def resolution(config: SDConfig, pipe: StableDiffusionPipeline) -> int:
+    """Training image size: configured, or the model's native one (512 for SD 1.x)."""
+    return config.generation.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
 
 
-def noise_scheduler(pipe: StableDiffusionPipeline) -> DDPMScheduler:
-    """The training-time noise schedule of the pipeline (same betas as its sampler)."""
-    return DDPMScheduler.from_config(pipe.scheduler.config)
-
-
-def ddim_scheduler(pipe: StableDiffusionPipeline) -> DDIMScheduler:
-    """A DDIM sampler on the pipeline's schedule (ESD draws its intermediate latents with it)."""
-    return DDIMScheduler.from_config(pipe.scheduler.config)
-
-
-@torch.no_grad()
-def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str], batch_size: int = 32) -> torch.Tensor:
-    """CLIP text embeddings ``[len(prompts), tokens, dim]`` on the text encoder's device."""
+def load_image_folder(folder: str | Path, size: int) -> torch.Tensor:
+    """Every image in ``folder`` (sorted by name), center-cropped and resized, as uint8 ``[N, 3, size, size]``."""
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if Path(folder).is_dir() else []
+    if not files:
+        raise ErasureError(f"no images (png, jpg, webp, bmp) in '{folder}'; check the concept spec's images path.")
     out = []
-    for i in range(0, len(prompts), batch_size):
-        ids = pipe.tokenizer(
-            prompts[i : i + batch_size],
-            padding="max_length",
-            max_length=pipe.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(pipe.text_encoder.device)
-        out.append(pipe.text_encoder(ids)[0])
-    return torch.cat(out)
+    for path in files:
+        try:
+            image = Image.open(path).convert("RGB")
+        except OSError as e:
+            raise ErasureError(f"cannot read the image '{path}': {e}") from None
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
+        out.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))
+    return torch.stack(out)
 
 
-def token_positions(pipe: StableDiffusionPipeline, prompt: str, words: str) -> list[int]:
-    """Positions of the tokens of ``words`` inside the tokenized ``prompt`` (FMN needs them)."""
-    ids = pipe.tokenizer(prompt, truncation=True, max_length=pipe.tokenizer.model_max_length).input_ids
-    target = pipe.tokenizer(words, add_special_tokens=False).input_ids
-    for start in range(len(ids) - len(target) + 1):
-        if ids[start : start + len(target)] == target:
-            return list(range(start, start + len(target)))
-    raise ErasureError(f"the concept '{words}' does not occur in the prompt '{prompt}'; FMN needs the concept's words in its prompts.")
+def training_sets(
+    config: SDConfig, concept: Concept, pipe: StableDiffusionPipeline, names: tuple[str, ...], device: torch.device
+) -> dict[str, LatentSet]:
+    """The image sets ``names`` as latents with prompt embeddings; images are made or read once and cached."""
+    state = PartialState()
+    gen = config.generation
+    size = resolution(config, pipe)
+    out = {}
+    for name in names:
+        prompts: list[str] = getattr(concept, name)
+        real = concept.images[name]
+        stage = Stage(Path(config.workdir) / "data" / name, fingerprint(config.model, gen, prompts, real or ""))
+        if not stage.done():
+            if state.is_main_process:
+                stage.begin(config)
+            if not real:
+                # Image i uses prompt i mod P and its own seed, so sets are reproducible and extendable.
+                items = [
+                    Item(prompts[i % len(prompts)], gen.seed * 1_000_003 + i, gen.guidance, gen.steps, size, size)
+                    for i in range(gen.images_per_set)
+                ]
+                generate(pipe, items, stage.folder / "images", config.model.pretrained, gen.scheduler, gen.batch_size, f"generating {name}")
+            if state.is_main_process:  # only the main process reads the images and encodes the latents
+                images = load_image_folder(real or stage.folder / "images", size)
+                latents = encode_images(pipe, images).cpu()
+                index = torch.arange(len(latents)) % len(prompts)
+                save_tensors(stage.folder / "latents.safetensors", {"latents": latents, "prompt_index": index})
+                stage.finish({"images": len(latents), "prompts": len(prompts), "resolution": size, "source": real or "generated"})
+            state.wait_for_everyone()
+        cached = load_tensors(stage.folder / "latents.safetensors", device)
+        embeddings = encode_prompts(pipe, prompts).float().to(device)
+        out[name] = LatentSet(cached["latents"], cached["prompt_index"].long(), embeddings, prompts)
+    return out
 
 
-@torch.no_grad()
-def encode_images(pipe: StableDiffusionPipeline, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-    """VAE latents (posterior mean, scaled) of uint8 images ``[N, 3, H, W]``."""
-    vae = pipe.vae
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = images[i : i + batch_size].to(vae.device, vae.dtype) / 127.5 - 1
-        out.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
-    return torch.cat(out).float()
+def method_stage(config: SDConfig, concept: Concept) -> Stage:
+    """Where a method's run lives; its fingerprint covers every setting it depends on."""
+    inputs = fingerprint(config.model, concept, config.generation, config.mask, config.train, config.esd, config.fmn)
+    return Stage(Path(config.workdir) / config.method, inputs)
 
 
-def load_unet(pretrained: str, revision: str | None = None) -> UNet2DConditionModel:
-    """Only the UNet of a pipeline (fp32), e.g. the base weights a delta is made against."""
-    local = Path(pretrained).expanduser()
-    if not (local / "model_index.json").is_file() and (local / "model" / "model_index.json").is_file():
-        local = local / "model"
-    source = str(local) if (local / "model_index.json").is_file() else pretrained
-    quiet_loading()
-    try:
-        return UNet2DConditionModel.from_pretrained(source, subfolder="unet", revision=revision)
-    except (OSError, ValueError) as e:
-        raise ErasureError(f"could not load the UNet of '{pretrained}': {str(e).splitlines()[0]}") from None
+def erase(config: SDConfig) -> Path:
+    """Erase the configured concept with ``config.method``; returns the run folder."""
+    method_cls = SD_METHODS.get(config.method)
+    concept = load_concept(config.concept)
+    stage = method_stage(config, concept)
+    if stage.done():
+        return stage.folder
+    accelerator = make_accelerator(config.device, config.mixed_precision)
+    device = accelerator.device
+    if accelerator.is_main_process:
+        stage.begin(config)
+    # Frozen parts (and data generation) run in low precision; the trained UNet is a separate fp32 copy.
+    pipe = load_pipeline(config.model.pretrained, config.model.revision, frozen_dtype(config.model.frozen_dtype, device)).to(device)
+    sets = training_sets(config, concept, pipe, method_cls.needs, device)
+    uncond = encode_prompts(pipe, [""]).float().to(device)
+    unet = pipe.unet = load_unet(config.model.pretrained, config.model.revision).to(device)
+    method = method_cls(SDContext(config, concept, pipe, noise_scheduler(pipe), sets, uncond, device))
+
+    for name, p in unet.named_parameters():
+        p.requires_grad_(method.trainable(name))
+    if not any(p.requires_grad for p in unet.parameters()):
+        raise ErasureError(f"method '{config.method}' selects no trainable weights in this UNet.")
+    if config.train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    mask = shared_mask(stage, accelerator, unet, lambda: method.make_mask(unet))
+    method.prepare(unet)
+
+    cfg = config.train
+    settings = LoopSettings(
+        steps=cfg.steps,
+        lr=cfg.lr,
+        seed=cfg.seed,
+        grad_clip=cfg.grad_clip,
+        weight_decay=cfg.weight_decay,
+        checkpoint_every=cfg.checkpoint_every,
+        log_every=cfg.log_every,
+        desc=f"erase {config.method}",
+    )
+    unet, _ = train(unet, lambda m, g, step: method.loss(m, g), settings, stage.folder, accelerator, mask, stage.fingerprint)
+    if accelerator.is_main_process:
+        summary = export(config, concept, unet, stage.folder)
+        if mask is not None:
+            summary["mask_kept_fraction"] = mask.kept_fraction
+        stage.finish(summary)
+    accelerator.wait_for_everyone()
+    return stage.folder
+
+
+def export(config: SDConfig, concept: Concept, unet: torch.nn.Module, folder: Path) -> dict:
+    """Write the erased pipeline (full precision, base components) and/or the delta against the base UNet."""
+    base = load_pipeline(config.model.pretrained, config.model.revision)
+    unet = unet.cpu().float().requires_grad_(False)
+    unet.disable_gradient_checkpointing()
+    summary: dict = {"method": config.method, "concept": concept.name, "base_model": config.model.pretrained}
+    if config.export.delta:
+        info = {"base_model": config.model.pretrained, "method": config.method, "concept": concept.name}
+        summary["delta"] = make_delta(base.unet.state_dict(), unet.state_dict(), folder / "delta.safetensors", **info)
+    if config.export.pipeline:
+        base.unet = unet
+        base.save_pretrained(folder / "model", safe_serialization=True)
+    return summary

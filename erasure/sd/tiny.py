@@ -15,7 +15,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from erasure.sd.pipeline import quiet_loading
+from erasure.sd.model import quiet_loading
 
 
 def byte_tokenizer(folder: str | Path) -> CLIPTokenizer:

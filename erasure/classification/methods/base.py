@@ -12,8 +12,8 @@ from accelerate import Accelerator
 
 from erasure.classification.config import ClassificationConfig, RecipeConfig
 from erasure.classification.train import LossFn, cross_entropy, fit
-from erasure.registry import Registry
-from erasure.saliency import Mask
+from erasure.core.registry import Registry
+from erasure.core.saliency import Mask
 
 
 @dataclass

@@ -15,7 +15,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from erasure.classification.data import seeded_perm, to_input
 from erasure.classification.methods.base import Method, register
-from erasure.errors import ErasureError
+from erasure.core.errors import ErasureError
 
 
 def _flat_grad(model: nn.Module, params: list[nn.Parameter], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from erasure.classification.data import to_input
 from erasure.classification.methods.base import Method, register
 from erasure.classification.methods.rl import relabeled
-from erasure.runs import Stage, shared_mask
-from erasure.saliency import Mask, accumulate_gradients
+from erasure.core.saliency import Mask, accumulate_gradients
+from erasure.core.stages import Stage, shared_mask
 
 
 @register("salun")

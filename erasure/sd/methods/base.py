@@ -2,7 +2,7 @@
 
 A method says which UNet weights it trains (:meth:`SDMethod.trainable`), optionally makes
 a saliency mask, and gives the loss of one step. Everything else (optimizer, precision,
-DDP, checkpoints, export) belongs to the shared training loop and :mod:`erasure.sd.erase`.
+DDP, checkpoints, export) belongs to the shared training loop and :mod:`erasure.sd.pipeline`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-from erasure.registry import Registry
-from erasure.saliency import Mask
+from erasure.core.registry import Registry
+from erasure.core.saliency import Mask
 from erasure.sd.config import Concept, SDConfig
 
 
@@ -64,7 +64,7 @@ class SDContext:
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
         """Text embeddings of ``prompts`` (fp32, on the training device)."""
-        from erasure.sd.pipeline import encode_prompts
+        from erasure.sd.model import encode_prompts
 
         return encode_prompts(self.pipe, prompts).float().to(self.device)
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from erasure.sd.methods.base import SD_METHODS, SDMethod, eps
-from erasure.sd.pipeline import ddim_scheduler, frozen_dtype
+from erasure.sd.model import ddim_scheduler, frozen_dtype
 
 
 class ESD(SDMethod):

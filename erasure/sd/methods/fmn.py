@@ -11,7 +11,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor
 
 from erasure.sd.methods.base import SD_METHODS, SDMethod
-from erasure.sd.pipeline import token_positions
+from erasure.sd.model import token_positions
 
 
 class AttentionProbe:

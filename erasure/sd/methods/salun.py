@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from erasure.saliency import Mask, accumulate_gradients
+from erasure.core.saliency import Mask, accumulate_gradients
 from erasure.sd.methods.base import SD_METHODS, SDMethod, denoising_loss, eps
 
 

@@ -1,0 +1,284 @@
+"""The one training loop: base DDPM, classifier and every erasure method run through it.
+
+A caller supplies ``step_loss(model, generator, step) -> (loss, logs)``. The loop owns
+everything else: accelerate (devices, DDP, mixed precision), the optimizer and learning
+rate schedule, gradient clipping, the mask constraint, EMA, CSV logging, progress, and
+checkpoints. Randomness comes from a generator seeded by (seed, step, process), so a
+resumed run draws exactly the batches and noise the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import signal
+import threading
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from erasure.core.errors import ErasureError
+from erasure.core.io import load_checkpoint, save_checkpoint
+from erasure.core.saliency import MaskConstraint
+
+StepLoss = Callable[[torch.nn.Module, torch.Generator, int], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class LoopSettings:
+    """How to optimize; the loss itself comes from the caller."""
+
+    steps: int
+    lr: float
+    seed: int = 0
+    grad_clip: float | None = 1.0
+    warmup_steps: int = 0
+    cosine: bool = False  # cosine decay to 0 after warmup; else constant
+    milestones: tuple[int, ...] = ()  # steps at which the lr is multiplied by gamma (instead of cosine)
+    gamma: float = 0.1
+    weight_decay: float = 0.0
+    optimizer: str = "adamw"  # adamw | sgd (sgd: plain momentum)
+    momentum: float = 0.9  # sgd only
+    ema_decay: float | None = None
+    checkpoint_every: int = 0  # 0: only on interruption
+    log_every: int = 10
+    desc: str = "training"
+
+
+class StageAccelerator(Accelerator):
+    """accelerate's Accelerator, with mixed precision chosen per stage rather than per process.
+
+    accelerate keeps mixed precision in a process-wide singleton (``AcceleratorState``), so
+    a second stage asking for another precision (the judge classifier in fp32 after a bf16
+    DDPM, in one ``erasure demo``) raises. We therefore always hand accelerate "no" and
+    apply the stage's precision ourselves with ``torch.autocast`` in :meth:`autocast`.
+    Only bf16 is offered for training: it needs no loss scaling, so gradients, clipping
+    and the optimizer step are those of fp32.
+    """
+
+    def __init__(self, cpu: bool, precision: str) -> None:
+        super().__init__(cpu=cpu, mixed_precision="no")
+        self.precision = precision
+
+    @contextmanager
+    def autocast(self, autocast_handler: object = None):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            yield
+
+
+def resolve_precision(mixed_precision: str, cpu: bool) -> str:
+    """'auto' is bf16 on a GPU that has it (or what ``accelerate launch --mixed_precision`` asked for), else fp32."""
+    if mixed_precision == "auto":
+        launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()
+        if launched in ("no", "bf16"):
+            return launched
+        return "bf16" if not cpu and torch.cuda.is_bf16_supported() else "no"
+    if mixed_precision == "fp16":
+        raise ErasureError("mixed_precision=fp16 is not supported for training (it needs loss scaling); use bf16, auto or no.")
+    if mixed_precision not in ("no", "bf16"):
+        raise ErasureError(f"unknown mixed_precision '{mixed_precision}'; choose auto, bf16 or no.")
+    return mixed_precision
+
+
+def make_accelerator(device: str = "auto", mixed_precision: str = "auto") -> StageAccelerator:
+    """An Accelerator for the configured device, autocasting to this stage's precision.
+
+    Any number of stages with different precisions may run in one process (see :class:`StageAccelerator`).
+    """
+    cpu = device == "cpu" or not torch.cuda.is_available()
+    return StageAccelerator(cpu, resolve_precision(mixed_precision, cpu))
+
+
+def make_optimizer(params: list[torch.nn.Parameter], s: LoopSettings) -> torch.optim.Optimizer:
+    """AdamW (diffusion models) or SGD with momentum (the classification recipes)."""
+    if s.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    if s.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    raise ErasureError(f"unknown optimizer '{s.optimizer}'; choose adamw or sgd.")
+
+
+def step_generator(seed: int, step: int, process: int, device: torch.device) -> torch.Generator:
+    """The generator for one step of one process: reproducible, and different per process."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 1_009 + process)
+
+
+def _lr_factor(step: int, s: LoopSettings) -> float:
+    if step < s.warmup_steps:
+        return (step + 1) / s.warmup_steps
+    if s.milestones:
+        return s.gamma ** sum(step >= m for m in s.milestones)
+    if not s.cosine:
+        return 1.0
+    progress = (step - s.warmup_steps) / max(1, s.steps - s.warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train(
+    model: torch.nn.Module,
+    step_loss: StepLoss,
+    settings: LoopSettings,
+    folder: str | Path,
+    accelerator: Accelerator,
+    constraint_mask=None,  # a saliency.Mask: only its True entries may change
+    fingerprint: str = "",
+) -> tuple[torch.nn.Module, EMAModel | None]:
+    """Optimize ``model`` for ``settings.steps`` steps, resuming from ``folder/checkpoint``.
+
+    Returns the trained (unwrapped) model and its EMA, if one was kept.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = folder / "checkpoint"
+    model = model.to(accelerator.device)
+    # Built before a checkpoint is loaded, so it holds the base values of masked-out weights.
+    constraint = MaskConstraint(model, constraint_mask) if constraint_mask is not None else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, settings)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    ema = EMAModel(params, decay=settings.ema_decay) if settings.ema_decay else None
+
+    start = 0
+    state = load_checkpoint(ckpt_dir)
+    if state is not None:
+        if state.get("fingerprint", "") != fingerprint:
+            raise ErasureError(f"the checkpoint in '{ckpt_dir}' was made with different settings; delete it to start over.")
+        _load_trained_state(model, state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict({**state["ema_state"], "shadow_params": [state["ema"][n] for n in names]})
+        start = state["step"]
+        accelerator.print(f"resuming {settings.desc} from step {start} ({ckpt_dir})")
+
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    def checkpoint(step: int) -> None:
+        if not accelerator.is_main_process:
+            return
+        tensors = {"model": _trained_state(accelerator.unwrap_model(model))}
+        extra = {"optimizer": optimizer.state_dict(), "fingerprint": fingerprint}
+        if ema is not None:
+            ema_state = ema.state_dict()
+            tensors["ema"] = dict(zip(names, ema_state.pop("shadow_params")))
+            extra["ema_state"] = ema_state
+        save_checkpoint(ckpt_dir, step, tensors, extra)
+
+    log_path = folder / "log.csv"
+    _truncate_log(log_path, start)
+    step = start
+    bar = tqdm(total=settings.steps, initial=start, desc=settings.desc, disable=not accelerator.is_main_process)
+    model.train()
+    with _StopRequests() as stop:
+        for step in range(start, settings.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = settings.lr * _lr_factor(step, settings)
+            g = step_generator(settings.seed, step, accelerator.process_index, accelerator.device)
+            with accelerator.autocast():
+                loss, logs = step_loss(model, g, step)
+            if not torch.isfinite(loss):
+                raise ErasureError(f"the loss became {loss.item()} at step {step}; lower the learning rate.")
+            accelerator.backward(loss)
+            if settings.grad_clip:
+                accelerator.clip_grad_norm_(params, settings.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if constraint is not None:
+                constraint.enforce()
+            if ema is not None:
+                ema.step(params)
+            bar.update(1)
+            if step % settings.log_every == 0 or step == settings.steps - 1:
+                row = {"step": step, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"], **logs}
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
+                if accelerator.is_main_process:
+                    _append_log(log_path, row)
+            if stop.agreed(accelerator):
+                checkpoint(step + 1)
+                bar.close()
+                raise KeyboardInterrupt(f"stopped after step {step + 1}; rerun the same command to resume")
+            if settings.checkpoint_every and (step + 1) % settings.checkpoint_every == 0 and step + 1 < settings.steps:
+                checkpoint(step + 1)
+    bar.close()
+    if constraint is not None:
+        constraint.remove()
+    accelerator.wait_for_everyone()
+    return accelerator.unwrap_model(model), ema
+
+
+def _trained_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The entries of the state dict that training can change: trainable parameters and buffers.
+
+    Frozen weights are left out, so an ESD-x checkpoint of the SD UNet is ~100 MB, not 3.4 GB.
+    """
+    changing = {n for n, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}
+    return {k: v for k, v in model.state_dict().items() if k in changing}
+
+
+def _load_trained_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    expected = _trained_state(model).keys()
+    if set(state) != set(expected):
+        raise ErasureError("the checkpoint does not hold this run's trainable weights; delete the checkpoint folder to start over.")
+    model.load_state_dict(state, strict=False)
+
+
+class _StopRequests:
+    """Turn Ctrl-C / SIGTERM into a request honoured at the end of the current step.
+
+    Stopping between steps keeps model, optimizer and step count consistent, so the
+    checkpoint written on the way out resumes exactly. A second Ctrl-C stops at once.
+    """
+
+    signals = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def agreed(self, accelerator: Accelerator) -> bool:
+        """Whether any process was asked to stop; all ranks must stop at the same step."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def __enter__(self) -> _StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for s in self.signals:
+                self.previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def _append_log(path: Path, row: dict[str, float]) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def _truncate_log(path: Path, start: int) -> None:
+    """Drop log rows past the resumed step, so a resumed run's log has no duplicates."""
+    if not path.exists():
+        return
+    if start == 0:
+        path.unlink()
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = lines[:1] + [line for line in lines[1:] if int(line.split(",", 1)[0]) < start]
+    path.write_text("".join(kept))

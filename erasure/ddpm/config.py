@@ -1,0 +1,134 @@
+"""The DDPM path's config: data, base model, judge classifier, erasure, sampling, evaluation.
+
+The defaults are the embedded demo (scikit-learn's 8x8 digits, CPU-sized), so
+``erasure demo`` needs no file. Other experiments are YAML files in ``configs/`` that
+override parts of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from erasure.core.config import load_config
+from erasure.core.data import DataConfig
+from erasure.core.errors import ErasureError
+from erasure.evaluation.metrics.fid import FidConfig
+
+
+@dataclass
+class ModelConfig:
+    """The class-conditional UNet (diffusers ``UNet2DModel``)."""
+
+    channels: list[int] = field(default_factory=lambda: [32, 64])
+    layers_per_block: int = 1
+    attention: bool = False
+    norm_groups: int = 8
+    num_train_timesteps: int = 1000
+
+
+@dataclass
+class TrainConfig:
+    """Base-model (DDPM) training."""
+
+    steps: int = 800
+    batch_size: int = 128
+    lr: float = 2e-3
+    warmup_steps: int = 50
+    ema_decay: float = 0.995
+    class_dropout: float = 0.1
+    grad_clip: float = 1.0
+    checkpoint_every: int = 200
+    seed: int = 0
+
+
+@dataclass
+class ClassifierConfig:
+    """The CNN that scores generated images (unlearning accuracy)."""
+
+    channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    steps: int = 800
+    batch_size: int = 128
+    lr: float = 3e-3
+    seed: int = 0
+
+
+@dataclass
+class SampleConfig:
+    """DDIM sampling with classifier-free guidance: (1 + w) * cond - w * uncond."""
+
+    steps: int = 25
+    guidance: float = 2.0
+    eta: float = 0.0
+
+
+@dataclass
+class MaskConfig:
+    """The SalUn saliency mask."""
+
+    ratio: float = 0.5  # fraction of weights that may change
+    per_layer: bool = False  # threshold each tensor separately instead of globally
+    batches: int = 4  # forget batches accumulated into the saliency
+    batch_size: int = 128
+    guidance: float = 2.0  # the forgetting loss is taken on the guided prediction
+    path: str | None = None  # reuse a saved mask instead of computing one
+
+
+@dataclass
+class UnlearnConfig:
+    """Erasing one class from the base model."""
+
+    method: str = "salun"
+    forget_class: int = 0
+    target_shift: int = 1  # misaligned target class = (forget_class + shift) mod classes
+    steps: int = 150
+    batch_size: int = 64  # per stream: this many forget and this many retain samples
+    lr: float = 1e-3
+    alpha: float = 1.0  # weight of the retain loss; both losses are per-element means
+    grad_clip: float = 1.0
+    checkpoint_every: int = 50
+    seed: int = 0
+    esd_eta: float = 1.0  # ESD negative-guidance strength
+    mask: MaskConfig = field(default_factory=MaskConfig)
+
+
+@dataclass
+class EvalConfig:
+    """Scoring generated images."""
+
+    samples_per_class: int = 100
+    grid_samples: int = 6  # images per cell of the comparison grid
+    seed: int = 1234
+    methods: list[str] = field(default_factory=lambda: ["salun"])
+    fid: FidConfig = field(default_factory=FidConfig)
+
+
+@dataclass
+class Config:
+    """One experiment: data, base model, classifier, erasure and evaluation."""
+
+    workdir: str = "runs/demo"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # bf16 autocast; fp16 would need loss scaling
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        """Checks that span keys, so that a bad value fails before any work starts."""
+        if not 0.0 < self.unlearn.mask.ratio <= 1.0:
+            raise ErasureError("unlearn.mask.ratio must lie in (0, 1].")
+        if self.unlearn.target_shift % 10 == 0:
+            raise ErasureError("unlearn.target_shift must not map the forgotten class onto itself.")
+        if not self.model.channels or any(c % self.model.norm_groups for c in self.model.channels):
+            raise ErasureError("model.channels must be non-empty multiples of model.norm_groups.")
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The DDPM config: defaults (the demo), then the YAML file, then ``key=value`` overrides."""
+    return load_config(path, overrides, schema=Config)

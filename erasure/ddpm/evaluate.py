@@ -1,0 +1,106 @@
+"""Score the original model and each erased one on the same seeds.
+
+For every model: generate ``eval.samples_per_class`` images per class, classify them,
+and compute UA on the forgotten class, accuracy on the retained classes and the FID of
+the retained classes against real images. Samples are cached per model in
+``{workdir}/eval/samples`` so an interrupted evaluation resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from erasure.core.config import fingerprint
+from erasure.core.data import load_data, to_uint8
+from erasure.core.errors import ErasureError
+from erasure.core.io import load_tensors, read_metadata, save_tensors
+from erasure.ddpm.config import Config
+from erasure.ddpm.model import load_scheduler, load_unet, sample
+from erasure.ddpm.pipeline import erase_stage, finished_base, judge_stage, load_judge, resolve_device
+from erasure.evaluation.grid import comparison_grid
+from erasure.evaluation.metrics.accuracy import per_class_accuracy, unlearning_scores
+from erasure.evaluation.metrics.fid import fid
+from erasure.evaluation.report import write_report
+
+
+def model_folders(config: Config, methods: list[str]) -> dict[str, Path]:
+    """The original model and each finished erasure, by display name."""
+    folders = {"original": finished_base(config)}
+    for method in methods:
+        stage = erase_stage(config, method)
+        if not stage.done():
+            raise ErasureError(f"no finished '{method}' erasure in '{stage.folder}'; run `erasure erase --method {method}` first.")
+        folders[method] = stage.folder / "model"
+    return folders
+
+
+def generate_cached(folder: Path, labels: torch.Tensor, config: Config, cache: Path, device: torch.device) -> torch.Tensor:
+    """uint8 samples of the model in ``folder`` for ``labels``, reusing a cached set."""
+    provenance = (folder.parent / "done.json").read_text()  # changes whenever the model is redone
+    key = hashlib.sha256(f"{fingerprint(config.sample)}|{config.eval.seed}|{labels.tolist()}|{provenance}".encode()).hexdigest()
+    if cache.is_file() and read_metadata(cache).get("key") == key:
+        return load_tensors(cache)["images"]
+    unet = load_unet(folder, device)
+    steps = load_scheduler(folder).config.num_train_timesteps
+    images = to_uint8(sample(unet, labels, config.sample, seed=config.eval.seed, num_train_timesteps=steps))
+    save_tensors(cache, {"images": images}, {"key": key})
+    return images
+
+
+def evaluate(config: Config, methods: list[str] | None = None) -> dict[str, Any]:
+    """Evaluate; writes ``report.json``, ``report.md`` and ``grid.png`` into ``{workdir}/eval``."""
+    methods = config.eval.methods if methods is None else methods
+    folders = model_folders(config, methods)
+    device = resolve_device(config.device)
+    judge = load_judge(config, device)
+    real = load_data(config.data, "train")
+    k, n = real.num_classes, config.eval.samples_per_class
+    forget = config.unlearn.forget_class
+    retained = [c for c in range(k) if c != forget]
+    real_retained = real.of_classes(retained).images
+    cap = config.eval.fid.real_images
+    if cap is not None and cap < len(real_retained):
+        pick = torch.randperm(len(real_retained), generator=torch.Generator().manual_seed(config.eval.seed))[:cap]
+        real_retained = real_retained[pick]
+    labels = torch.arange(k).repeat_interleave(n)
+    out = Path(config.workdir) / "eval"
+
+    models: dict[str, Any] = {}
+    grid_columns: dict[str, torch.Tensor] = {}
+    fid_name = ""
+    for name, folder in folders.items():
+        images = generate_cached(folder, labels, config, out / "samples" / f"{name}.safetensors", device)
+        predicted = judge.predict(images)
+        scores = unlearning_scores(predicted, labels, forget)
+        keep = labels != forget
+        scores["fid_retained"], fid_name = fid(images[keep], real_retained, config.eval.fid, judge, cache=out / "fid-cache")
+        scores["per_class_accuracy"] = per_class_accuracy(predicted, labels, k)
+        models[name] = scores
+        per_row = min(config.eval.grid_samples, n)
+        grid_columns[name] = images.view(k, n, *images.shape[1:])[:, :per_row]
+        ua, kept, fid_value = 100 * scores["ua"], 100 * scores["retained_accuracy"], scores["fid_retained"]
+        print(f"{name}: UA {ua:.1f}%  retained acc {kept:.1f}%  FID {fid_value:.2f} ({fid_name})")
+
+    comparison_grid(grid_columns, real.class_names, out / "grid.png")
+    report = {
+        "dataset": config.data.name,
+        "forget_class": forget,
+        "forget_class_name": real.class_names[forget],
+        "fid_features": fid_name,
+        "classifier_test_accuracy": json.loads((judge_stage(config).folder / "done.json").read_text())["test_accuracy"],
+        "protocol": {
+            "samples_per_class": n,
+            "sampling_steps": config.sample.steps,
+            "guidance": config.sample.guidance,
+            "seed": config.eval.seed,
+            "fid_real_images": len(real_retained),
+        },
+        "models": models,
+    }
+    write_report(out, report)
+    return report

@@ -1,0 +1,61 @@
+"""The interface every erasure method implements, and the name registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from diffusers import DDPMScheduler
+
+from erasure.core.registry import Registry
+from erasure.core.saliency import Mask
+from erasure.ddpm.config import SampleConfig, UnlearnConfig
+
+
+@dataclass
+class EraseContext:
+    """What a method may use: settings, the noise schedule and the data (in [-1, 1], on device)."""
+
+    config: UnlearnConfig
+    sample: SampleConfig
+    scheduler: DDPMScheduler
+    forget_images: torch.Tensor  # images of the forgotten class
+    retain_images: torch.Tensor  # images of every other class ...
+    retain_labels: torch.Tensor  # ... and their labels
+    forget_class: int
+    target_class: int  # the misaligned class the forgotten one is steered to
+    null_class: int
+
+    def draw(self, images: torch.Tensor, g: torch.Generator, n: int | None = None) -> torch.Tensor:
+        """Indices of a random batch from ``images``."""
+        return torch.randint(0, len(images), (n or self.config.batch_size,), generator=g, device=images.device)
+
+    def labels(self, label: int, n: int) -> torch.Tensor:
+        """A batch of one label on the data's device."""
+        return torch.full((n,), label, dtype=torch.long, device=self.forget_images.device)
+
+
+class Method:
+    """An erasure method: :meth:`make_mask` (optional), :meth:`prepare`, then :meth:`loss` per step."""
+
+    name: ClassVar[str]
+
+    def __init__(self, ctx: EraseContext) -> None:
+        self.ctx = ctx
+
+    def make_mask(self, model: torch.nn.Module) -> Mask | None:
+        """The weights this method may change (None: all of them)."""
+        return None
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        """One-off setup before training (e.g. a frozen teacher)."""
+
+    def loss(self, model: torch.nn.Module, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of one step, and numbers worth logging."""
+        raise NotImplementedError
+
+
+METHODS: Registry[type[Method]] = Registry("method")
+register = METHODS.register
+get_method = METHODS.get

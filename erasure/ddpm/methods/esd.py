@@ -1,0 +1,45 @@
+"""ESD adapted to class conditioning: negative guidance against the null class.
+
+A frozen copy of the base model gives the target
+``eps0(x_t, null) - eta * (eps0(x_t, c) - eps0(x_t, null))`` and the trained model's
+``eps(x_t, c)`` regresses onto it. As in ESD, no data is used: x_t comes from the frozen
+model's own DDIM trajectory for class c, stopped at a random step.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler
+
+from erasure.ddpm.methods.base import Method, register
+from erasure.ddpm.model import eps, guided_eps
+
+
+@register("esd")
+class ESD(Method):
+    """Erased Stable Diffusion's objective on a class-conditional DDPM."""
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        self.frozen = copy.deepcopy(model).eval().requires_grad_(False)
+        self.ddim = DDIMScheduler(num_train_timesteps=self.ctx.scheduler.config.num_train_timesteps, clip_sample=False)
+        self.ddim.set_timesteps(self.ctx.sample.steps)
+
+    def loss(self, model: torch.nn.Module, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        ctx = self.ctx
+        n = ctx.config.batch_size
+        device = ctx.forget_images.device
+        c = ctx.labels(ctx.forget_class, n)
+        stop = int(torch.randint(0, len(self.ddim.timesteps), (1,), generator=g, device=device))
+        with torch.no_grad():
+            x = torch.randn((n, *ctx.forget_images.shape[1:]), generator=g, device=device)
+            for t in self.ddim.timesteps[:stop]:
+                x = self.ddim.step(guided_eps(self.frozen, x, t.to(device), c, ctx.sample.guidance, ctx.null_class), t, x).prev_sample
+            t = self.ddim.timesteps[stop].to(device).expand(n)
+            e_null = eps(self.frozen, x, t, ctx.labels(ctx.null_class, n))
+            e_cond = eps(self.frozen, x, t, c)
+            target = e_null - ctx.config.esd_eta * (e_cond - e_null)
+        loss = F.mse_loss(eps(model, x, t, c), target)
+        return loss, {"stop_step": float(stop)}

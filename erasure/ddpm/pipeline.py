@@ -1,0 +1,193 @@
+"""The stages of an experiment, each reusing its output when already finished:
+
+1. :func:`train_base` - the class-conditional DDPM          -> ``{workdir}/ddpm/model``
+2. :func:`train_judge` - the classifier that scores samples -> ``{workdir}/classifier``
+3. :func:`erase` - one erasure method on one class          -> ``{workdir}/erase/{method}-forget{c}``
+
+Evaluation lives in :mod:`erasure.ddpm.evaluate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+from erasure.core.config import fingerprint
+from erasure.core.data import load_data, to_model_range
+from erasure.core.errors import ErasureError
+from erasure.core.loop import LoopSettings, make_accelerator, train
+from erasure.core.saliency import Mask
+from erasure.core.stages import Stage, shared_mask
+from erasure.ddpm.config import Config
+from erasure.ddpm.judge import ConvClassifier, train_classifier
+from erasure.ddpm.methods import EraseContext, get_method
+from erasure.ddpm.model import build_unet, denoising_loss, load_scheduler, load_unet, noise_scheduler, null_class, save_model
+
+
+def base_stage(config: Config) -> Stage:
+    """Where the base DDPM of ``config`` lives."""
+    return Stage(Path(config.workdir) / "ddpm", fingerprint(config.data, config.model, config.train))
+
+
+def judge_stage(config: Config) -> Stage:
+    """Where the classifier of ``config`` lives."""
+    return Stage(Path(config.workdir) / "classifier", fingerprint(config.data, config.classifier))
+
+
+def erase_stage(config: Config, method: str) -> Stage:
+    """Where erasing ``config.unlearn.forget_class`` with ``method`` lives."""
+    folder = Path(config.workdir) / "erase" / f"{method}-forget{config.unlearn.forget_class}"
+    # The method is in the folder name; unlearn.method (the default for `erase`) must not change the fingerprint.
+    unlearn = dataclasses.replace(config.unlearn, method=method)
+    return Stage(folder, fingerprint(config.data, config.model, config.train, unlearn, config.sample))
+
+
+def finished_base(config: Config) -> Path:
+    """The folder of the finished base DDPM, or a clear error saying how to make it."""
+    stage = base_stage(config)
+    if not stage.done():
+        raise ErasureError(f"no finished base model in '{stage.folder}'; run `erasure train-ddpm` with this config first.")
+    return stage.folder / "model"
+
+
+def train_base(config: Config) -> Path:
+    """Train (or reuse) the class-conditional DDPM; returns its diffusers folder."""
+    stage = base_stage(config)
+    if stage.done():
+        return stage.folder / "model"
+    stage.begin(config)
+    data = load_data(config.data, "train")
+    accelerator = make_accelerator(config.device, config.mixed_precision)
+    unet = build_unet(config.model, data.shape, data.num_classes)
+    scheduler = noise_scheduler(config.model.num_train_timesteps)
+    images, labels = data.images.to(accelerator.device), data.labels.to(accelerator.device)
+    null, cfg = null_class(unet), config.train
+
+    def step_loss(model: torch.nn.Module, g: torch.Generator, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        idx = torch.randint(0, len(labels), (cfg.batch_size,), generator=g, device=g.device)
+        drop = torch.rand(cfg.batch_size, generator=g, device=g.device) < cfg.class_dropout
+        c = torch.where(drop, null, labels[idx])
+        return denoising_loss(model, scheduler, to_model_range(images[idx]), c, g), {}
+
+    settings = LoopSettings(
+        steps=cfg.steps,
+        lr=cfg.lr,
+        seed=cfg.seed,
+        grad_clip=cfg.grad_clip,
+        warmup_steps=cfg.warmup_steps,
+        cosine=True,
+        ema_decay=cfg.ema_decay,
+        checkpoint_every=cfg.checkpoint_every,
+        desc="base DDPM",
+    )
+    unet, ema = train(unet, step_loss, settings, stage.folder, accelerator, fingerprint=stage.fingerprint)
+    if accelerator.is_main_process:
+        ema.copy_to([p for p in unet.parameters() if p.requires_grad])  # sample from the EMA weights
+        save_model(unet, scheduler, stage.folder / "model")
+        stage.finish({"steps": cfg.steps, "parameters": sum(p.numel() for p in unet.parameters())})
+    accelerator.wait_for_everyone()
+    return stage.folder / "model"
+
+
+def train_judge(config: Config) -> Path:
+    """Train (or reuse) the classifier on the train split; records its test accuracy."""
+    stage = judge_stage(config)
+    if stage.done():
+        return stage.folder
+    stage.begin(config)
+    model = train_classifier(config.classifier, load_data(config.data, "train"), stage.folder, config.device, stage.fingerprint)
+    test = load_data(config.data, "test")
+    accuracy = (model.predict(test.images) == test.labels).float().mean().item()
+    model.save(stage.folder)
+    stage.finish({"test_accuracy": accuracy})
+    return stage.folder
+
+
+def erase(config: Config, method: str | None = None) -> Path:
+    """Erase ``config.unlearn.forget_class`` from the base DDPM; returns the erased model's folder."""
+    method = method or config.unlearn.method
+    method_cls = get_method(method)
+    stage = erase_stage(config, method)
+    if stage.done():
+        return stage.folder / "model"
+    base = finished_base(config)
+    stage.begin(config)
+    cfg = config.unlearn
+    accelerator = make_accelerator(config.device, config.mixed_precision)
+    unet = load_unet(base, accelerator.device)
+    ctx = erase_context(config, unet, load_scheduler(base), accelerator.device)
+    m = method_cls(ctx)
+    mask = shared_mask(stage, accelerator, unet, lambda: m.make_mask(unet))
+    m.prepare(unet)
+
+    def step_loss(model: torch.nn.Module, g: torch.Generator, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        return m.loss(model, g)
+
+    settings = LoopSettings(
+        steps=cfg.steps,
+        lr=cfg.lr,
+        seed=cfg.seed,
+        grad_clip=cfg.grad_clip,
+        checkpoint_every=cfg.checkpoint_every,
+        desc=f"erase {method}",
+    )
+    unet, _ = train(unet, step_loss, settings, stage.folder, accelerator, constraint_mask=mask, fingerprint=stage.fingerprint)
+    if accelerator.is_main_process:
+        save_model(unet, ctx.scheduler, stage.folder / "model")
+        summary = {"method": method, "forget_class": cfg.forget_class, "target_class": ctx.target_class}
+        if mask is not None:
+            summary["mask_kept_fraction"] = mask.kept_fraction
+        stage.finish(summary)
+    accelerator.wait_for_everyone()
+    return stage.folder / "model"
+
+
+def erase_context(config: Config, unet: UNet2DModel, scheduler: DDPMScheduler, device: torch.device) -> EraseContext:
+    """The data and settings an erasure method sees."""
+    cfg = config.unlearn
+    data = load_data(config.data, "train")
+    k = data.num_classes
+    if not 0 <= cfg.forget_class < k:
+        raise ErasureError(f"unlearn.forget_class={cfg.forget_class} is not a class of {config.data.name} (0..{k - 1}).")
+    forget = data.labels == cfg.forget_class
+    return EraseContext(
+        config=cfg,
+        sample=config.sample,
+        scheduler=scheduler,
+        forget_images=to_model_range(data.images[forget]).to(device),
+        retain_images=to_model_range(data.images[~forget]).to(device),
+        retain_labels=data.labels[~forget].to(device),
+        forget_class=cfg.forget_class,
+        target_class=(cfg.forget_class + cfg.target_shift) % k,
+        null_class=null_class(unet),
+    )
+
+
+def compute_mask(config: Config, out: str | Path) -> Mask:
+    """Compute SalUn's saliency mask for ``config.unlearn.forget_class`` and save it to ``out``."""
+    from erasure.ddpm.methods.salun import SalUn
+
+    base = finished_base(config)
+    device = resolve_device(config.device)
+    unet = load_unet(base, device)
+    mask = SalUn(erase_context(config, unet, load_scheduler(base), device)).make_mask(unet)
+    mask.save(out)
+    return mask
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' is the GPU when there is one."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_judge(config: Config, device: str | torch.device = "cpu") -> ConvClassifier:
+    """The finished classifier of ``config``."""
+    stage = judge_stage(config)
+    if not stage.done():
+        raise ErasureError(f"no finished classifier in '{stage.folder}'; run `erasure train-classifier` with this config first.")
+    return ConvClassifier.load(stage.folder, device)

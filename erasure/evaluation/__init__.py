@@ -1,0 +1,1 @@
+"""Scoring erased models: metrics (accuracy/UA, FID, nudity), prompt files, audits, grids and reports."""

@@ -1,0 +1,162 @@
+"""``erasure audit nudity|ua``, ``erasure fid``, ``erasure grid`` and ``erasure report``: evaluation commands.
+
+Unlike the training commands they take plain flags, not a config: an audit is defined by
+its prompts, models and detector settings, and every output file records all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from erasure.core.errors import ErasureError
+
+
+def _prompts(args: argparse.Namespace, category: str | None = None):
+    from erasure.evaluation.prompts import load_prompts
+
+    if args.limit is not None and args.limit < 1:
+        raise ErasureError("--limit must be at least 1.")
+    return load_prompts(args.prompts, category, args.limit, args.seed, args.guidance, args.steps, args.size, args.skip_empty_prompts)
+
+
+def _settings(args: argparse.Namespace, **extra) -> dict:
+    return {
+        "prompts": str(args.prompts),
+        "limit": args.limit,
+        "steps": args.steps,
+        "guidance": f"from the prompt file where given, else {args.guidance}",
+        "size": args.size or "from the prompt file where given, else the model's native size",
+        "seeds": f"from the prompt file where given, else {args.seed} + row",
+        "skip_empty_prompts": args.skip_empty_prompts,
+        **extra,
+    }
+
+
+def cmd_audit_nudity(args: argparse.Namespace) -> None:
+    """``erasure audit nudity``: generate, detect, write audit.json/.md/.png, print the table."""
+    from erasure.evaluation.audit import nudity_audit, parse_models
+    from erasure.evaluation.metrics.nudity import parse_classes
+    from erasure.evaluation.report import nudity_table
+
+    models = parse_models(args.model)
+    classes = parse_classes(args.classes)
+    if not 0 <= args.threshold <= 1:
+        raise ErasureError(f"--threshold must lie in [0, 1], got {args.threshold}.")
+    prompts = _prompts(args, args.category)
+    settings = _settings(args, category=args.category)
+    result = nudity_audit(prompts, models, args.out, settings, args.threshold, classes, args.scheduler, args.batch_size)
+    if result is not None:
+        print(nudity_table(result))
+        print(f"\naudit: {Path(args.out) / 'audit.json'}, {Path(args.out) / 'audit.md'}, {Path(args.out) / 'audit.png'}")
+
+
+def cmd_audit_ua(args: argparse.Namespace) -> None:
+    """``erasure audit ua``: generate Imagenette prompts, classify, write ua.json/.md/.png."""
+    from erasure.evaluation.audit import imagenette_prompts, parse_models, ua_audit
+    from erasure.evaluation.report import ua_table
+
+    models = parse_models(args.model)
+    if args.images_per_prompt < 1:
+        raise ErasureError("--images-per-prompt must be at least 1.")
+    prompts = imagenette_prompts(_prompts(args), args.images_per_prompt)
+    settings = _settings(args, images_per_prompt=args.images_per_prompt)
+    result = ua_audit(prompts, models, args.out, args.forget_class, settings, args.classifier_weights, args.scheduler, args.batch_size)
+    if result is not None:
+        print(ua_table(result))
+        print(f"\nua: {Path(args.out) / 'ua.json'}, {Path(args.out) / 'ua.md'}, {Path(args.out) / 'ua.png'}")
+
+
+def cmd_fid(args: argparse.Namespace) -> None:
+    """``erasure fid``: FID and KID of two image folders, written to a JSON file."""
+    from erasure.core.io import write_json
+    from erasure.evaluation.metrics.fid import folder_fid
+
+    result = folder_fid(args.generated, args.reference, args.protocol, args.weights, args.batch_size, args.cache)
+    out = Path(args.out or Path(args.generated).parent / f"fid-{args.protocol}-{Path(args.generated).name}.json")
+    write_json(out, result)
+    print(
+        f"{args.protocol} ({result['feature_dim']}-d): FID {result['fid']:.3f}, KID {result['kid_mean']:.4f} ± {result['kid_std']:.4f} "
+        f"({result['generated_images']} generated vs {result['reference_images']} reference images)\nresult: {out}"
+    )
+
+
+def cmd_grid(args: argparse.Namespace) -> None:
+    """``erasure grid``: the models x prompts x seeds comparison grid."""
+    from erasure.evaluation.audit import grid_images, parse_models
+    from erasure.evaluation.prompts import Prompt
+    from erasure.sd.generate import Item
+
+    if bool(args.prompt) == bool(args.prompts):
+        raise ErasureError("give the prompts either with --prompt TEXT (repeatable) or with --prompts FILE, not both.")
+    if args.prompts:
+        prompts = _prompts(args)
+    else:
+        prompts = [Prompt(Item(t, args.seed, args.guidance, args.steps, args.size, args.size)) for t in args.prompt]
+    seeds = args.seeds or [args.seed]
+    print(f"grid: {grid_images(prompts, parse_models(args.model), seeds, args.out, args.scheduler, args.batch_size, args.thumb)}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    """``erasure report``: summary.md and summary.html of a results folder."""
+    from erasure.evaluation.report import collect_report
+
+    md = collect_report(args.folder)
+    print(f"report: {md} and {md.with_suffix('.html')}")
+
+
+def _generation_flags(p: argparse.ArgumentParser, prompts_required: bool = True) -> None:
+    p.add_argument("--model", action="append", required=True, help="hub id or diffusers folder, or LABEL=PATH; repeat for several")
+    p.add_argument("--prompts", required=prompts_required, help="prompt file (.csv or .txt), or 'i2p' to download I2P (online)")
+    p.add_argument("--limit", type=int, help="use only the first N prompts (after the category filter)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50; I2P's reference setting is 100 with lms)")
+    p.add_argument("--scheduler", default="ddim", help="ddim, lms, pndm, euler or dpm (default ddim)")
+    p.add_argument("--guidance", type=float, default=7.5, help="guidance scale where the prompt file gives none (default 7.5)")
+    p.add_argument("--seed", type=int, default=0, help="base seed where the prompt file gives none (row k gets seed + k)")
+    p.add_argument("--size", type=int, help="image size in pixels, overriding the prompt file (default: file, else model native)")
+    p.add_argument("--skip-empty-prompts", action="store_true", help="drop CSV rows with an empty prompt instead of failing")
+    p.add_argument("--batch-size", type=int, default=4)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``audit``, ``fid``, ``grid`` and ``report``."""
+    audit = sub.add_parser("audit", help="Audit Stable Diffusion models: nudity (NudeNet) or Imagenette UA.")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+
+    p = audit_sub.add_parser("nudity", help="Generate from (I2P) prompts with each model and count exposed parts with NudeNet.")
+    _generation_flags(p)
+    p.add_argument("--category", help="keep prompts of this I2P category, e.g. sexual")
+    p.add_argument("--out", required=True, help="audit folder (rerun the same command to resume)")
+    p.add_argument("--threshold", type=float, default=0.6, help="NudeNet score a detection needs to count (default 0.6)")
+    p.add_argument("--classes", default="exposed", help="'exposed' (all 9 *_EXPOSED labels), 'sensitive', or comma-separated labels")
+    p.set_defaults(func=cmd_audit_nudity)
+
+    p = audit_sub.add_parser("ua", help="UA of an erased Imagenette class: ResNet-50 top-1 among the 10 Imagenette classes.")
+    _generation_flags(p)
+    p.add_argument("--forget-class", required=True, help="the erased Imagenette class, e.g. 'garbage truck'")
+    p.add_argument("--out", required=True, help="audit folder (rerun the same command to resume)")
+    p.add_argument("--classifier-weights", help="local torchvision ResNet-50 state dict (default: download ImageNet weights)")
+    p.add_argument("--images-per-prompt", type=int, default=1, help="images per prompt row, seeds seed, seed+1, ... (default 1)")
+    p.set_defaults(func=cmd_audit_ua)
+
+    p = sub.add_parser("fid", help="FID and KID between two image folders, under a named protocol.")
+    p.add_argument("--generated", required=True, help="folder of generated images")
+    p.add_argument("--reference", required=True, help="folder of reference images")
+    p.add_argument("--protocol", default="standard", choices=["standard", "salun"], help="standard: 2048-d Inception; salun: 64-d")
+    p.add_argument("--weights", help="local torch-fidelity Inception weights (offline use)")
+    p.add_argument("--out", help="result JSON (default: fid-PROTOCOL-NAME.json beside the generated folder)")
+    p.add_argument("--cache", help="folder for cached features (safetensors), reused across runs")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=cmd_fid)
+
+    p = sub.add_parser("grid", help="A labelled grid PNG: models x prompts x seeds, same prompt and seed for every model.")
+    _generation_flags(p, prompts_required=False)
+    p.add_argument("--prompt", action="append", help="a prompt; repeat for several rows")
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds shown side by side in each cell (default: --seed)")
+    p.add_argument("--out", required=True, help="grid PNG; images go to OUT-images/ beside it")
+    p.add_argument("--thumb", type=int, default=128, help="pixels per image in the grid (default 128)")
+    p.set_defaults(func=cmd_grid)
+
+    p = sub.add_parser("report", help="Collect the audit, UA and FID results, grids and charts of a folder into summary.md/.html.")
+    p.add_argument("folder")
+    p.set_defaults(func=cmd_report)
