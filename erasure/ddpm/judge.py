@@ -93,15 +93,9 @@ def train_classifier(
         x = _augment(images[idx].float(), g)
         return F.cross_entropy(m(x), labels[idx]), {}
 
-    settings = LoopSettings(
-        steps=config.steps,
-        lr=config.lr,
-        seed=config.seed,
-        warmup_steps=config.steps // 20,
-        cosine=True,
-        weight_decay=5e-4,
-        checkpoint_every=max(1, config.steps // 4),
-        desc="classifier",
+    every = max(1, config.steps // 4)
+    settings = LoopSettings.from_config(
+        config, warmup_steps=config.steps // 20, cosine=True, weight_decay=5e-4, checkpoint_every=every, desc="classifier"
     )
     model, _ = train(model, step_loss, settings, folder, accelerator, fingerprint=fingerprint)
     return model.eval()

@@ -15,12 +15,11 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from erasure.core.config import fingerprint
 from erasure.core.data import load_data, to_model_range
 from erasure.core.errors import ErasureError
 from erasure.core.loop import LoopSettings, make_accelerator, train
 from erasure.core.saliency import Mask
-from erasure.core.stages import Stage, shared_mask
+from erasure.core.stages import Stage, config_fingerprint, shared_mask
 from erasure.ddpm.config import Config
 from erasure.ddpm.judge import ConvClassifier, train_classifier
 from erasure.ddpm.methods import EraseContext, get_method
@@ -29,20 +28,21 @@ from erasure.ddpm.model import build_unet, denoising_loss, load_scheduler, load_
 
 def base_stage(config: Config) -> Stage:
     """Where the base DDPM of ``config`` lives."""
-    return Stage(Path(config.workdir) / "ddpm", fingerprint(config.data, config.model, config.train))
+    return Stage(Path(config.workdir) / "ddpm", config_fingerprint(config, ("data", "model", "train")))
 
 
 def judge_stage(config: Config) -> Stage:
     """Where the classifier of ``config`` lives."""
-    return Stage(Path(config.workdir) / "classifier", fingerprint(config.data, config.classifier))
+    return Stage(Path(config.workdir) / "classifier", config_fingerprint(config, ("data", "classifier")))
 
 
 def erase_stage(config: Config, method: str) -> Stage:
     """Where erasing ``config.unlearn.forget_class`` with ``method`` lives."""
     folder = Path(config.workdir) / "erase" / f"{method}-forget{config.unlearn.forget_class}"
     # The method is in the folder name; unlearn.method (the default for `erase`) must not change the fingerprint.
-    unlearn = dataclasses.replace(config.unlearn, method=method)
-    return Stage(folder, fingerprint(config.data, config.model, config.train, unlearn, config.sample))
+    config = dataclasses.replace(config, unlearn=dataclasses.replace(config.unlearn, method=method))
+    sections = ["data", "model", "train", "unlearn"] + (["sample"] if get_method(method).reads_sample else [])
+    return Stage(folder, config_fingerprint(config, sections))
 
 
 def finished_base(config: Config) -> Path:
@@ -56,53 +56,44 @@ def finished_base(config: Config) -> Path:
 def train_base(config: Config) -> Path:
     """Train (or reuse) the class-conditional DDPM; returns its diffusers folder."""
     stage = base_stage(config)
-    if stage.done():
-        return stage.folder / "model"
-    stage.begin(config)
-    data = load_data(config.data, "train")
-    accelerator = make_accelerator(config.device, config.mixed_precision)
-    unet = build_unet(config.model, data.shape, data.num_classes)
-    scheduler = noise_scheduler(config.model.num_train_timesteps)
-    images, labels = data.images.to(accelerator.device), data.labels.to(accelerator.device)
-    null, cfg = null_class(unet), config.train
 
-    def step_loss(model: torch.nn.Module, g: torch.Generator, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        idx = torch.randint(0, len(labels), (cfg.batch_size,), generator=g, device=g.device)
-        drop = torch.rand(cfg.batch_size, generator=g, device=g.device) < cfg.class_dropout
-        c = torch.where(drop, null, labels[idx])
-        return denoising_loss(model, scheduler, to_model_range(images[idx]), c, g), {}
+    def work() -> dict:
+        data = load_data(config.data, "train")
+        accelerator = make_accelerator(config.device, config.mixed_precision)
+        unet = build_unet(config.model, data.shape, data.num_classes)
+        scheduler = noise_scheduler(config.model.num_train_timesteps)
+        images, labels = data.images.to(accelerator.device), data.labels.to(accelerator.device)
+        null, cfg = null_class(unet), config.train
 
-    settings = LoopSettings(
-        steps=cfg.steps,
-        lr=cfg.lr,
-        seed=cfg.seed,
-        grad_clip=cfg.grad_clip,
-        warmup_steps=cfg.warmup_steps,
-        cosine=True,
-        ema_decay=cfg.ema_decay,
-        checkpoint_every=cfg.checkpoint_every,
-        desc="base DDPM",
-    )
-    unet, ema = train(unet, step_loss, settings, stage.folder, accelerator, fingerprint=stage.fingerprint)
-    if accelerator.is_main_process:
-        ema.copy_to([p for p in unet.parameters() if p.requires_grad])  # sample from the EMA weights
-        save_model(unet, scheduler, stage.folder / "model")
-        stage.finish({"steps": cfg.steps, "parameters": sum(p.numel() for p in unet.parameters())})
-    accelerator.wait_for_everyone()
+        def step_loss(model: torch.nn.Module, g: torch.Generator, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+            idx = torch.randint(0, len(labels), (cfg.batch_size,), generator=g, device=g.device)
+            drop = torch.rand(cfg.batch_size, generator=g, device=g.device) < cfg.class_dropout
+            c = torch.where(drop, null, labels[idx])
+            return denoising_loss(model, scheduler, to_model_range(images[idx]), c, g), {}
+
+        settings = LoopSettings.from_config(cfg, cosine=True, desc="base DDPM")
+        unet, ema = train(unet, step_loss, settings, stage.folder, accelerator, fingerprint=stage.fingerprint)
+        if accelerator.is_main_process:
+            ema.copy_to([p for p in unet.parameters() if p.requires_grad])  # sample from the EMA weights
+            save_model(unet, scheduler, stage.folder / "model")
+        return {"steps": cfg.steps, "parameters": sum(p.numel() for p in unet.parameters())}
+
+    stage.run(config, work)
     return stage.folder / "model"
 
 
 def train_judge(config: Config) -> Path:
     """Train (or reuse) the classifier on the train split; records its test accuracy."""
     stage = judge_stage(config)
-    if stage.done():
-        return stage.folder
-    stage.begin(config)
-    model = train_classifier(config.classifier, load_data(config.data, "train"), stage.folder, config.device, stage.fingerprint)
-    test = load_data(config.data, "test")
-    accuracy = (model.predict(test.images) == test.labels).float().mean().item()
-    model.save(stage.folder)
-    stage.finish({"test_accuracy": accuracy})
+
+    def work() -> dict:
+        model = train_classifier(config.classifier, load_data(config.data, "train"), stage.folder, config.device, stage.fingerprint)
+        test = load_data(config.data, "test")
+        accuracy = (model.predict(test.images) == test.labels).float().mean().item()
+        model.save(stage.folder)
+        return {"test_accuracy": accuracy}
+
+    stage.run(config, work)
     return stage.folder
 
 
@@ -114,34 +105,24 @@ def erase(config: Config, method: str | None = None) -> Path:
     if stage.done():
         return stage.folder / "model"
     base = finished_base(config)
-    stage.begin(config)
-    cfg = config.unlearn
-    accelerator = make_accelerator(config.device, config.mixed_precision)
-    unet = load_unet(base, accelerator.device)
-    ctx = erase_context(config, unet, load_scheduler(base), accelerator.device)
-    m = method_cls(ctx)
-    mask = shared_mask(stage, accelerator, unet, lambda: m.make_mask(unet))
-    m.prepare(unet)
 
-    def step_loss(model: torch.nn.Module, g: torch.Generator, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        return m.loss(model, g)
-
-    settings = LoopSettings(
-        steps=cfg.steps,
-        lr=cfg.lr,
-        seed=cfg.seed,
-        grad_clip=cfg.grad_clip,
-        checkpoint_every=cfg.checkpoint_every,
-        desc=f"erase {method}",
-    )
-    unet, _ = train(unet, step_loss, settings, stage.folder, accelerator, constraint_mask=mask, fingerprint=stage.fingerprint)
-    if accelerator.is_main_process:
-        save_model(unet, ctx.scheduler, stage.folder / "model")
-        summary = {"method": method, "forget_class": cfg.forget_class, "target_class": ctx.target_class}
+    def work() -> dict:
+        accelerator = make_accelerator(config.device, config.mixed_precision)
+        unet = load_unet(base, accelerator.device)
+        ctx = erase_context(config, unet, load_scheduler(base), accelerator.device)
+        m = method_cls(ctx)
+        mask = shared_mask(stage, accelerator, unet, lambda: m.make_mask(unet))
+        m.prepare(unet)
+        settings = LoopSettings.from_config(config.unlearn, desc=f"erase {method}")
+        unet, _ = train(unet, lambda model, g, step: m.loss(model, g), settings, stage.folder, accelerator, mask, stage.fingerprint)
+        if accelerator.is_main_process:
+            save_model(unet, ctx.scheduler, stage.folder / "model")
+        summary = {"method": method, "forget_class": config.unlearn.forget_class, "target_class": ctx.target_class}
         if mask is not None:
             summary["mask_kept_fraction"] = mask.kept_fraction
-        stage.finish(summary)
-    accelerator.wait_for_everyone()
+        return summary
+
+    stage.run(config, work)
     return stage.folder / "model"
 
 

@@ -70,7 +70,7 @@ class SDTrainConfig:
     alpha: float = 0.1  # SalUn: weight of the retain loss
     grad_clip: float | None = 1.0
     weight_decay: float = 0.0
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"  # auto: on only where the step would not fit in GPU memory
     checkpoint_every: int = 50
     log_every: int = 10
     seed: int = 0

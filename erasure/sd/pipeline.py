@@ -10,21 +10,20 @@ Every step is resumable and runs unchanged under ``accelerate launch`` on N proc
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import PartialState
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from erasure.core.config import fingerprint
 from erasure.core.delta import make_delta
 from erasure.core.errors import ErasureError
 from erasure.core.io import load_tensors, save_tensors
 from erasure.core.loop import LoopSettings, make_accelerator, train
-from erasure.core.stages import Stage, shared_mask
-from erasure.sd.config import Concept, SDConfig, load_concept
+from erasure.core.stages import Stage, config_fingerprint, is_main_process, shared_mask
+from erasure.sd.config import Concept, SDConfig, SDTrainConfig, load_concept
 from erasure.sd.generate import Item, generate
 from erasure.sd.methods import SD_METHODS, SDContext
 from erasure.sd.methods.base import LatentSet
@@ -60,41 +59,45 @@ def training_sets(
     config: SDConfig, concept: Concept, pipe: StableDiffusionPipeline, names: tuple[str, ...], device: torch.device
 ) -> dict[str, LatentSet]:
     """The image sets ``names`` as latents with prompt embeddings; images are made or read once and cached."""
-    state = PartialState()
-    gen = config.generation
     size = resolution(config, pipe)
     out = {}
     for name in names:
         prompts: list[str] = getattr(concept, name)
         real = concept.images[name]
-        stage = Stage(Path(config.workdir) / "data" / name, fingerprint(config.model, gen, prompts, real or ""))
-        if not stage.done():
-            if state.is_main_process:
-                stage.begin(config)
-            if not real:
-                # Image i uses prompt i mod P and its own seed, so sets are reproducible and extendable.
-                items = [
-                    Item(prompts[i % len(prompts)], gen.seed * 1_000_003 + i, gen.guidance, gen.steps, size, size)
-                    for i in range(gen.images_per_set)
-                ]
-                generate(pipe, items, stage.folder / "images", config.model.pretrained, gen.scheduler, gen.batch_size, f"generating {name}")
-            if state.is_main_process:  # only the main process reads the images and encodes the latents
-                images = load_image_folder(real or stage.folder / "images", size)
-                latents = encode_images(pipe, images).cpu()
-                index = torch.arange(len(latents)) % len(prompts)
-                save_tensors(stage.folder / "latents.safetensors", {"latents": latents, "prompt_index": index})
-                stage.finish({"images": len(latents), "prompts": len(prompts), "resolution": size, "source": real or "generated"})
-            state.wait_for_everyone()
+        stage = Stage(Path(config.workdir) / "data" / name, config_fingerprint(config, ("model", "generation"), prompts=prompts, real=real))
+        stage.run(config, functools.partial(_make_set, config, pipe, stage.folder, name, prompts, real, size))
         cached = load_tensors(stage.folder / "latents.safetensors", device)
         embeddings = encode_prompts(pipe, prompts).float().to(device)
         out[name] = LatentSet(cached["latents"], cached["prompt_index"].long(), embeddings, prompts)
     return out
 
 
+def _make_set(
+    config: SDConfig, pipe: StableDiffusionPipeline, folder: Path, name: str, prompts: list[str], real: str | None, size: int
+) -> dict:
+    """Generate (on every process) a set's images unless real ones are given, then encode them (main process)."""
+    gen = config.generation
+    if not real:
+        # Image i uses prompt i mod P and its own seed, so sets are reproducible and extendable.
+        items = [
+            Item(prompts[i % len(prompts)], gen.seed * 1_000_003 + i, gen.guidance, gen.steps, size, size)
+            for i in range(gen.images_per_set)
+        ]
+        generate(pipe, items, folder / "images", config.model.pretrained, gen.scheduler, gen.batch_size, f"generating {name}")
+    if not is_main_process():  # only the main process reads the images and encodes the latents
+        return {}
+    images = load_image_folder(real or folder / "images", size)
+    latents = encode_images(pipe, images).cpu()
+    index = torch.arange(len(latents)) % len(prompts)
+    save_tensors(folder / "latents.safetensors", {"latents": latents, "prompt_index": index})
+    return {"images": len(latents), "prompts": len(prompts), "resolution": size, "source": real or "generated"}
+
+
 def method_stage(config: SDConfig, concept: Concept) -> Stage:
-    """Where a method's run lives; its fingerprint covers every setting it depends on."""
-    inputs = fingerprint(config.model, concept, config.generation, config.mask, config.train, config.esd, config.fmn)
-    return Stage(Path(config.workdir) / config.method, inputs)
+    """Where a method's run lives; its fingerprint covers the whole config except other methods' sections and export."""
+    own = SD_METHODS.get(config.method).section
+    others = {m.section for m in SD_METHODS.entries.values() if m.section and m.section != own}
+    return Stage(Path(config.workdir) / config.method, config_fingerprint(config, skip={"export", *others}, concept=concept))
 
 
 def erase(config: SDConfig) -> Path:
@@ -102,47 +105,54 @@ def erase(config: SDConfig) -> Path:
     method_cls = SD_METHODS.get(config.method)
     concept = load_concept(config.concept)
     stage = method_stage(config, concept)
-    if stage.done():
-        return stage.folder
-    accelerator = make_accelerator(config.device, config.mixed_precision)
-    device = accelerator.device
-    if accelerator.is_main_process:
-        stage.begin(config)
-    # Frozen parts (and data generation) run in low precision; the trained UNet is a separate fp32 copy.
-    pipe = load_pipeline(config.model.pretrained, config.model.revision, frozen_dtype(config.model.frozen_dtype, device)).to(device)
-    sets = training_sets(config, concept, pipe, method_cls.needs, device)
-    uncond = encode_prompts(pipe, [""]).float().to(device)
-    unet = pipe.unet = load_unet(config.model.pretrained, config.model.revision).to(device)
-    method = method_cls(SDContext(config, concept, pipe, noise_scheduler(pipe), sets, uncond, device))
 
-    for name, p in unet.named_parameters():
-        p.requires_grad_(method.trainable(name))
-    if not any(p.requires_grad for p in unet.parameters()):
-        raise ErasureError(f"method '{config.method}' selects no trainable weights in this UNet.")
-    if config.train.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    mask = shared_mask(stage, accelerator, unet, lambda: method.make_mask(unet))
-    method.prepare(unet)
+    def work() -> dict:
+        accelerator = make_accelerator(config.device, config.mixed_precision)
+        device = accelerator.device
+        # Frozen parts (and data generation) run in low precision; the trained UNet is a separate fp32 copy.
+        pipe = load_pipeline(config.model.pretrained, config.model.revision, frozen_dtype(config.model.frozen_dtype, device)).to(device)
+        sets = training_sets(config, concept, pipe, method_cls.needs, device)
+        uncond = encode_prompts(pipe, [""]).float().to(device)
+        unet = pipe.unet = load_unet(config.model.pretrained, config.model.revision).to(device)
+        method = method_cls(SDContext(config, concept, pipe, noise_scheduler(pipe), sets, uncond, device))
 
-    cfg = config.train
-    settings = LoopSettings(
-        steps=cfg.steps,
-        lr=cfg.lr,
-        seed=cfg.seed,
-        grad_clip=cfg.grad_clip,
-        weight_decay=cfg.weight_decay,
-        checkpoint_every=cfg.checkpoint_every,
-        log_every=cfg.log_every,
-        desc=f"erase {config.method}",
-    )
-    unet, _ = train(unet, lambda m, g, step: method.loss(m, g), settings, stage.folder, accelerator, mask, stage.fingerprint)
-    if accelerator.is_main_process:
+        for name, p in unet.named_parameters():
+            p.requires_grad_(method.trainable(name))
+        if not any(p.requires_grad for p in unet.parameters()):
+            raise ErasureError(f"method '{config.method}' selects no trainable weights in this UNet.")
+        if use_gradient_checkpointing(config.train, resolution(config, pipe), device):
+            unet.enable_gradient_checkpointing()
+        if device.type == "cuda":
+            unet = unet.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
+        mask = shared_mask(stage, accelerator, unet, lambda: method.make_mask(unet))
+        method.prepare(unet)
+        settings = LoopSettings.from_config(config.train, desc=f"erase {config.method}")
+        unet, _ = train(unet, lambda m, g, step: method.loss(m, g), settings, stage.folder, accelerator, mask, stage.fingerprint)
+        if not accelerator.is_main_process:
+            return {}
         summary = export(config, concept, unet, stage.folder)
         if mask is not None:
             summary["mask_kept_fraction"] = mask.kept_fraction
-        stage.finish(summary)
-    accelerator.wait_for_everyone()
+        return summary
+
+    stage.run(config, work)
     return stage.folder
+
+
+def use_gradient_checkpointing(train: SDTrainConfig, size: int, device: torch.device) -> bool:
+    """``train.gradient_checkpointing``: on, off, or auto (on only where the step would not fit in free GPU memory).
+
+    Checkpointing trades about a third more compute for activations; an H100 holds the
+    SD v1.4 SalUn step (batch 8, 512 px, bf16) in 30.5 GiB without it. auto scales that
+    measurement by batch size and pixel count and keeps a 15% margin.
+    """
+    if train.gradient_checkpointing != "auto":
+        return train.gradient_checkpointing == "on"
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    need = 30.5 * 2**30 * train.batch_size / 8 * (size / 512) ** 2 * 1.15
+    return free < need
 
 
 def export(config: SDConfig, concept: Concept, unet: torch.nn.Module, folder: Path) -> dict:

@@ -40,6 +40,7 @@ class Method:
     """An erasure method: :meth:`make_mask` (optional), :meth:`prepare`, then :meth:`loss` per step."""
 
     name: ClassVar[str]
+    reads_sample: ClassVar[bool] = False  # True if training uses the sampling settings (they join its fingerprint)
 
     def __init__(self, ctx: EraseContext) -> None:
         self.ctx = ctx

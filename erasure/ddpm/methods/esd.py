@@ -22,6 +22,8 @@ from erasure.ddpm.model import eps, guided_eps
 class ESD(Method):
     """Erased Stable Diffusion's objective on a class-conditional DDPM."""
 
+    reads_sample = True  # x_t comes from a DDIM trajectory with the sampling settings
+
     def prepare(self, model: torch.nn.Module) -> None:
         self.frozen = copy.deepcopy(model).eval().requires_grad_(False)
         self.ddim = DDIMScheduler(num_train_timesteps=self.ctx.scheduler.config.num_train_timesteps, clip_sample=False)

@@ -85,6 +85,7 @@ class SDMethod:
 
     name: ClassVar[str]
     needs: ClassVar[tuple[str, ...]] = ()  # image sets the method trains on ('forget', 'retain')
+    section: ClassVar[str | None] = None  # the config section only this method reads; other methods' runs ignore it
 
     def __init__(self, ctx: SDContext) -> None:
         self.ctx = ctx

@@ -20,6 +20,8 @@ from erasure.sd.model import ddim_scheduler, frozen_dtype
 class ESD(SDMethod):
     """Shared by every variant."""
 
+    section = "esd"
+
     def prepare(self, model: torch.nn.Module) -> None:
         ctx = self.ctx
         self.teacher = copy.deepcopy(model).requires_grad_(False).eval()

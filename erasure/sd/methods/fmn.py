@@ -41,6 +41,7 @@ class AttentionProbe:
 class FMN(SDMethod):
     """Attention re-steering on the cross-attention weights."""
 
+    section = "fmn"
     needs = ("forget",)
 
     def trainable(self, name: str) -> bool:

@@ -19,6 +19,7 @@ from erasure.sd.methods.base import SD_METHODS, SDMethod, denoising_loss, eps
 class SalUnSD(SDMethod):
     """Saliency-masked misaligned-target fine-tuning."""
 
+    section = "mask"
     needs = ("forget", "retain")
 
     def make_mask(self, model: torch.nn.Module) -> Mask:

@@ -1,0 +1,61 @@
+"""The one stage lifecycle: derived fingerprints, reuse, and clear errors for foreign runs."""
+
+import json
+
+import pytest
+
+from erasure.core.config import load_config
+from erasure.core.errors import ErasureError
+from erasure.core.stages import Stage, config_fingerprint
+from erasure.ddpm.config import Config, load
+from erasure.ddpm.pipeline import erase_stage
+from erasure.sd.config import SDConfig, load_concept
+from erasure.sd.pipeline import method_stage
+
+
+def sd(*overrides: str) -> SDConfig:
+    return load_config("configs/sd/nudity_salun.yaml", list(overrides), schema=SDConfig)
+
+
+def test_sd_fingerprint_covers_own_settings_not_other_methods():
+    concept = load_concept(sd().concept)
+    base = method_stage(sd(), concept).fingerprint
+    assert method_stage(sd("mask.ratio=0.3"), concept).fingerprint != base  # SalUn's own section
+    assert method_stage(sd("train.alpha=0.3"), concept).fingerprint != base
+    assert method_stage(sd("fmn.include_end_token=false"), concept).fingerprint == base  # another method's section
+    assert method_stage(sd("esd.eta=2.0"), concept).fingerprint == base
+    assert method_stage(sd("train.checkpoint_every=7", "train.log_every=3", "device=cpu"), concept).fingerprint == base
+    esd = method_stage(sd("method=esd-x"), concept).fingerprint
+    assert method_stage(sd("method=esd-x", "esd.eta=2.0"), concept).fingerprint != esd
+    assert method_stage(sd("method=esd-x", "mask.ratio=0.3"), concept).fingerprint == esd
+
+
+def test_ddpm_erase_fingerprint_reads_sampling_settings_only_where_training_does():
+    base = load(None, [])
+    other = load(None, ["sample.steps=7", "eval.samples_per_class=3", "unlearn.checkpoint_every=9"])
+    assert erase_stage(base, "salun").fingerprint == erase_stage(other, "salun").fingerprint
+    assert erase_stage(base, "esd").fingerprint != erase_stage(other, "esd").fingerprint  # ESD samples x_t with DDIM
+
+
+def test_a_new_field_joins_the_fingerprint_without_being_listed():
+    config = Config()
+    fp = config_fingerprint(config, ("unlearn",))
+    config.unlearn.mask.batch_size += 1
+    assert config_fingerprint(config, ("unlearn",)) != fp
+
+
+def test_run_reuses_and_refuses(tmp_path):
+    config = Config()
+    calls = []
+    stage = Stage(tmp_path / "s", "fp1")
+    assert stage.run(config, lambda: calls.append(1) or {"n": 1}) is True
+    assert Stage(tmp_path / "s", "fp1").run(config, lambda: calls.append(2) or {}) is False
+    assert calls == [1]
+    with pytest.raises(ErasureError, match="different settings"):
+        Stage(tmp_path / "s", "fp2").done()
+
+
+def test_a_run_from_an_older_fingerprint_scheme_says_so(tmp_path):
+    (tmp_path / "done.json").write_text(json.dumps({"fingerprint": "0123456789abcdef"}))
+    with pytest.raises(ErasureError, match="older version of erasure"):
+        Stage(tmp_path, "fedcba9876543210").done()
