@@ -91,3 +91,17 @@ def test_stages_with_different_precisions_share_one_process(tmp_path):
 def test_fp16_training_is_refused_clearly():
     with pytest.raises(ErasureError, match="fp16"):
         make_accelerator(DEVICE, "fp16")
+
+
+def test_compiled_training_keeps_masked_weights_and_checkpoint_keys(tmp_path):
+    """train(compile=True) compiles in place: same state-dict keys, the mask still holds bit for bit."""
+    model = net()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    mask = Mask.from_scores(model, {n: torch.rand_like(p) for n, p in model.named_parameters()}, 0.5)
+    settings = LoopSettings(steps=3, lr=1e-2, compile=True, weight_decay=0.1)
+    trained, _ = train(model, make_step_loss(), settings, tmp_path, make_accelerator(DEVICE), constraint_mask=mask)
+    assert set(trained.state_dict()) == set(base)
+    for n, p in trained.named_parameters():
+        keep = mask.tensors[n]
+        assert torch.equal(p.detach().cpu()[~keep], base[n][~keep])
+        assert not torch.equal(p.detach().cpu()[keep], base[n][keep])

@@ -71,6 +71,7 @@ class SDTrainConfig:
     grad_clip: float | None = 1.0
     weight_decay: float = 0.0
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"  # auto: on only where the step would not fit in GPU memory
+    compile: bool = False  # torch.compile the UNet (about 2 min to compile the SD v1.4 UNet on an H100)
     checkpoint_every: int = 50
     log_every: int = 10
     seed: int = 0
