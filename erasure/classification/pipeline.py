@@ -6,6 +6,7 @@ Layout of ``{workdir}``:
     original/             the model trained on all of train (model.safetensors, log.csv, done.json)
     {method}/             one per method: model.safetensors (+ mask.safetensors for salun), done.json
     results.json results.md
+    sweep/{point}/{method}/   a sweep's runs (see :mod:`erasure.classification.sweep`), with sweep.json sweep.md
 
 Every folder is a :class:`erasure.runs.Stage`: a finished one with the same settings is
 reused, an interrupted one resumes from its checkpoint, and one finished with other
