@@ -64,41 +64,77 @@ class RecipeConfig:
 class StepsConfig:
     """An unlearning method that trains for some epochs at a constant lr."""
 
-    epochs: int = 5
+    epochs: int = 10
     lr: float = 0.01
+
+
+# How RL (and SalUn) schedule the forget set with random labels and the retain set:
+#   passes       the reference's CIFAR-10 branch: each epoch, a pass over the forget set with labels
+#                drawn uniformly over all classes (the true one included) afresh for every batch,
+#                then a pass over the retain set with true labels.
+#   mixed        the reference's CIFAR-100 / TinyImageNet branch: one shuffled mix of both sets, the
+#                forget labels drawn uniformly over all classes once per epoch.
+#   mixed_fixed  erasure's old behaviour: one shuffled mix, forget labels drawn once for the whole run
+#                and never the true class (they get memorized; kept only for comparison).
+RLSchedule = Literal["passes", "mixed", "mixed_fixed"]
+
+
+@dataclass
+class RLConfig:
+    """RL: random labels on the forget set, true labels on the retain set."""
+
+    epochs: int = 10
+    lr: float = 0.01
+    schedule: RLSchedule = "passes"
 
 
 @dataclass
 class L1Config:
-    """FT plus gamma * ||theta||_1, gamma decaying linearly to 0 over the epochs."""
+    """FT plus gamma * ||theta||_1; gamma decays linearly, constant within an epoch (the reference's schedule).
 
-    epochs: int = 5
+    In epoch e (0-based) of E, gamma_e = gamma * (1 - e / (E - no_l1_epochs)) while
+    e < E - no_l1_epochs, else 0; so with no_l1_epochs = 0 the last epoch uses gamma / E.
+    """
+
+    epochs: int = 10
     lr: float = 0.01
     gamma: float = 5e-4
+    no_l1_epochs: int = 0  # trailing epochs without the l1 term (the reference's --no-l1-epochs, default 0)
 
 
 @dataclass
 class SalUnConfig:
     """RL restricted to the weights most salient to the forget set."""
 
-    epochs: int = 5
+    epochs: int = 10
     lr: float = 0.013
     ratio: float = 0.5  # fraction of weights that may change
     per_layer: bool = False
+    schedule: RLSchedule = "passes"  # see RLSchedule
 
 
 @dataclass
 class IUConfig:
-    """Influence unlearning: one Newton step with a WoodFisher (empirical Fisher) inverse."""
+    """Influence unlearning: theta += alpha * F^-1 v, with v = (n_f / n) (mean forget gradient - mean retain gradient).
 
-    alpha: float = 1e-5  # step size; depends on the model, tune it (the reference grid-searches it)
-    samples: int = 128  # per-sample retain gradients in the Fisher
-    damping: float = 1.0  # lambda in F = lambda * I + G^T G / samples, in units of F's mean diagonal
+    F = damping * I + (1 / samples) * sum of g g^T over per-sample retain gradients g (the
+    empirical Fisher WoodFisher estimates). ``solver`` picks how F^-1 v is computed:
+      reference  the reference's recursion as written (streaming, O(P) memory, samples + 2
+                 gradients read). Its running vector is only ever rescaled, so the result is
+                 v minus a multiple of the first sample's gradient: in effect alpha * v.
+      woodbury   the exact F^-1 v by the Woodbury identity (an N x N solve; N x P memory).
+    """
+
+    alpha: float = 0.2  # step size; the reference's --alpha default, grid-searched per model in its papers
+    samples: int = 1000  # N: the reference's WoodFisher uses N = 1000
+    damping: float = 1.0  # lambda
+    damping_scale: Literal["absolute", "mean_diagonal"] = "absolute"  # mean_diagonal: lambda * F's mean diagonal entry
+    solver: Literal["reference", "woodbury"] = "reference"
 
 
 @dataclass
 class UnlearnConfig:
-    """The methods of the table and their settings."""
+    """The methods of the table and their settings (defaults: the reference's CIFAR-10 settings)."""
 
     methods: list[str] = field(default_factory=lambda: ["retrain", "ft", "rl", "ga", "iu", "l1", "salun"])
     batch_size: int = 128
@@ -107,12 +143,25 @@ class UnlearnConfig:
     augment: bool = False
     checkpoint_every: int = 0  # epochs; 0: only on interruption
     seed: int = 0
-    ft: StepsConfig = field(default_factory=lambda: StepsConfig(epochs=5, lr=0.01))
-    rl: StepsConfig = field(default_factory=lambda: StepsConfig(epochs=5, lr=0.01))
-    ga: StepsConfig = field(default_factory=lambda: StepsConfig(epochs=3, lr=1e-3))
+    ft: StepsConfig = field(default_factory=lambda: StepsConfig(epochs=10, lr=0.01))
+    rl: RLConfig = field(default_factory=RLConfig)
+    ga: StepsConfig = field(default_factory=lambda: StepsConfig(epochs=5, lr=1e-4))  # the reference grid: lr 1e-4 .. 1e-3
     l1: L1Config = field(default_factory=L1Config)
     salun: SalUnConfig = field(default_factory=SalUnConfig)
     iu: IUConfig = field(default_factory=IUConfig)
+
+
+@dataclass
+class SweepConfig:
+    """A grid over method settings, run against one original model and one Retrain.
+
+    Each entry is ``key=v1,v2,...`` with ``key`` under ``unlearn.`` (e.g.
+    ``unlearn.salun.lr=0.005,0.01,0.013,0.02``); the grid is their Cartesian product. For
+    each method the run with the smallest average gap to Retrain is selected (ties: the
+    first in grid order).
+    """
+
+    grid: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -123,6 +172,9 @@ class ClassificationConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # bf16 autocast; fp16 would need loss scaling
     eval_batch_size: int = 512
+    # fp32: metrics (and the MIA's confidences) from fp32 forward passes, as in the reference;
+    # autocast: under the training precision (bf16 confidences near 1 are coarse and move the MIA).
+    eval_precision: Literal["fp32", "autocast"] = "fp32"
     data: DataConfig = field(default_factory=DataConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     forget: ForgetConfig = field(default_factory=ForgetConfig)
@@ -130,6 +182,7 @@ class ClassificationConfig:
     train: RecipeConfig = field(default_factory=RecipeConfig)  # the original model
     retrain: RecipeConfig = field(default_factory=RecipeConfig)  # Retrain (the gold standard)
     unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def validate(self) -> None:
         """Checks that span keys, so that a bad value fails before any work starts."""
@@ -153,5 +206,14 @@ class ClassificationConfig:
                 raise ErasureError(f"{key}.epochs and {key}.batch_size must be positive.")
             if recipe.schedule == "multistep" and any(not 0 < m < recipe.epochs for m in recipe.milestones):
                 raise ErasureError(f"{key}.milestones {recipe.milestones} must lie between 0 and {key}.epochs={recipe.epochs}.")
+        l1 = self.unlearn.l1
+        if not 0 <= l1.no_l1_epochs <= l1.epochs:
+            raise ErasureError(f"unlearn.l1.no_l1_epochs={l1.no_l1_epochs} must lie in [0, unlearn.l1.epochs={l1.epochs}].")
+        if self.unlearn.iu.samples < 1 or self.unlearn.iu.damping <= 0:
+            raise ErasureError("unlearn.iu.samples and unlearn.iu.damping must be positive.")
+        if self.sweep.grid:
+            from erasure.classification.sweep import grid_points
+
+            grid_points(self)  # builds and checks every point, so a misspelt key fails before any work
         if self.model.width < 1:
             raise ErasureError("model.width must be positive.")

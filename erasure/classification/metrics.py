@@ -5,6 +5,8 @@
   on one feature, the softmax confidence of the true label, is fit with retain samples
   (as many as the test set, seeded) as members and the test set as non-members, then
   applied to the forget set; efficacy = 100 * (1 - the fraction predicted member).
+  Confidences come from fp32 forward passes (the reference evaluates in fp32; bf16 logits
+  would quantize confidences near 1, exactly where members and non-members differ).
 - RTE = wall-clock minutes of the unlearning run itself (evaluation excluded).
 Each method's gap to Retrain is |metric - Retrain's metric| for UA, RA, TA and MIA, and
 the average gap is their mean.
@@ -38,13 +40,17 @@ class Predictions:
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int, accelerator: Accelerator) -> Predictions:
-    """Run ``model`` (eval mode) over uint8 images already on the device."""
+def predict(
+    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int, accelerator: Accelerator, autocast: bool = False
+) -> Predictions:
+    """Run ``model`` (eval mode) over uint8 images already on the device; in fp32 unless ``autocast``."""
     model.eval()
     correct, confidence = [], []
     for i in range(0, len(labels), batch_size):
         y = labels[i : i + batch_size]
-        with accelerator.autocast():
+        # An explicit fp32 region: the caller may sit inside an autocast context (e.g. the training loop's).
+        precision = accelerator.autocast() if autocast else torch.autocast(images.device.type, enabled=False)
+        with precision:
             logits = model(to_input(images[i : i + batch_size]))
         probs = logits.float().softmax(1)
         correct.append((probs.argmax(1) == y).cpu())
@@ -66,10 +72,15 @@ def mia_efficacy(retain_conf: torch.Tensor, test_conf: torch.Tensor, forget_conf
 
 
 def score(
-    model: torch.nn.Module, sets: dict[str, tuple[torch.Tensor, torch.Tensor]], batch_size: int, accelerator: Accelerator, seed: int = 0
+    model: torch.nn.Module,
+    sets: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    batch_size: int,
+    accelerator: Accelerator,
+    seed: int = 0,
+    autocast: bool = False,
 ) -> dict[str, float]:
     """UA, RA, TA, MIA (percent) of ``model``; class-wise runs add the forgotten class's test accuracy."""
-    p = {name: predict(model, x, y, batch_size, accelerator) for name, (x, y) in sets.items() if len(y)}
+    p = {name: predict(model, x, y, batch_size, accelerator, autocast) for name, (x, y) in sets.items() if len(y)}
     if any(not torch.isfinite(r.confidence).all() for r in p.values()):
         raise ErasureError("the model outputs NaN or inf; the method diverged (lower its lr, or unlearn.iu.alpha for IU).")
     out = {

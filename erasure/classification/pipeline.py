@@ -6,6 +6,7 @@ Layout of ``{workdir}``:
     original/             the model trained on all of train (model.safetensors, log.csv, done.json)
     {method}/             one per method: model.safetensors (+ mask.safetensors for salun), done.json
     results.json results.md
+    sweep/{point}/{method}/   a sweep's runs (see :mod:`erasure.classification.sweep`), with sweep.json sweep.md
 
 Every folder is a :class:`erasure.core.stages.Stage`: a finished one with the same settings is
 reused, an interrupted one resumes from its checkpoint, and one finished with other
@@ -44,8 +45,11 @@ def original_stage(config: ClassificationConfig) -> Stage:
     return Stage(Path(config.workdir) / "original", fingerprint(config.data, config.split, config.model, config.train))
 
 
-def method_stage(config: ClassificationConfig, method: str) -> Stage:
-    """One method's folder; its fingerprint covers what it reads, and only its own section of ``unlearn``."""
+def method_stage(config: ClassificationConfig, method: str, root: str | Path | None = None) -> Stage:
+    """One method's folder (under ``root``, default the workdir).
+
+    Its fingerprint covers what the method reads, and only its own section of ``unlearn``.
+    """
     if method == "retrain":
         fp = fingerprint(config.data, config.split, config.forget, config.model, config.retrain)
     else:
@@ -53,7 +57,7 @@ def method_stage(config: ClassificationConfig, method: str) -> Stage:
         common = {k: v for k, v in u.items() if k != "methods" and not isinstance(v, dict)}
         base = [to_dict(s) for s in (config.data, config.split, config.forget, config.model, config.train)]
         fp = _hash(base, common, method, u.get(method))
-    return Stage(Path(config.workdir) / method, fp)
+    return Stage(Path(root if root is not None else config.workdir) / method, fp)
 
 
 def load_split(config: ClassificationConfig, train_labels: torch.Tensor, test_labels: torch.Tensor) -> Split:
@@ -67,53 +71,78 @@ def load_split(config: ClassificationConfig, train_labels: torch.Tensor, test_la
     return split
 
 
-def run_table(config: ClassificationConfig, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Train (or reuse) the original model and every method in ``config.unlearn.methods``; return the table."""
-    workdir = Path(config.workdir)
-    accelerator = make_accelerator(config.device, config.mixed_precision)
-    dev = accelerator.device
-    train_data, test_data = load_data(config.data, "train"), load_data(config.data, "test")
-    split = load_split(config, train_data.labels, test_data.labels)
-    sets = {
-        "forget": (train_data.images[split.forget], train_data.labels[split.forget]),
-        "retain": (train_data.images[split.retain], train_data.labels[split.retain]),
-        "test": (test_data.images[split.test], test_data.labels[split.test]),
-        "test_forget": (test_data.images[split.test_forget], test_data.labels[split.test_forget]),
-    }
-    sets = {k: (x.to(dev), y.to(dev)) for k, (x, y) in sets.items()}
-    in_channels, k = train_data.shape[0], train_data.num_classes
-    sizes = {name: len(getattr(split, name)) for name in ("train", "val", "forget", "retain", "test", "test_forget")}
-    log(f"{config.data.name}: " + ", ".join(f"{name} {n}" for name, n in sizes.items()))
+class Experiment:
+    """The data, split and original model of a config, ready to run and score methods against.
 
-    def evaluate(model: torch.nn.Module) -> dict[str, float]:
-        return score(model, sets, config.eval_batch_size, accelerator, seed=config.split.seed)
+    Building it loads the data onto the device and trains (or reuses) the original model;
+    :meth:`run_method` then runs (or reuses) one method. A sweep builds one experiment and
+    runs every grid point against it, so the original model and Retrain are made once.
+    """
 
-    rows: dict[str, dict[str, float]] = {}
-    stage = original_stage(config)
-    if not stage.done():
-        log(f"[original] training -> {stage.folder}")
-        stage.begin(config)
-        start = time.time()
-        model = build_model(config, in_channels, k, config.train.seed).to(dev)
-        images, labels = train_data.images[split.train].to(dev), train_data.labels[split.train].to(dev)
-        model = fit(model, images, labels, config.train, stage.folder, accelerator, stage.fingerprint, desc="original")
-        minutes = (time.time() - start) / 60
-        del images, labels
-        save_model(model, stage.folder / "model.safetensors")
-        stage.finish({"train_minutes": minutes, "metrics": evaluate(model)})
-    rows["original"] = read_json(stage.folder / "done.json")["metrics"]
-    original = stage.folder / "model.safetensors"
+    def __init__(self, config: ClassificationConfig, log: Callable[[str], None] = print) -> None:
+        self.config, self.log = config, log
+        self.accelerator = make_accelerator(config.device, config.mixed_precision)
+        dev = self.accelerator.device
+        train_data, test_data = load_data(config.data, "train"), load_data(config.data, "test")
+        split = load_split(config, train_data.labels, test_data.labels)
+        sets = {
+            "forget": (train_data.images[split.forget], train_data.labels[split.forget]),
+            "retain": (train_data.images[split.retain], train_data.labels[split.retain]),
+            "test": (test_data.images[split.test], test_data.labels[split.test]),
+            "test_forget": (test_data.images[split.test_forget], test_data.labels[split.test_forget]),
+        }
+        self.sets = {k: (x.to(dev), y.to(dev)) for k, (x, y) in sets.items()}
+        self.in_channels, self.num_classes = train_data.shape[0], train_data.num_classes
+        self.sizes = {name: len(getattr(split, name)) for name in ("train", "val", "forget", "retain", "test", "test_forget")}
+        log(f"{config.data.name}: " + ", ".join(f"{name} {n}" for name, n in self.sizes.items()))
 
-    for name in config.unlearn.methods:
-        method_cls = get_method(name)
-        stage = method_stage(config, name)
+        stage = original_stage(config)
         if not stage.done():
-            log(f"[{name}] unlearning -> {stage.folder}")
+            log(f"[original] training -> {stage.folder}")
+            stage.begin(config)
+            start = time.time()
+            model = self.fresh_model(config.train.seed).to(dev)
+            images, labels = train_data.images[split.train].to(dev), train_data.labels[split.train].to(dev)
+            model = fit(model, images, labels, config.train, stage.folder, self.accelerator, stage.fingerprint, desc="original")
+            minutes = (time.time() - start) / 60
+            del images, labels
+            save_model(model, stage.folder / "model.safetensors")
+            stage.finish({"train_minutes": minutes, "metrics": self.evaluate(model), "eval_precision": config.eval_precision})
+        self.original = stage.folder / "model.safetensors"
+        self.original_metrics = self._metrics(stage)
+
+    def fresh_model(self, seed: int) -> torch.nn.Module:
+        """A newly initialized network of the config's architecture (seeded)."""
+        return build_model(self.config, self.in_channels, self.num_classes, seed)
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """UA, RA, TA, MIA of ``model`` on this experiment's sets."""
+        c = self.config
+        return score(model, self.sets, c.eval_batch_size, self.accelerator, seed=c.split.seed, autocast=c.eval_precision == "autocast")
+
+    def _metrics(self, stage: Stage) -> dict[str, float]:
+        """A finished stage's metrics; re-scored from its saved model if they were taken at another eval precision."""
+        done = read_json(stage.folder / "done.json")
+        if done.get("eval_precision", "autocast") != self.config.eval_precision:
+            model = load_weights(self.fresh_model(0), stage.folder / "model.safetensors").to(self.accelerator.device)
+            done.update(metrics=self.evaluate(model), eval_precision=self.config.eval_precision)
+            if self.accelerator.is_main_process:
+                write_json(stage.folder / "done.json", done)
+        return done["metrics"]
+
+    def run_method(self, config: ClassificationConfig, name: str, root: str | Path | None = None) -> dict[str, float]:
+        """Run (or reuse) method ``name`` with ``config``'s settings in ``root/name``; its metrics and RTE."""
+        dev = self.accelerator.device
+        stage = method_stage(config, name, root)
+        label = name if root is None else f"{Path(root).name}/{name}"
+        if not stage.done():
+            self.log(f"[{label}] unlearning -> {stage.folder}")
             stage.begin(config)
             resumed = (stage.checkpoint / "state.json").is_file()
-            model = load_weights(build_model(config, in_channels, k, config.train.seed), original).to(dev)
-            ctx = UnlearnContext(config, accelerator, stage.folder, stage.fingerprint, *sets["forget"], *sets["retain"], num_classes=k)
-            method = method_cls(ctx)
+            model = load_weights(self.fresh_model(config.train.seed), self.original).to(dev)
+            forget, retain = self.sets["forget"], self.sets["retain"]
+            ctx = UnlearnContext(config, self.accelerator, stage.folder, stage.fingerprint, *forget, *retain, num_classes=self.num_classes)
+            method = get_method(name)(ctx)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             start = time.time()
@@ -122,13 +151,22 @@ def run_table(config: ClassificationConfig, log: Callable[[str], None] = print) 
                 torch.cuda.synchronize()
             rte = (time.time() - start) / 60
             save_model(model, stage.folder / "model.safetensors")
-            stage.finish({"method": name, "rte_minutes": rte, "resumed": resumed, "metrics": evaluate(model), **method.info})
-        done = read_json(stage.folder / "done.json")
-        rows[name] = {**done["metrics"], "RTE": done["rte_minutes"]}
-        log(f"[{name}] " + "  ".join(f"{m} {v:.2f}" for m, v in rows[name].items()))
+            summary = {"method": name, "rte_minutes": rte, "resumed": resumed, "metrics": self.evaluate(model), **method.info}
+            stage.finish({**summary, "eval_precision": config.eval_precision})
+        row = {**self._metrics(stage), "RTE": read_json(stage.folder / "done.json")["rte_minutes"]}
+        self.log(f"[{label}] " + "  ".join(f"{m} {v:.2f}" for m, v in row.items()))
+        return row
 
+
+def run_table(config: ClassificationConfig, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Train (or reuse) the original model and every method in ``config.unlearn.methods``; return the table."""
+    workdir = Path(config.workdir)
+    experiment = Experiment(config, log)
+    rows: dict[str, dict[str, float]] = {"original": experiment.original_metrics}
+    for name in config.unlearn.methods:
+        rows[name] = experiment.run_method(config, name)
     table = make_table(rows)
-    report = {"workdir": str(workdir), "forget": to_dict(config.forget), "sizes": sizes, "table": table}
+    report = {"workdir": str(workdir), "forget": to_dict(config.forget), "sizes": experiment.sizes, "table": table}
     write_json(workdir / "results.json", report)
     write_text(workdir / "results.md", markdown(table))
     return table

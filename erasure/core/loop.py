@@ -204,7 +204,7 @@ def train(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if constraint is not None:
-                constraint.enforce()
+                constraint.enforce(optimizer)
             if ema is not None:
                 ema.step(params)
             bar.update(1)

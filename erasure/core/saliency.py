@@ -205,10 +205,21 @@ class MaskConstraint:
             self.hooks.append(p.register_hook(lambda grad, frozen=frozen: grad.masked_fill(frozen, 0)))
 
     @torch.no_grad()
-    def enforce(self) -> None:
-        """Restore every masked-out entry to its original value."""
+    def enforce(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Restore every masked-out entry to its original value; with ``optimizer``, zero its state there too.
+
+        SGD's weight decay enters the momentum buffer even where the gradient is zero, so
+        without the reset masked-out entries would carry a growing buffer (harmless to the
+        weights, which are restored, but it is not the reference's state and it would move
+        them if the mask were ever lifted). Every state tensor shaped like the weight
+        (momentum, Adam's moments) is zeroed at the masked-out entries.
+        """
         for p, frozen, original in self.entries:
             p.masked_scatter_(frozen, original)
+            if optimizer is not None:
+                for value in optimizer.state.get(p, {}).values():
+                    if torch.is_tensor(value) and value.shape == p.shape:
+                        value.masked_fill_(frozen, 0)
 
     def remove(self) -> None:
         """Detach the gradient hooks."""

@@ -11,7 +11,7 @@ import torch.nn as nn
 from accelerate import Accelerator
 
 from erasure.classification.config import ClassificationConfig, RecipeConfig
-from erasure.classification.train import LossFn, cross_entropy, fit
+from erasure.classification.train import LossFn, Pass, cross_entropy, fit_passes
 from erasure.core.registry import Registry
 from erasure.core.saliency import Mask
 
@@ -56,13 +56,17 @@ class UnlearnContext:
         mask: Mask | None = None,
         desc: str = "unlearning",
     ) -> nn.Module:
-        """Train ``model`` through the shared loop (resumable from this method's folder)."""
-        return fit(
-            model, images, labels, self.recipe(epochs, lr), self.folder, self.accelerator, self.fingerprint, loss_fn, mask, desc
-        )
+        """Train ``model`` on one set through the shared loop (resumable from this method's folder)."""
+        return self.fit_passes(model, [Pass(images, labels, loss_fn)], epochs, lr, mask, desc)
+
+    def fit_passes(
+        self, model: nn.Module, passes: list[Pass], epochs: int, lr: float, mask: Mask | None = None, desc: str = "unlearning"
+    ) -> nn.Module:
+        """Train ``model`` with every epoch running ``passes`` in order (e.g. RL's forget pass, then its retain pass)."""
+        return fit_passes(model, passes, self.recipe(epochs, lr), self.folder, self.accelerator, self.fingerprint, mask, desc)
 
     def random_labels(self, labels: torch.Tensor) -> torch.Tensor:
-        """A seeded random label for each image, never its true one."""
+        """A seeded random label for each image, never its true one (RL's ``mixed_fixed`` schedule only)."""
         g = torch.Generator().manual_seed(self.config.unlearn.seed)
         shift = torch.randint(1, self.num_classes, (len(labels),), generator=g).to(labels.device)
         return (labels + shift) % self.num_classes

@@ -2,6 +2,9 @@
 
 Saliency is |sum over forget batches of the gradient of -CE| (no per-batch clipping, as in
 the reference classifier code), thresholded globally to the top ``ratio`` of weights.
+Training is RL's schedule (by default: each epoch a forget pass with labels redrawn per
+batch, then a retain pass); after every optimizer step the masked-out weights are
+restored and their momentum zeroed (:class:`erasure.saliency.MaskConstraint`).
 """
 
 import torch
@@ -10,7 +13,7 @@ import torch.nn.functional as F
 
 from erasure.classification.data import to_input
 from erasure.classification.methods.base import Method, register
-from erasure.classification.methods.rl import relabeled
+from erasure.classification.methods.rl import rl_passes
 from erasure.core.saliency import Mask, accumulate_gradients
 from erasure.core.stages import Stage, shared_mask
 
@@ -36,4 +39,4 @@ class SalUn(Method):
         ctx, cfg = self.ctx, self.ctx.config.unlearn.salun
         mask = shared_mask(Stage(ctx.folder, ctx.fingerprint), ctx.accelerator, model, lambda: self.make_mask(model))
         self.info["mask_kept_fraction"] = mask.kept_fraction
-        return ctx.fit(model, *relabeled(ctx), cfg.epochs, cfg.lr, mask=mask, desc="salun")
+        return ctx.fit_passes(model, rl_passes(ctx, cfg.schedule), cfg.epochs, cfg.lr, mask=mask, desc="salun")

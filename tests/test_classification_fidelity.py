@@ -1,0 +1,384 @@
+"""Classification unlearning follows the reference protocols: each test pins one semantic (tiny, CPU)."""
+
+import csv
+import json
+import os
+import signal
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from erasure.classification.config import ClassificationConfig
+from erasure.classification.methods import UnlearnContext, get_method
+from erasure.classification.methods.iu import woodbury_solve, woodfisher_reference
+from erasure.classification.methods.l1 import l1_gamma
+from erasure.classification.methods.rl import rl_passes
+from erasure.classification.metrics import predict
+from erasure.classification.model import resnet18
+from erasure.classification.sweep import grid_points, parse_grid, select, swept_methods
+from erasure.classification.train import PassSchedule
+from erasure.cli import main
+from erasure.core.config import load_config
+from erasure.core.errors import ErasureError
+from erasure.core.io import load_checkpoint
+from erasure.core.loop import LoopSettings, make_accelerator, step_generator, train
+from erasure.core.saliency import Mask, MaskConstraint
+from tests.conftest import DEVICE
+from tests.test_classification import TINY_TABLE
+
+K = 4  # classes in the tiny data
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def labelled_context(folder, n_forget=40, n_retain=24, **overrides) -> tuple[UnlearnContext, torch.nn.Module]:
+    """Images whose pixels spell their true label: forget images hold the value y, retain images 128 + y.
+
+    So a batch seen by the model tells which set it came from and each image's true label.
+    """
+    opts = [*TINY_TABLE, "unlearn.batch_size=8", "unlearn.augment=false", *[f"{k}={v}" for k, v in overrides.items()]]
+    config = load_config(None, opts, schema=ClassificationConfig)
+    g = torch.Generator().manual_seed(0)
+    yf, yr = torch.randint(0, K, (n_forget,), generator=g), torch.randint(0, K, (n_retain,), generator=g)
+    xf = yf.to(torch.uint8)[:, None, None, None].expand(-1, 3, 8, 8).contiguous()
+    xr = (128 + yr).to(torch.uint8)[:, None, None, None].expand(-1, 3, 8, 8).contiguous()
+    ctx = UnlearnContext(config, make_accelerator(DEVICE), folder, "test", xf, yf, xr, yr, num_classes=K)
+    torch.manual_seed(0)
+    return ctx, resnet18(K, 3, width=4)
+
+
+def decode(x: torch.Tensor) -> torch.Tensor:
+    """The pixel value of each image of a model-range batch (constant images)."""
+    return ((x[:, 0, 0, 0] + 1) * 127.5).round().long()
+
+
+def schedule_batches(ctx: UnlearnContext, schedule: str, epochs: int, seed: int = 0) -> list:
+    passes = rl_passes(ctx, schedule)
+    plan = PassSchedule(passes, ctx.config.unlearn.batch_size, seed)
+    dev = torch.device("cpu")
+    return [plan.batch(s, step_generator(seed, s, 0, dev)) for s in range(epochs * plan.steps_per_epoch)], plan
+
+
+# ----------------------------------------------------------------------------- RL / SalUn schedule
+
+
+def test_rl_runs_a_forget_pass_then_a_retain_pass_each_epoch(tmp_path):
+    ctx, _ = labelled_context(tmp_path)  # 40 forget (5 batches of 8), 24 retain (3 batches)
+    batches, plan = schedule_batches(ctx, "passes", epochs=3)
+    assert plan.steps_per_epoch == 8
+    assert [b.pass_index for b in batches] == ([0] * 5 + [1] * 3) * 3
+    for epoch in range(3):
+        chunk = batches[epoch * 8 : (epoch + 1) * 8]
+        assert all(b.epoch == epoch for b in chunk)
+        assert sorted(torch.cat([b.indices for b in chunk[:5]]).tolist()) == list(range(40))  # each forget image once
+        assert sorted(torch.cat([b.indices for b in chunk[5:]]).tolist()) == list(range(24))  # each retain image once
+        for b in chunk[5:]:
+            assert torch.equal(b.labels, ctx.retain_labels[b.indices])  # retain pass: true labels
+
+
+def test_rl_forget_labels_are_redrawn_per_batch_over_all_classes(tmp_path):
+    ctx, _ = labelled_context(tmp_path)
+    batches, _ = schedule_batches(ctx, "passes", epochs=4)
+    forget = [b for b in batches if b.pass_index == 0]
+    drawn = torch.cat([b.labels for b in forget])
+    true = torch.cat([ctx.forget_labels[b.indices] for b in forget])
+    assert set(drawn.tolist()) == set(range(K))  # uniform over all classes ...
+    assert (drawn == true).any() and (drawn != true).any()  # ... the true class included
+    assert 0.1 < (drawn == true).float().mean() < 0.45  # about 1/K of the time
+    # Fresh labels every epoch: the same image gets independent draws.
+    per_epoch = []
+    for epoch in range(4):
+        labels = torch.empty(40, dtype=torch.long)
+        for b in forget[epoch * 5 : (epoch + 1) * 5]:
+            labels[b.indices] = b.labels
+        per_epoch.append(labels)
+    assert all(not torch.equal(per_epoch[0], other) for other in per_epoch[1:])
+    # Reproducible from (seed, step) alone, so a resumed run draws the same labels.
+    again, _ = schedule_batches(ctx, "passes", epochs=4)
+    assert all(torch.equal(a.labels, b.labels) and torch.equal(a.indices, b.indices) for a, b in zip(batches, again))
+    other_seed, _ = schedule_batches(ctx, "passes", epochs=4, seed=1)
+    assert not all(torch.equal(a.labels, b.labels) for a, b in zip(batches, other_seed))
+
+
+def test_named_mixed_schedules(tmp_path):
+    ctx, _ = labelled_context(tmp_path)
+    # mixed (the reference's CIFAR-100 branch): one shuffled mix, forget labels redrawn each epoch over all classes.
+    batches, plan = schedule_batches(ctx, "mixed", epochs=3)
+    assert plan.steps_per_epoch == 8 and {b.pass_index for b in batches} == {0}
+    epochs = []
+    for epoch in range(3):
+        labels = torch.empty(64, dtype=torch.long)
+        for b in batches[epoch * 8 : (epoch + 1) * 8]:
+            labels[b.indices] = b.labels
+        assert torch.equal(labels[40:], ctx.retain_labels)
+        epochs.append(labels[:40])
+    assert not torch.equal(epochs[0], epochs[1]) and (torch.stack(epochs) == ctx.forget_labels).any()
+    # mixed_fixed (erasure's old behaviour): drawn once, never the true class.
+    batches, _ = schedule_batches(ctx, "mixed_fixed", epochs=2)
+    seen = [torch.empty(64, dtype=torch.long) for _ in range(2)]
+    for b in batches:
+        seen[b.epoch][b.indices] = b.labels
+    assert torch.equal(seen[0], seen[1]) and not (seen[0][:40] == ctx.forget_labels).any()
+
+
+@pytest.mark.parametrize("name", ["rl", "salun"])
+def test_method_trains_forget_then_retain_with_fresh_labels(tmp_path, monkeypatch, name):
+    """End to end through the loop: what the model sees, step by step, with which labels."""
+    ctx, model = labelled_context(tmp_path, **{f"unlearn.{name}.epochs": 2})
+    seen: list[tuple[bool, torch.Tensor]] = []
+    labels: list[torch.Tensor] = []
+    model.register_forward_pre_hook(lambda m, args: seen.append((m.training, decode(args[0]))))
+    original_ce = F.cross_entropy
+
+    def spy(logits, target, *args, **kwargs):
+        labels.append(target.clone())
+        return original_ce(logits, target, *args, **kwargs)
+
+    monkeypatch.setattr(F, "cross_entropy", spy)
+    get_method(name)(ctx).run(model)
+    steps = [(pixels, y) for (training, pixels), y in zip(seen, labels) if training]  # SalUn's mask pass runs in eval mode
+    assert len(steps) == 2 * 8
+    kinds = ["retain" if (pixels >= 128).all() else "forget" if (pixels < 128).all() else "mixed" for pixels, _ in steps]
+    assert kinds == (["forget"] * 5 + ["retain"] * 3) * 2
+    forget_true = torch.cat([pixels for (pixels, _), k in zip(steps, kinds) if k == "forget"])
+    forget_drawn = torch.cat([y for (_, y), k in zip(steps, kinds) if k == "forget"])
+    assert (forget_drawn == forget_true).any() and (forget_drawn != forget_true).any()
+    for (pixels, y), k in zip(steps, kinds):
+        if k == "retain":
+            assert torch.equal(y, pixels - 128)
+
+
+def test_rl_resumes_bit_identically_after_an_interruption(tmp_path, monkeypatch):
+    """Labels come from the loop's per-step generator, so an interrupted RL run resumes onto the same trajectory."""
+    ctx, model = labelled_context(tmp_path / "straight", **{"unlearn.rl.epochs": 2})
+    straight = get_method("rl")(ctx).run(model).state_dict()
+
+    ctx, model = labelled_context(tmp_path / "resumed", **{"unlearn.rl.epochs": 2})
+    original_ce, calls = F.cross_entropy, []
+
+    def interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:  # mid-epoch, in the retain pass: what Ctrl-C or a cluster's SIGTERM does
+            os.kill(os.getpid(), signal.SIGINT)
+        return original_ce(*args, **kwargs)
+
+    monkeypatch.setattr(F, "cross_entropy", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        get_method("rl")(ctx).run(model)
+    assert '"step": 6' in (tmp_path / "resumed" / "checkpoint" / "state.json").read_text()
+    monkeypatch.setattr(F, "cross_entropy", original_ce)
+    ctx, model = labelled_context(tmp_path / "resumed", **{"unlearn.rl.epochs": 2})
+    resumed = get_method("rl")(ctx).run(model).state_dict()
+    for name, value in straight.items():
+        assert torch.equal(value, resumed[name]), name
+
+
+# ----------------------------------------------------------------------------- mask constraint
+
+
+def test_mask_constraint_restores_weights_and_zeroes_their_momentum():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    mask = Mask.random(model, 0.5, seed=0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    constraint = MaskConstraint(model, mask)
+    for _ in range(5):
+        F.cross_entropy(model(torch.randn(16, 6)), torch.randint(0, 3, (16,))).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        constraint.enforce(optimizer)
+    for n, p in model.named_parameters():
+        keep = mask.tensors[n]
+        assert torch.equal(p.detach()[~keep], before[n][~keep]), n  # bit-exact, weight decay included
+        buf = optimizer.state[p]["momentum_buffer"]
+        assert not buf[~keep].any(), n  # momentum of masked-out weights: zero
+        assert buf[keep].any() and not torch.equal(p.detach()[keep], before[n][keep]), n
+
+
+def test_loop_zeroes_momentum_of_masked_out_weights(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    mask = Mask.random(model, 0.3, seed=1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def step_loss(model, g, step):
+        return model(torch.randn(32, 4, generator=g)).pow(2).mean(), {}
+
+    settings = LoopSettings(steps=6, lr=0.05, grad_clip=None, weight_decay=0.1, optimizer="sgd", momentum=0.9, checkpoint_every=4)
+    out, _ = train(model, step_loss, settings, tmp_path, make_accelerator(DEVICE), constraint_mask=mask, fingerprint="m")
+    state = load_checkpoint(tmp_path / "checkpoint")  # written at step 4, kept by the loop
+    names = [n for n, _ in out.named_parameters()]
+    for i, n in enumerate(names):
+        keep = mask.tensors[n]
+        assert not state["optimizer"]["state"][i]["momentum_buffer"][~keep].any(), n
+        assert torch.equal(out.state_dict()[n][~keep], before[n][~keep]), n
+
+
+# ----------------------------------------------------------------------------- l1, IU, MIA
+
+
+def test_l1_gamma_decays_linearly_per_epoch_as_in_the_reference():
+    assert [l1_gamma(1.0, e, 10) for e in range(10)] == pytest.approx([1 - e / 10 for e in range(10)])  # last epoch: gamma / E
+    assert [l1_gamma(2.0, e, 5, no_l1_epochs=2) for e in range(5)] == pytest.approx([2.0, 2 * 2 / 3, 2 / 3, 0.0, 0.0])
+
+
+def test_l1_method_trains_with_the_scheduled_gamma(tmp_path):
+    ctx, model = labelled_context(tmp_path, **{"unlearn.l1.epochs": 3, "unlearn.l1.gamma": 1e-3})
+    get_method("l1")(ctx).run(model)
+    rows = list(csv.DictReader((tmp_path / "log.csv").open()))
+    spe = 3  # 24 retain images, batch 8
+    assert len(rows) == 3 * spe
+    for row in rows:
+        assert float(row["gamma"]) == pytest.approx(l1_gamma(1e-3, int(row["step"]) // spe, 3))
+
+
+def test_iu_reference_recursion_and_exact_woodbury():
+    g = torch.Generator().manual_seed(0)
+    v, G = torch.randn(7, generator=g, dtype=torch.float64), torch.randn(5, 7, generator=g, dtype=torch.float64)
+    # The reference recursion only ever subtracts multiples of the first gradient from v.
+    k = woodfisher_reference(v, iter(G), n=3)
+    diff = k - v
+    assert torch.allclose(diff, (diff @ G[0]) / (G[0] @ G[0]) * G[0], atol=1e-10) and diff.abs().max() > 1e-6
+    # The second gradient's update, written out.
+    t = G[0] @ G[1]
+    assert torch.allclose(woodfisher_reference(v, iter(G[:2]), n=3), v - (v @ G[1]) / (3 + t) * G[0])
+    # It reads at most n + 2 gradients.
+    assert torch.equal(woodfisher_reference(v, iter(G), n=2), woodfisher_reference(v, iter(G[:4]), n=2))
+    # Woodbury: the exact inverse of lambda I + G^T G / N.
+    fisher = 0.5 * torch.eye(7, dtype=torch.float64) + G.T @ G / 5
+    assert torch.allclose(woodbury_solve(v.float(), G.float(), 0.5).double(), torch.linalg.solve(fisher, v), atol=1e-4)
+
+
+def test_iu_solvers_run(tmp_path):
+    for solver in ("reference", "woodbury"):
+        ctx, model = labelled_context(tmp_path / solver, **{"unlearn.iu.solver": solver, "unlearn.iu.alpha": 1.0})
+        method = get_method("iu")(ctx)
+        method.run(model)
+        assert method.info["iu_solver"] == solver and method.info["iu_step_norm"] > 0
+    ctx, model = labelled_context(tmp_path / "bad", **{"unlearn.iu.damping": 0.5})
+    with pytest.raises(ErasureError, match="lambda = 1"):
+        get_method("iu")(ctx).run(model)
+
+
+class _FakeAccelerator:
+    """Only what predict() uses: an autocast context in bf16, as a GPU run's accelerator gives."""
+
+    def autocast(self):
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def test_metrics_and_mia_use_fp32_outputs():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, K))
+    dtypes: list[torch.dtype] = []
+    model.register_forward_hook(lambda m, args, out: dtypes.append(out.dtype))
+    images = torch.randint(0, 256, (20, 3, 8, 8), dtype=torch.uint8)
+    labels = torch.randint(0, K, (20,))
+    expected = model(images.float().div(127.5).sub(1)).softmax(1).gather(1, labels[:, None]).squeeze(1)
+    dtypes.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # even inside a mixed-precision region
+        p = predict(model, images, labels, 8, _FakeAccelerator())
+    assert set(dtypes) == {torch.float32}
+    assert torch.equal(p.confidence, expected.detach())
+    dtypes.clear()
+    predict(model, images, labels, 8, _FakeAccelerator(), autocast=True)  # the named option
+    assert set(dtypes) == {torch.bfloat16}
+
+
+def test_config_defaults_are_the_reference_settings():
+    u = ClassificationConfig().unlearn
+    assert (u.ft.epochs, u.ft.lr) == (10, 0.01)
+    assert (u.rl.epochs, u.rl.schedule) == (10, "passes")
+    assert (u.ga.epochs, u.ga.lr) == (5, 1e-4)
+    assert (u.salun.epochs, u.salun.lr, u.salun.ratio, u.salun.schedule, u.salun.per_layer) == (10, 0.013, 0.5, "passes", False)
+    assert (u.l1.epochs, u.l1.lr, u.l1.no_l1_epochs) == (10, 0.01, 0)
+    assert (u.iu.solver, u.iu.samples, u.iu.damping, u.iu.damping_scale) == ("reference", 1000, 1.0, "absolute")
+    assert ClassificationConfig().eval_precision == "fp32"
+
+
+@pytest.mark.parametrize("path", ["cifar10_random10", "cifar10_random50", "cifar10_class"])
+def test_setting_configs_follow_the_reference(path):
+    c = load_config(f"configs/classification/{path}.yaml", schema=ClassificationConfig)
+    assert c.split.val_size == 5000 and c.model.width == 64
+    assert (c.train.epochs, c.train.lr, c.train.batch_size, c.train.milestones, c.train.schedule) == (182, 0.1, 256, [91, 136], "multistep")
+    assert (c.retrain.epochs, c.retrain.lr, c.retrain.schedule) == (160, 0.1, "multistep")
+    assert c.unlearn.rl.schedule == c.unlearn.salun.schedule == "passes" and c.eval_precision == "fp32"
+    assert (c.unlearn.salun.epochs, c.unlearn.salun.lr, c.unlearn.salun.ratio) == (10, 0.013, 0.5)
+    assert (c.unlearn.ft.epochs, c.unlearn.ft.lr, c.unlearn.ga.epochs) == (10, 0.01, 5)
+    forget = (c.forget.kind, c.forget.fraction if c.forget.kind == "random" else c.forget.class_index)
+    assert forget == {"cifar10_random10": ("random", 0.1), "cifar10_random50": ("random", 0.5), "cifar10_class": ("class", 0)}[path]
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+
+def test_sweep_grid_parsing_and_points():
+    assert parse_grid(["unlearn.salun.lr=0.005,0.01", "unlearn.salun.ratio=0.3,0.5"]) == [
+        ("unlearn.salun.lr", ["0.005", "0.01"]),
+        ("unlearn.salun.ratio", ["0.3", "0.5"]),
+    ]
+    config = load_config(None, ["sweep.grid=['unlearn.salun.lr=0.005,0.01','unlearn.ga.lr=1e-4,1e-3']"], schema=ClassificationConfig)
+    points = grid_points(config)
+    assert [label for label, _ in points] == [
+        "salun.lr=0.005,ga.lr=1e-4",
+        "salun.lr=0.005,ga.lr=1e-3",
+        "salun.lr=0.01,ga.lr=1e-4",
+        "salun.lr=0.01,ga.lr=1e-3",
+    ]
+    assert [(p.unlearn.salun.lr, p.unlearn.ga.lr) for _, p in points] == [(0.005, 1e-4), (0.005, 1e-3), (0.01, 1e-4), (0.01, 1e-3)]
+    assert swept_methods(config) == ["ga", "salun"]
+    common = load_config(None, ["sweep.grid=['unlearn.batch_size=8,16']"], schema=ClassificationConfig)
+    assert swept_methods(common) == ["ft", "rl", "ga", "iu", "l1", "salun"]
+    for bad, message in [
+        ("train.lr=0.1,0.2", "not an unlearning setting"),
+        ("unlearn.methods=ft", "not an unlearning setting"),
+        ("unlearn.sallun.lr=0.1", "unknown classification-unlearning method"),
+        ("unlearn.salun.lr", "key=v1,v2"),
+        ("unlearn.salun.lrr=0.1", "unknown config key 'unlearn.salun.lrr'"),
+    ]:
+        with pytest.raises(ErasureError, match=message):
+            load_config(None, [f"sweep.grid=['{bad}']"], schema=ClassificationConfig)
+
+
+def test_select_takes_the_smallest_average_gap_first_on_ties():
+    rows = [
+        {"method": "a", "base_method": "salun", "point": "p1", "avg_gap": 2.0},
+        {"method": "b", "base_method": "salun", "point": "p2", "avg_gap": 1.0},
+        {"method": "c", "base_method": "salun", "point": "p3", "avg_gap": 1.0},
+        {"method": "retrain", "avg_gap": 0.0},
+    ]
+    assert select(rows)["salun"]["point"] == "p2"
+
+
+def test_cli_sweep_runs_resumably_and_writes_the_table(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    args = ["unlearn-classifier", "--workdir", str(workdir), *TINY_TABLE, "unlearn.methods=[retrain,salun]"]
+    assert main([*args, "--sweep", "unlearn.salun.lr=0.005,0.02"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((workdir / "sweep.json").read_text())
+    methods = [row["method"] for row in report["table"]]
+    assert methods == ["original", "retrain", "salun [salun.lr=0.005]", "salun [salun.lr=0.02]"]
+    runs = report["table"][2:]
+    best = min(runs, key=lambda r: r["avg_gap"])
+    assert report["selected"] == {"salun": {"point": best["point"], "avg_gap": best["avg_gap"]}}
+    assert all((workdir / "sweep" / r["point"] / "salun" / "mask.safetensors").is_file() for r in runs)
+    md = (workdir / "sweep.md").read_text()
+    assert "smallest average gap to Retrain" in md and md in out
+
+    # A rerun reuses every run; the same grid given in the config is the same sweep.
+    stamps = {p: p.stat().st_mtime_ns for p in workdir.rglob("model.safetensors")}
+    assert main([*args, "sweep.grid=['unlearn.salun.lr=0.005,0.02']"]) == 0
+    assert "unlearning ->" not in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in workdir.rglob("model.safetensors")} == stamps
+    # Extending the grid runs only the new point.
+    assert main([*args, "--sweep", "unlearn.salun.lr=0.005,0.02,0.01"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("unlearning ->") == 1 and "salun.lr=0.01/salun] unlearning" in out
