@@ -7,7 +7,10 @@ training loop (``erasure.core.loop.train``) for every combination of
 
 - phase: the SalUn mask pass, the SalUn fine-tune step, ESD-x, FMN;
 - batch size (default 1, 4, 8) at a resolution (default 512 px, i.e. 64x64 latents);
-- precision: fp32 ("no") or bf16 autocast; gradient checkpointing on or off.
+- precision: fp32 ("no") or bf16 autocast; gradient checkpointing on or off;
+  ``torch.compile`` off or on (its compile time is reported separately). On a GPU the
+  UNet is channels-last, as ``erasure sd erase`` runs it; the fp32 eager row is the
+  reference regime every speed-up is compared with, measured in the same run.
 
 Latents and text embeddings are random (the step cost does not depend on their values).
 FLOPs per step are counted with ``torch.utils.flop_counter`` on one forward+backward
@@ -81,7 +84,14 @@ def setup(args: argparse.Namespace, pipe: StableDiffusionPipeline, base: UNet2DC
 
 
 def measure(
-    args: argparse.Namespace, pipe: StableDiffusionPipeline, base: UNet2DConditionModel, phase: str, batch: int, precision: str, ckpt: bool
+    args: argparse.Namespace,
+    pipe: StableDiffusionPipeline,
+    base: UNet2DConditionModel,
+    phase: str,
+    batch: int,
+    precision: str,
+    ckpt: bool,
+    compiled: bool = False,
 ) -> dict:
     """Time one setting: seconds per step and peak GPU memory."""
     AcceleratorState._reset_state(True)  # a fresh Accelerator per precision in one process
@@ -90,6 +100,10 @@ def measure(
     unet, method = setup(args, pipe, base, phase, batch, device)
     if ckpt:
         unet.enable_gradient_checkpointing()
+    if device.type == "cuda":
+        unet = unet.to(memory_format=torch.channels_last)  # as erasure.sd.pipeline.erase runs it
+    if compiled and phase == "salun-mask":
+        unet.compile()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -116,18 +130,23 @@ def measure(
             starts.append(time.perf_counter())
             return method.loss(m, g)
 
-        settings = LoopSettings(steps=total, lr=1e-5, grad_clip=1.0, log_every=1000, desc=f"{phase} b{batch}")
+        clip = method.ctx.config.train.grad_clip  # what the shipped config does
+        settings = LoopSettings(steps=total, lr=1e-5, grad_clip=clip, log_every=1000, compile=compiled, desc=f"{phase} b{batch}")
         with tempfile.TemporaryDirectory() as folder:
             train(unet, step_loss, settings, folder, accelerator)
         sync()
         starts.append(time.perf_counter())
-    times = [b - a for a, b in zip(starts, starts[1:])][args.warmup_steps :]
+    times = [b - a for a, b in zip(starts, starts[1:])]
+    first_step = times[0]  # includes compilation when compiled
+    times = times[args.warmup_steps :]
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     result = {
         "phase": phase,
         "batch_size": batch,
         "precision": "bf16" if precision == "bf16" else "fp32",
         "gradient_checkpointing": ckpt,
+        "compiled": compiled,
+        "first_step_seconds": round(first_step, 2),
         "seconds_per_step": round(statistics.mean(times), 4),
         "seconds_per_step_all": [round(t, 4) for t in times],
         "peak_memory_gib": round(peak, 2) if peak is not None else None,
@@ -160,6 +179,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--precisions", nargs="+", default=["no", "bf16"], choices=["no", "bf16"])
     parser.add_argument("--checkpointing", nargs="+", default=["on", "off"], choices=["on", "off"])
+    parser.add_argument("--compile", nargs="+", default=["off"], choices=["on", "off"], help="torch.compile the UNet (default off)")
     parser.add_argument("--phases", nargs="+", default=["salun-mask", "salun", "esd-x", "fmn"])
     parser.add_argument("--esd-ddim-steps", type=int, default=50, help="length of ESD's sampling trajectory (the reference uses 50)")
     parser.add_argument("--warmup-steps", type=int, default=2)
@@ -184,9 +204,9 @@ def main() -> None:
     for phase in args.phases:
         for batch in args.batch_sizes:
             for precision in args.precisions:
-                for ckpt in args.checkpointing:
+                for ckpt, compiled in [(c, k) for c in args.checkpointing for k in args.compile]:
                     try:
-                        row = measure(args, pipe, base, phase, batch, precision, ckpt == "on")
+                        row = measure(args, pipe, base, phase, batch, precision, ckpt == "on", compiled == "on")
                     except torch.OutOfMemoryError:
                         row = {"phase": phase, "batch_size": batch, "precision": precision, "checkpointing": ckpt, "error": "out of memory"}
                         pipe.unet = base
