@@ -41,8 +41,10 @@ def erase_stage(config: Config, method: str) -> Stage:
     """Where erasing ``config.unlearn.forget_class`` with ``method`` lives."""
     folder = Path(config.workdir) / "erase" / f"{method}-forget{config.unlearn.forget_class}"
     # The method is in the folder name; unlearn.method (the default for `erase`) must not change the fingerprint.
+    # Sampling settings are left out: erasure does not read them, so evaluating under another
+    # sampling protocol (sample.protocol=reference) reuses the finished erasures.
     unlearn = dataclasses.replace(config.unlearn, method=method)
-    return Stage(folder, fingerprint(config.data, config.model, config.train, unlearn, config.sample))
+    return Stage(folder, fingerprint(config.data, config.model, config.train, unlearn))
 
 
 def finished_base(config: Config) -> Path:
