@@ -79,9 +79,13 @@ def training_sets(
                 ]
                 generate(pipe, items, stage.folder / "images", config.model.pretrained, gen.scheduler, gen.batch_size, f"generating {name}")
             if state.is_main_process:  # only the main process reads the images and encodes the latents
-                images = load_image_folder(real or stage.folder / "images", size)
-                latents = encode_images(pipe, images).cpu()
-                index = torch.arange(len(latents)) % len(prompts)
+                if isinstance(real, list):  # one folder per prompt (a class set's real images)
+                    parts = [encode_images(pipe, load_image_folder(folder, size)).cpu() for folder in real]
+                    latents = torch.cat(parts)
+                    index = torch.cat([torch.full((len(p),), k) for k, p in enumerate(parts)])
+                else:
+                    latents = encode_images(pipe, load_image_folder(real or stage.folder / "images", size)).cpu()
+                    index = torch.arange(len(latents)) % len(prompts)
                 save_tensors(stage.folder / "latents.safetensors", {"latents": latents, "prompt_index": index})
                 stage.finish({"images": len(latents), "prompts": len(prompts), "resolution": size, "source": real or "generated"})
             state.wait_for_everyone()
