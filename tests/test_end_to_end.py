@@ -20,7 +20,7 @@ def run(tmp_path_factory):
     args = [*TINY, f"workdir={workdir}"]
     assert main(["train-ddpm", *args]) == 0
     assert main(["train-classifier", *args]) == 0
-    assert main(["erase", "--method", "salun", "--method", "rl", "--method", "random", "--method", "esd", *args]) == 0
+    assert main(["erase", "--method", "salun", "--method", "rl", "--method", "random", "--method", "esd", "--method", "ga", *args]) == 0
     return workdir, args
 
 
@@ -61,7 +61,7 @@ def test_salun_and_random_masks_differ(run):
     assert any(not torch.equal(salun.tensors[n], random.tensors[n]) for n in salun.tensors)
 
 
-@pytest.mark.parametrize("method", ["rl", "esd"])
+@pytest.mark.parametrize("method", ["rl", "esd", "ga"])
 def test_unmasked_methods_train_and_save_no_mask(run, method):
     workdir, _ = run
     folder = workdir / "erase" / f"{method}-forget0"
@@ -88,6 +88,15 @@ def test_evaluate_writes_report_grid_and_resumes_from_cached_samples(run, capsys
         assert 0 <= scores["ua"] <= 1 and 0 <= scores["retained_accuracy"] <= 1
         assert scores["fid_retained"] >= 0 and len(scores["per_class_accuracy"]) == 10
     assert report["fid_features"] in ("classifier-features", "inception-2048")
+    # every result names how its images were sampled
+    sampling = report["protocol"]["sampling"]
+    assert {k: sampling[k] for k in ("protocol", "sampler", "steps", "eta", "guidance")} == {
+        "protocol": "fast",
+        "sampler": "ddim",
+        "steps": 4,
+        "eta": 0.0,
+        "guidance": 2.0,
+    }
     assert "| original |" in (workdir / "eval" / "report.md").read_text()
     grid = Image.open(workdir / "eval" / "grid.png")
     assert grid.width > grid.height / 10 * 2  # 3 columns of 2 images beside 10 rows

@@ -94,9 +94,27 @@ def test_esd_variants_train_only_their_weights(runs):
     changed = {m: changed_params(base, load_unet(str(folders[m] / "model"))) for m in ["esd-x", "esd-u", "esd-x-strict"]}
     assert changed["esd-x"] and all(".attn2." in n for n in changed["esd-x"])
     assert changed["esd-u"] and not any(".attn2." in n for n in changed["esd-u"])
+    # the original ESD-u also leaves the time embedding and the output norm/conv alone, but trains norms
+    assert not any(n.startswith(("time_embedding.", "conv_norm_out.", "conv_out.")) for n in changed["esd-u"])
+    assert any(".norm" in n for n in changed["esd-u"])
     assert changed["esd-x-strict"] and all(".attn2.to_k." in n or ".attn2.to_v." in n for n in changed["esd-x-strict"])
-    fmn = changed_params(base, load_unet(str(folders["fmn"] / "model")))
-    assert fmn and all(".attn2." in n for n in fmn)
+
+
+def test_fmn_trains_the_whole_unet_by_default_and_attn2_on_request(runs, tmp_path):
+    model, _, folders = runs
+    base = load_unet(str(model))
+    whole = changed_params(base, load_unet(str(folders["fmn"] / "model")))
+    assert any(".attn2." in n for n in whole) and any(".attn2." not in n for n in whole)
+    attn2 = erase(sd_config(model, tmp_path, "method=fmn", "fmn.params=attn2"))
+    only = changed_params(base, load_unet(str(attn2 / "model")))
+    assert only and all(".attn2." in n for n in only)
+
+
+def test_newer_esd_trains_linear_and_conv_weights_from_the_frozen_trajectory(tiny_model, tmp_path):
+    folder = erase(sd_config(tiny_model, tmp_path, "method=esd-u", "esd.params=linear", "esd.trajectory=frozen"))
+    changed = changed_params(load_unet(str(tiny_model)), load_unet(str(folder / "model")))
+    assert changed and not any(".attn2." in n or "norm" in n for n in changed)
+    assert any(n.startswith("time_embedding.") for n in changed)
 
 
 @pytest.mark.parametrize("method", ["salun", "esd-x"])

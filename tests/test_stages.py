@@ -22,7 +22,7 @@ def test_sd_fingerprint_covers_own_settings_not_other_methods():
     base = method_stage(sd(), concept).fingerprint
     assert method_stage(sd("mask.ratio=0.3"), concept).fingerprint != base  # SalUn's own section
     assert method_stage(sd("train.alpha=0.3"), concept).fingerprint != base
-    assert method_stage(sd("fmn.include_end_token=false"), concept).fingerprint == base  # another method's section
+    assert method_stage(sd("fmn.eot_positions=none"), concept).fingerprint == base  # another method's section
     assert method_stage(sd("esd.eta=2.0"), concept).fingerprint == base
     assert method_stage(sd("train.checkpoint_every=7", "train.log_every=3", "device=cpu"), concept).fingerprint == base
     esd = method_stage(sd("method=esd-x"), concept).fingerprint
@@ -30,11 +30,12 @@ def test_sd_fingerprint_covers_own_settings_not_other_methods():
     assert method_stage(sd("method=esd-x", "mask.ratio=0.3"), concept).fingerprint == esd
 
 
-def test_ddpm_erase_fingerprint_reads_sampling_settings_only_where_training_does():
+def test_ddpm_erase_fingerprint_ignores_evaluation_and_run_only_settings():
     base = load(None, [])
     other = load(None, ["sample.steps=7", "eval.samples_per_class=3", "unlearn.checkpoint_every=9"])
-    assert erase_stage(base, "salun").fingerprint == erase_stage(other, "salun").fingerprint
-    assert erase_stage(base, "esd").fingerprint != erase_stage(other, "esd").fingerprint  # ESD samples x_t with DDIM
+    for method in ("salun", "esd"):
+        assert erase_stage(base, method).fingerprint == erase_stage(other, method).fingerprint
+    assert erase_stage(base, "salun").fingerprint != erase_stage(load(None, ["unlearn.alpha=0.5"]), "salun").fingerprint
 
 
 def test_a_new_field_joins_the_fingerprint_without_being_listed():

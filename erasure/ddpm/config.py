@@ -54,13 +54,28 @@ class ClassifierConfig:
     seed: int = 0
 
 
+REFERENCE_SAMPLING = {"steps": 1000, "eta": 1.0}  # the SalUn DDPM sample.py defaults (--timesteps 1000 --eta 1)
+
+
 @dataclass
 class SampleConfig:
-    """DDIM sampling with classifier-free guidance: (1 + w) * cond - w * uncond."""
+    """DDIM sampling with classifier-free guidance: (1 + w) * cond - w * uncond.
 
+    ``protocol: fast`` (the default) uses ``steps`` and ``eta`` as set; ``protocol: reference``
+    samples as the SalUn DDPM code does (1000 steps, eta 1, i.e. ancestral sampling), which
+    is 40x slower than the fast default. Every report names the protocol it used.
+    """
+
+    protocol: Literal["fast", "reference"] = "fast"
     steps: int = 25
-    guidance: float = 2.0
+    guidance: float = 2.0  # the reference's cond_scale
     eta: float = 0.0
+
+    def resolved(self) -> tuple[int, float]:
+        """The (steps, eta) actually used."""
+        if self.protocol == "reference":
+            return REFERENCE_SAMPLING["steps"], REFERENCE_SAMPLING["eta"]
+        return self.steps, self.eta
 
 
 @dataclass
@@ -86,10 +101,22 @@ class UnlearnConfig:
     batch_size: int = 64  # per stream: this many forget and this many retain samples
     lr: float = 1e-3
     alpha: float = 1.0  # weight of the retain loss; both losses are per-element means
-    grad_clip: float = 1.0
+    # Classifier-free-guidance condition dropout during erasure, as in the reference
+    # ``saliency_unlearn``: its retain loss drops 10% of labels to the null class, which keeps
+    # the unconditional branch that guidance uses anchored to the retained data; its forget
+    # branch calls the model in train mode, where the same 10% dropout applies (drawn
+    # separately for the prediction and for the misaligned target). 0 disables either.
+    retain_cond_drop: float = 0.1
+    forget_cond_drop: float = 0.1
+    grad_clip: float | None = 1.0  # the reference clips the erasure gradient to norm 1; None: off
     checkpoint_every: int = 50
     seed: int = 0
-    esd_eta: float = 1.0  # ESD negative-guidance strength
+    esd_eta: float = 1.0  # ESD negative-guidance strength (original ESD: 1; the SalUn DDPM script's default: 7.5)
+    esd_ddim_steps: int = 50  # the DDIM grid ESD stops its trajectory on (reference: 50)
+    esd_guidance: float = 2.0  # guidance of that trajectory (the SalUn DDPM script's cond_scale)
+    # Which model draws ESD's intermediate x_t: the model being trained (original ESD and the
+    # SalUn DDPM script) or the frozen base (the newer diffusers ESD).
+    esd_trajectory: Literal["trained", "frozen"] = "trained"
     mask: MaskConfig = field(default_factory=MaskConfig)
 
 
@@ -123,6 +150,12 @@ class Config:
         """Checks that span keys, so that a bad value fails before any work starts."""
         if not 0.0 < self.unlearn.mask.ratio <= 1.0:
             raise ErasureError("unlearn.mask.ratio must lie in (0, 1].")
+        for name in ("retain_cond_drop", "forget_cond_drop"):
+            if not 0.0 <= getattr(self.unlearn, name) <= 1.0:
+                raise ErasureError(f"unlearn.{name} must lie in [0, 1].")
+        defaults = SampleConfig()
+        if self.sample.protocol == "reference" and (self.sample.steps, self.sample.eta) != (defaults.steps, defaults.eta):
+            raise ErasureError("sample.protocol=reference fixes steps=1000 and eta=1; leave sample.steps and sample.eta unset.")
         if self.unlearn.target_shift % 10 == 0:
             raise ErasureError("unlearn.target_shift must not map the forgotten class onto itself.")
         if not self.model.channels or any(c % self.model.norm_groups for c in self.model.channels):

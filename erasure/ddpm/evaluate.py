@@ -20,7 +20,7 @@ from erasure.core.data import load_data, to_uint8
 from erasure.core.errors import ErasureError
 from erasure.core.io import load_tensors, read_metadata, save_tensors
 from erasure.ddpm.config import Config
-from erasure.ddpm.model import load_scheduler, load_unet, sample
+from erasure.ddpm.model import load_scheduler, load_unet, sample, sampling_record
 from erasure.ddpm.pipeline import erase_stage, finished_base, judge_stage, load_judge, resolve_device
 from erasure.evaluation.grid import comparison_grid
 from erasure.evaluation.metrics.accuracy import per_class_accuracy, unlearning_scores
@@ -73,6 +73,8 @@ def evaluate(config: Config, methods: list[str] | None = None) -> dict[str, Any]
     models: dict[str, Any] = {}
     grid_columns: dict[str, torch.Tensor] = {}
     fid_name = ""
+    record = sampling_record(config.sample)
+    print(f"sampling: {record['protocol']} protocol, DDIM {record['steps']} steps, eta {record['eta']}, guidance w={record['guidance']}")
     for name, folder in folders.items():
         images = generate_cached(folder, labels, config, out / "samples" / f"{name}.safetensors", device)
         predicted = judge.predict(images)
@@ -95,7 +97,8 @@ def evaluate(config: Config, methods: list[str] | None = None) -> dict[str, Any]
         "classifier_test_accuracy": json.loads((judge_stage(config).folder / "done.json").read_text())["test_accuracy"],
         "protocol": {
             "samples_per_class": n,
-            "sampling_steps": config.sample.steps,
+            "sampling": record,
+            "sampling_steps": config.sample.resolved()[0],
             "guidance": config.sample.guidance,
             "seed": config.eval.seed,
             "fid_real_images": len(real_retained),

@@ -99,7 +99,8 @@ def sample(
     # No x0 clipping inside the loop: with guidance it collapses small models' samples
     # (demo base model, w = 2, 25 steps: 47% class-faithful with clipping, 100% without).
     scheduler = DDIMScheduler(num_train_timesteps=num_train_timesteps, clip_sample=False)
-    scheduler.set_timesteps(config.steps)
+    steps, eta = config.resolved()
+    scheduler.set_timesteps(steps)
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     null = null_class(unet)
     out = []
@@ -113,9 +114,22 @@ def sample(
         g = torch.Generator(device=device).manual_seed(seed + start)
         for t in scheduler.timesteps:
             e = guided_eps(unet, x, t.to(device), chunk, config.guidance, null)
-            x = scheduler.step(e, t, x, eta=config.eta, generator=g).prev_sample
+            x = scheduler.step(e, t, x, eta=eta, generator=g).prev_sample
         out.append(x.clamp(-1, 1).float().cpu())
     return torch.cat(out)
+
+
+def sampling_record(config: SampleConfig) -> dict[str, object]:
+    """What a result must say about how its images were sampled."""
+    steps, eta = config.resolved()
+    return {
+        "protocol": config.protocol,
+        "sampler": "ddim",
+        "steps": steps,
+        "eta": eta,
+        "guidance": config.guidance,
+        "guidance_form": "(1 + w) * eps(x, c) - w * eps(x, null)",
+    }
 
 
 def save_model(unet: UNet2DModel, scheduler: DDPMScheduler, folder: str | Path) -> None:

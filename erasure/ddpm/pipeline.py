@@ -40,9 +40,10 @@ def erase_stage(config: Config, method: str) -> Stage:
     """Where erasing ``config.unlearn.forget_class`` with ``method`` lives."""
     folder = Path(config.workdir) / "erase" / f"{method}-forget{config.unlearn.forget_class}"
     # The method is in the folder name; unlearn.method (the default for `erase`) must not change the fingerprint.
+    # Sampling settings are left out: erasure does not read them, so evaluating under another
+    # sampling protocol (sample.protocol=reference) reuses the finished erasures.
     config = dataclasses.replace(config, unlearn=dataclasses.replace(config.unlearn, method=method))
-    sections = ["data", "model", "train", "unlearn"] + (["sample"] if get_method(method).reads_sample else [])
-    return Stage(folder, config_fingerprint(config, sections))
+    return Stage(folder, config_fingerprint(config, ("data", "model", "train", "unlearn")))
 
 
 def finished_base(config: Config) -> Path:

@@ -68,7 +68,9 @@ class SDTrainConfig:
     batch_size: int = 8  # per process; SalUn draws this many forget and this many retain latents
     lr: float = 1e-5
     alpha: float = 0.1  # SalUn: weight of the retain loss
-    grad_clip: float | None = 1.0
+    # Off by default: neither the SalUn SD scripts nor ESD clip gradients (FMN does: its
+    # config sets 1.0). Set a norm to clip.
+    grad_clip: float | None = None
     weight_decay: float = 0.0
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"  # auto: on only where the step would not fit in GPU memory
     compile: bool = False  # torch.compile the UNet (about 2 min to compile the SD v1.4 UNet on an H100)
@@ -79,18 +81,38 @@ class SDTrainConfig:
 
 @dataclass
 class ESDConfig:
-    """ESD: negative guidance from a frozen copy, on latents from the model's own DDIM trajectory."""
+    """ESD: negative guidance from a frozen copy, on latents from a DDIM trajectory.
+
+    The defaults are the original ESD (CompVis ``train-esd.py``). The newer diffusers ESD
+    (``esd_sd.py``) is ``configs/sd/nudity_esd_diffusers.yaml``: eta 2, lr 5e-5, 200
+    iterations, ``params: linear``, ``trajectory: frozen``, bf16.
+    """
 
     eta: float = 1.0  # negative-guidance strength
     ddim_steps: int = 50
     start_guidance: float = 3.0  # guidance of the trajectory that produces x_t
+    # Which UNet weights esd-u and esd-all train. "compvis": the original's sets (esd-u = all
+    # but attn2, the time embedding and the output norm/conv; esd-all = every weight).
+    # "linear": esd_sd.py's (only Linear and Conv2d weights, so no norms; esd-u = those outside attn2).
+    params: Literal["compvis", "linear"] = "compvis"
+    trajectory: Literal["trained", "frozen"] = "trained"  # which model draws x_t: original ESD / esd_sd.py
 
 
 @dataclass
 class FMNConfig:
-    """Forget-Me-Not: shrink the cross-attention paid to the concept's tokens."""
+    """Forget-Me-Not attention re-steering (SHI-Labs ``train_attn.py``, configs/attn.yaml).
 
-    include_end_token: bool = True
+    The defaults follow the reference; each option names the deviation it allows.
+    """
+
+    # Which end-of-text positions join the concept's: "all" marks every position holding
+    # the EOT token in the padded prompt (the reference's use_pooler; SD 1.x pads with EOT,
+    # so this is the EOT and all padding), "first" only the EOT that ends the prompt, "none" none.
+    eot_positions: Literal["all", "first", "none"] = "all"
+    # "global": one L2 norm over the concatenated probabilities of every attn2 layer (the
+    # reference); "per_layer": the sum of each layer's norm.
+    reduction: Literal["global", "per_layer"] = "global"
+    params: Literal["unet", "attn2"] = "unet"  # the reference trains the whole UNet (only_optimize_ca: false)
 
 
 @dataclass
@@ -148,6 +170,11 @@ class ConceptSpec:
     retain: ImageSet = field(default_factory=ImageSet)
     classes: list[str] = field(default_factory=list)  # a class set: forget one, target the next, keep the rest
     template: str = "an image of a {}"
+    # Class sets only: a folder holding one image folder per class, to train on real images
+    # as the reference's Imagenette runs do (None: generate them with the base model).
+    # Relative paths are relative to the spec file.
+    class_images: str | None = None
+    class_folders: list[str] = field(default_factory=list)  # the per-class folder names (default: the class names)
 
 
 @dataclass
@@ -160,7 +187,8 @@ class Concept:
     forget: list[str]
     target: list[str]
     retain: list[str]
-    images: dict[str, str | None]  # set name -> folder of real images, or None
+    # set name -> real images: one folder, or one folder per prompt (class sets), or None (generate)
+    images: dict[str, str | list[str] | None]
 
 
 def _prompts(s: ImageSet, base: Path, where: str) -> list[str]:
@@ -171,6 +199,27 @@ def _prompts(s: ImageSet, base: Path, where: str) -> list[str]:
             raise ErasureError(f"{where}.prompts_file '{path}' does not exist.")
         prompts += [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
     return prompts
+
+
+def _class_images(spec: ConceptSpec, base: Path, spec_path: Path, sets: dict[str, list[str]]) -> dict[str, list[str] | None]:
+    """For a class set with ``class_images``: each set's folders, one per class (its prompts' order)."""
+    if not spec.class_images:
+        return {name: None for name in sets}
+    if spec.class_folders and len(spec.class_folders) != len(spec.classes):
+        raise ErasureError(f"'{spec_path}': class_folders must name one folder per class ({len(spec.classes)}).")
+    root = Path(spec.class_images).expanduser()
+    root = root if root.is_absolute() else base / root
+    folder_of = dict(zip(spec.classes, spec.class_folders or spec.classes))
+    out: dict[str, list[str] | None] = {}
+    for name, classes in sets.items():
+        folders = [root / folder_of[c] for c in classes]
+        missing = [str(f) for f in folders if not f.is_dir()]
+        if missing:
+            raise ErasureError(
+                f"'{spec_path}': class_images has no folder {missing[0]} (class folders are named by class_folders or the class names)."
+            )
+        out[name] = [str(f) for f in folders]
+    return out
 
 
 def load_concept(config: ConceptConfig) -> Concept:
@@ -184,15 +233,16 @@ def load_concept(config: ConceptConfig) -> Concept:
                 f"concept.forget is {config.forget!r}, which is not a class of '{spec_path}'; choose one of: {', '.join(spec.classes)}."
             )
         i = spec.classes.index(config.forget)
+        target = spec.classes[(i + 1) % len(spec.classes)]
         others = [c for c in spec.classes if c != config.forget]
         return Concept(
             name=config.forget.replace(" ", "_"),
             concept=config.forget,
             words=config.forget,
             forget=[spec.template.format(config.forget)],
-            target=[spec.template.format(spec.classes[(i + 1) % len(spec.classes)])],
+            target=[spec.template.format(target)],
             retain=[spec.template.format(c) for c in others],
-            images={"forget": None, "target": None, "retain": None},
+            images=_class_images(spec, base, spec_path, {"forget": [config.forget], "target": [target], "retain": others}),
         )
     if config.forget is not None:
         raise ErasureError(f"'{spec_path}' is not a class set, so concept.forget must be left unset.")

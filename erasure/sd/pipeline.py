@@ -73,7 +73,7 @@ def training_sets(
 
 
 def _make_set(
-    config: SDConfig, pipe: StableDiffusionPipeline, folder: Path, name: str, prompts: list[str], real: str | None, size: int
+    config: SDConfig, pipe: StableDiffusionPipeline, folder: Path, name: str, prompts: list[str], real: str | list[str] | None, size: int
 ) -> dict:
     """Generate (on every process) a set's images unless real ones are given, then encode them (main process)."""
     gen = config.generation
@@ -86,9 +86,13 @@ def _make_set(
         generate(pipe, items, folder / "images", config.model.pretrained, gen.scheduler, gen.batch_size, f"generating {name}")
     if not is_main_process():  # only the main process reads the images and encodes the latents
         return {}
-    images = load_image_folder(real or folder / "images", size)
-    latents = encode_images(pipe, images).cpu()
-    index = torch.arange(len(latents)) % len(prompts)
+    if isinstance(real, list):  # one folder per prompt (a class set's real images)
+        parts = [encode_images(pipe, load_image_folder(f, size)).cpu() for f in real]
+        latents = torch.cat(parts)
+        index = torch.cat([torch.full((len(p),), k) for k, p in enumerate(parts)])
+    else:
+        latents = encode_images(pipe, load_image_folder(real or folder / "images", size)).cpu()
+        index = torch.arange(len(latents)) % len(prompts)
     save_tensors(folder / "latents.safetensors", {"latents": latents, "prompt_index": index})
     return {"images": len(latents), "prompts": len(prompts), "resolution": size, "source": real or "generated"}
 

@@ -35,12 +35,22 @@ class EraseContext:
         """A batch of one label on the data's device."""
         return torch.full((n,), label, dtype=torch.long, device=self.forget_images.device)
 
+    def drop(self, labels: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
+        """``labels`` with each one replaced by the null class with probability ``p``.
+
+        This is the classifier-free-guidance condition dropout the base model was trained
+        with; the reference erasure keeps it on (see ``UnlearnConfig.retain_cond_drop``).
+        """
+        if p <= 0:
+            return labels
+        hit = torch.rand(labels.shape, generator=g, device=g.device).to(labels.device) < p
+        return torch.where(hit, torch.full_like(labels, self.null_class), labels)
+
 
 class Method:
     """An erasure method: :meth:`make_mask` (optional), :meth:`prepare`, then :meth:`loss` per step."""
 
     name: ClassVar[str]
-    reads_sample: ClassVar[bool] = False  # True if training uses the sampling settings (they join its fingerprint)
 
     def __init__(self, ctx: EraseContext) -> None:
         self.ctx = ctx

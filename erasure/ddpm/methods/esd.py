@@ -2,8 +2,11 @@
 
 A frozen copy of the base model gives the target
 ``eps0(x_t, null) - eta * (eps0(x_t, c) - eps0(x_t, null))`` and the trained model's
-``eps(x_t, c)`` regresses onto it. As in ESD, no data is used: x_t comes from the frozen
-model's own DDIM trajectory for class c, stopped at a random step.
+``eps(x_t, c)`` regresses onto it. As in ESD, no data is used: x_t comes from a guided
+DDIM trajectory for class c, stopped at a random step, drawn by the model being trained
+(as in the original ESD and the SalUn DDPM script; ``unlearn.esd_trajectory=frozen`` draws
+it with the frozen base instead, as the newer diffusers ESD does). The prediction and the
+targets use the plain class and null labels: ESD takes no condition dropout.
 """
 
 from __future__ import annotations
@@ -22,12 +25,10 @@ from erasure.ddpm.model import eps, guided_eps
 class ESD(Method):
     """Erased Stable Diffusion's objective on a class-conditional DDPM."""
 
-    reads_sample = True  # x_t comes from a DDIM trajectory with the sampling settings
-
     def prepare(self, model: torch.nn.Module) -> None:
         self.frozen = copy.deepcopy(model).eval().requires_grad_(False)
         self.ddim = DDIMScheduler(num_train_timesteps=self.ctx.scheduler.config.num_train_timesteps, clip_sample=False)
-        self.ddim.set_timesteps(self.ctx.sample.steps)
+        self.ddim.set_timesteps(self.ctx.config.esd_ddim_steps)
 
     def loss(self, model: torch.nn.Module, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         ctx = self.ctx
@@ -37,8 +38,9 @@ class ESD(Method):
         stop = int(torch.randint(0, len(self.ddim.timesteps), (1,), generator=g, device=device))
         with torch.no_grad():
             x = torch.randn((n, *ctx.forget_images.shape[1:]), generator=g, device=device)
+            sampler = model if ctx.config.esd_trajectory == "trained" else self.frozen
             for t in self.ddim.timesteps[:stop]:
-                x = self.ddim.step(guided_eps(self.frozen, x, t.to(device), c, ctx.sample.guidance, ctx.null_class), t, x).prev_sample
+                x = self.ddim.step(guided_eps(sampler, x, t.to(device), c, ctx.config.esd_guidance, ctx.null_class), t, x).prev_sample
             t = self.ddim.timesteps[stop].to(device).expand(n)
             e_null = eps(self.frozen, x, t, ctx.labels(ctx.null_class, n))
             e_cond = eps(self.frozen, x, t, c)

@@ -1,14 +1,17 @@
 """ESD (erased stable diffusion): negative guidance away from the concept, data-free.
 
-Each step samples an intermediate latent x_t from the model being trained (DDIM,
-``esd.ddim_steps`` steps, guidance ``esd.start_guidance``, stopped at a random step), and
-regresses ε(x_t, c) onto ε₀ − η(ε_c − ε₀) of a frozen copy kept in low precision. The
-variants differ only in which weights they train.
+Each step samples an intermediate latent x_t (DDIM, ``esd.ddim_steps`` steps, guidance
+``esd.start_guidance``, stopped at a random step) with the model being trained, as the
+original ESD does (``esd.trajectory=frozen``: with the frozen copy, as the newer
+``esd_sd.py`` does), and regresses ε(x_t, c) onto ε₀ − η(ε_c − ε₀) of a frozen copy kept
+in low precision. The variants differ only in which weights they train; ``esd.params``
+picks the original's parameter sets or the newer script's Linear/Conv-only ones.
 """
 
 from __future__ import annotations
 
 import copy
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -16,11 +19,34 @@ import torch.nn.functional as F
 from erasure.sd.methods.base import SD_METHODS, SDMethod, eps
 from erasure.sd.model import ddim_scheduler, frozen_dtype
 
+# Outside cross-attention, the original ESD-u ("noxattn") also leaves out the time
+# embedding and the output layers (CompVis names time_embed.* and out.*).
+COMPVIS_ESD_U_EXCLUDED = ("time_embedding.", "conv_norm_out.", "conv_out.")
+
 
 class ESD(SDMethod):
     """Shared by every variant."""
 
     section = "esd"
+
+    def trainable(self, name: str) -> bool:
+        if self.ctx.config.esd.params == "linear" and name not in self.linear_params:
+            return False  # esd_sd.py trains only Linear and Conv2d weights (no norms)
+        return self.selects(name)
+
+    def selects(self, name: str) -> bool:
+        """The variant's own choice among the candidate weights."""
+        return True
+
+    @cached_property
+    def linear_params(self) -> set[str]:
+        """Names of the UNet's Linear and Conv2d parameters."""
+        return {
+            f"{module_name}.{n}"
+            for module_name, module in self.ctx.pipe.unet.named_modules()
+            if isinstance(module, torch.nn.Linear | torch.nn.Conv2d)
+            for n, _ in module.named_parameters(recurse=False)
+        }
 
     def prepare(self, model: torch.nn.Module) -> None:
         ctx = self.ctx
@@ -36,16 +62,17 @@ class ESD(SDMethod):
         ctx, w = self.ctx, self.ctx.config.esd.start_guidance
         size = ctx.pipe.unet.config.sample_size
         x = torch.randn((n, ctx.pipe.unet.config.in_channels, size, size), generator=g, device=g.device).to(ctx.device)
-        emb = torch.cat([ctx.uncond.expand(n, -1, -1), self.concept.expand(n, -1, -1)])
+        dtype = next(model.parameters()).dtype  # the frozen teacher runs in low precision
+        emb = torch.cat([ctx.uncond.expand(n, -1, -1), self.concept.expand(n, -1, -1)]).to(dtype)
         for t in self.sampler.timesteps[:stop]:
-            uncond, cond = eps(model, torch.cat([x, x]), t.expand(2 * n), emb).chunk(2)
+            uncond, cond = eps(model, torch.cat([x, x]).to(dtype), t.expand(2 * n), emb).float().chunk(2)
             x = self.sampler.step(uncond + w * (cond - uncond), t, x).prev_sample
         return x
 
     def loss(self, model: torch.nn.Module, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         ctx, n = self.ctx, self.ctx.config.train.batch_size
         stop = int(torch.randint(0, ctx.config.esd.ddim_steps, (1,), generator=g, device=g.device))
-        x_t = self._trajectory(model, stop, n, g)
+        x_t = self._trajectory(model if ctx.config.esd.trajectory == "trained" else self.teacher, stop, n, g)
         t = self.sampler.timesteps[stop].expand(n)
         with torch.no_grad():
             dtype = next(self.teacher.parameters()).dtype
@@ -60,26 +87,32 @@ class ESD(SDMethod):
 class ESDX(ESD):
     """Cross-attention only: erases what the prompt's words do (e.g. a style)."""
 
-    def trainable(self, name: str) -> bool:
+    def selects(self, name: str) -> bool:
         return ".attn2." in name
 
 
 @SD_METHODS.register("esd-u")
 class ESDU(ESD):
-    """Everything except cross-attention: erases the concept however it is prompted."""
+    """Everything except cross-attention: erases the concept however it is prompted.
 
-    def trainable(self, name: str) -> bool:
-        return ".attn2." not in name
+    With ``esd.params=compvis`` (the default) the time embedding and the output norm and
+    conv stay frozen too, as in the original; norms inside the blocks are trained.
+    """
+
+    def selects(self, name: str) -> bool:
+        if ".attn2." in name:
+            return False
+        return self.ctx.config.esd.params != "compvis" or not name.startswith(COMPVIS_ESD_U_EXCLUDED)
 
 
 @SD_METHODS.register("esd-all")
 class ESDAll(ESD):
-    """Every UNet weight."""
+    """Every UNet weight (``esd.params=linear``: every Linear and Conv2d weight)."""
 
 
 @SD_METHODS.register("esd-x-strict")
 class ESDXStrict(ESD):
     """Only the key and value projections of cross-attention (what reads the text)."""
 
-    def trainable(self, name: str) -> bool:
+    def selects(self, name: str) -> bool:
         return ".attn2.to_k." in name or ".attn2.to_v." in name

@@ -1,8 +1,18 @@
 """Forget-Me-Not (attention re-steering): stop the UNet attending to the concept's tokens.
 
-Loss: the L2 norm of the cross-attention probabilities at the concept's token positions
-(and the end token), summed over every ``attn2`` layer, on forget latents with their
-prompts. There is no denoising term; only cross-attention weights are trained.
+As in the reference (SHI-Labs ``train_attn.py`` with ``configs/attn.yaml``):
+
+- positions: every occurrence of the concept's tokens in the prompt, plus every position
+  holding the end-of-text token of the padded prompt (``use_pooler``; SD 1.x pads with
+  that token, so the padding counts too) - ``fmn.eot_positions``;
+- loss: one L2 norm over the attention probabilities at those positions, gathered from
+  every ``attn2`` layer, head, query and batch item and concatenated - ``fmn.reduction``;
+- no denoising term; the whole UNet is trained (``only_optimize_ca: false``) - ``fmn.params``.
+
+The reference's optimizer settings (AdamW 2e-6, weight decay 0.01, 35 steps, batch 1,
+gradient clip 1) are in ``configs/sd/nudity_fmn.yaml``. Its optional textual-inversion
+stage, which learns the concept tokens first, is not implemented: the concept's own words
+are used (the reference's ``use_ti: false``).
 """
 
 from __future__ import annotations
@@ -10,8 +20,8 @@ from __future__ import annotations
 import torch
 from diffusers.models.attention_processor import AttnProcessor
 
+from erasure.core.errors import ErasureError
 from erasure.sd.methods.base import SD_METHODS, SDMethod
-from erasure.sd.model import token_positions
 
 
 class AttentionProbe:
@@ -37,27 +47,59 @@ class AttentionProbe:
         return get_attention_scores
 
 
+def concept_positions(pipe, prompt: str, words: str, eot: str = "all") -> torch.Tensor:
+    """A bool vector over the padded prompt's tokens: the concept's positions and the EOT ones.
+
+    ``eot``: "all" adds every position whose token is the tokenizer's end-of-text token (the
+    reference's ``use_pooler``), "first" only the one ending the prompt, "none" none.
+    """
+    tokenizer = pipe.tokenizer
+    length = tokenizer.model_max_length
+    ids = tokenizer(prompt, padding="max_length", max_length=length, truncation=True).input_ids
+    concept = tokenizer(words, add_special_tokens=False).input_ids
+    marked = torch.zeros(length, dtype=torch.bool)
+    for start in range(length - len(concept) + 1):  # every occurrence, as the reference marks them
+        if ids[start : start + len(concept)] == concept:
+            marked[start : start + len(concept)] = True
+    if not marked.any():
+        raise ErasureError(f"the concept '{words}' does not occur in the prompt '{prompt}'; FMN needs the concept's words in its prompts.")
+    end = tokenizer.eos_token_id
+    if eot == "all":
+        marked |= torch.tensor(ids) == end
+    elif eot == "first":
+        marked[ids.index(end)] = True
+    return marked
+
+
+def attention_loss(maps: list[torch.Tensor], positions: torch.Tensor, reduction: str = "global") -> torch.Tensor:
+    """The reference's FMN loss: the L2 norm of the attention paid to ``positions``.
+
+    ``maps``: per layer ``[batch, heads, queries, tokens]``; ``positions``: ``[batch, tokens]``.
+    "global" takes one norm over every selected probability of every layer (the reference
+    concatenates them and calls ``.norm()``); "per_layer" sums each layer's norm.
+    """
+    keep = positions[:, None, None, :].to(maps[0].device)
+    selected = [(m.float() * keep).flatten() for m in maps]
+    if reduction == "global":
+        return torch.linalg.vector_norm(torch.cat(selected))
+    return sum(torch.linalg.vector_norm(s) for s in selected)
+
+
 @SD_METHODS.register("fmn")
 class FMN(SDMethod):
-    """Attention re-steering on the cross-attention weights."""
+    """Attention re-steering."""
 
     section = "fmn"
     needs = ("forget",)
 
     def trainable(self, name: str) -> bool:
-        return ".attn2." in name
+        return self.ctx.config.fmn.params == "unet" or ".attn2." in name
 
     def prepare(self, model: torch.nn.Module) -> None:
-        ctx = self.ctx
+        ctx, cfg = self.ctx, self.ctx.config.fmn
         forget = ctx.sets["forget"]
-        tokens = forget.embeddings.shape[1]
-        words = ctx.concept.words
-        self.positions = torch.zeros(len(forget.prompts), tokens, device=ctx.device)
-        for i, prompt in enumerate(forget.prompts):
-            self.positions[i, token_positions(ctx.pipe, prompt, words)] = 1
-            if ctx.config.fmn.include_end_token:
-                end = len(ctx.pipe.tokenizer(prompt, truncation=True, max_length=tokens).input_ids) - 1
-                self.positions[i, end] = 1
+        rows = [concept_positions(ctx.pipe, p, ctx.concept.words, cfg.eot_positions) for p in forget.prompts]
+        self.positions = torch.stack(rows).to(ctx.device)
         self.probe = AttentionProbe(model)
 
     def loss(self, model: torch.nn.Module, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
@@ -66,7 +108,6 @@ class FMN(SDMethod):
         x_t, _, t = ctx.noisy(latents, g)
         self.probe.maps.clear()
         model(x_t, t, encoder_hidden_states=emb)
-        keep = self.positions[p][:, None, None, :]
-        loss = sum(torch.linalg.vector_norm((m.float() * keep).flatten(1), dim=1).mean() for m in self.probe.maps)
+        loss = attention_loss(self.probe.maps, self.positions[p], ctx.config.fmn.reduction)
         self.probe.maps.clear()
-        return loss, {}
+        return loss, {"positions": float(self.positions[p].sum(1).float().mean())}

@@ -1,0 +1,27 @@
+"""GA (gradient ascent), the simplest baseline of the reference ``saliency_unlearn``.
+
+Forget loss: the negated DDPM loss on the forgotten class (labels dropped to the null class
+at ``unlearn.forget_cond_drop``, as the reference's conditional loss does by default).
+Retain loss: RL's. Ascent is unbounded, so GA needs few steps or a small learning rate.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from erasure.ddpm.methods.base import register
+from erasure.ddpm.methods.rl import RL
+from erasure.ddpm.model import denoising_loss
+
+
+@register("ga")
+class GA(RL):
+    """Gradient ascent on the forget class plus alpha times the retain loss."""
+
+    def loss(self, model: torch.nn.Module, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        ctx, cfg = self.ctx, self.ctx.config
+        x0 = ctx.forget_images[ctx.draw(ctx.forget_images, g)]
+        labels = ctx.drop(ctx.labels(ctx.forget_class, len(x0)), cfg.forget_cond_drop, g)
+        forget = -denoising_loss(model, ctx.scheduler, x0, labels, g)
+        retain = self.retain_loss(model, g)
+        return forget + cfg.alpha * retain, {"forget": forget.item(), "retain": retain.item()}

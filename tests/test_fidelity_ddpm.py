@@ -1,0 +1,163 @@
+"""The DDPM erasure follows the reference protocol: condition dropout, defaults, sampling record."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from erasure.ddpm.config import Config, SampleConfig, UnlearnConfig
+from erasure.ddpm.methods import EraseContext, get_method
+from erasure.ddpm.model import noise_scheduler
+
+NULL = 10
+
+
+class LabelRecorder(torch.nn.Module):
+    """Stands in for the UNet: records the class labels of every call, predicts a scaled input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+        self.calls: list[torch.Tensor] = []
+
+    def forward(self, x, t, class_labels):
+        self.calls.append(class_labels.clone())
+        return SimpleNamespace(sample=x * self.w)
+
+
+def context(**unlearn) -> EraseContext:
+    g = torch.Generator().manual_seed(0)
+    retain_labels = torch.randint(1, 10, (200,), generator=g)
+    return EraseContext(
+        config=UnlearnConfig(batch_size=64, **unlearn),
+        sample=SampleConfig(steps=4),
+        scheduler=noise_scheduler(),
+        forget_images=torch.randn(50, 1, 8, 8, generator=g),
+        retain_images=torch.randn(200, 1, 8, 8, generator=g),
+        retain_labels=retain_labels,
+        forget_class=0,
+        target_class=1,
+        null_class=NULL,
+    )
+
+
+def null_rates(method: str, steps: int = 40, **unlearn) -> dict[str, float]:
+    """Fraction of null labels in each kind of call (RL-style losses call target, forget, retain)."""
+    ctx = context(**unlearn)
+    m, model = get_method(method)(ctx), LabelRecorder()
+    for step in range(steps):
+        m.loss(model, torch.Generator().manual_seed(step))
+    per_step = len(model.calls) // steps
+    kinds = {3: ["target", "forget", "retain"], 2: ["forget", "retain"]}[per_step]
+    return {k: torch.cat(model.calls[i::per_step]).eq(NULL).float().mean().item() for i, k in enumerate(kinds)}
+
+
+def test_reference_defaults_keep_ten_percent_condition_dropout():
+    cfg = UnlearnConfig()
+    assert cfg.retain_cond_drop == 0.1 and cfg.forget_cond_drop == 0.1  # reference noise_estimation_loss_conditional / model cond_drop_prob
+    assert cfg.esd_eta == 1.0 and cfg.esd_trajectory == "trained"
+    assert cfg.grad_clip == 1.0  # reference cifar10_saliency_unlearn.yml: optim.grad_clip 1.0
+
+
+@pytest.mark.parametrize("method", ["rl", "salun", "random"])
+def test_null_class_appears_in_retain_and_forget_batches_at_the_set_rate(method):
+    rates = null_rates(method)  # 40 steps x 64 labels per kind
+    for kind, rate in rates.items():
+        assert 0.07 < rate < 0.13, (kind, rate)
+
+
+def test_ga_drops_labels_too():
+    rates = null_rates("ga")
+    assert set(rates) == {"forget", "retain"} and all(0.07 < r < 0.13 for r in rates.values())
+
+
+def test_zero_disables_the_dropout_per_branch():
+    rates = null_rates("rl", retain_cond_drop=0.0)
+    assert rates["retain"] == 0.0 and rates["forget"] > 0.05
+    rates = null_rates("rl", forget_cond_drop=0.0, retain_cond_drop=0.3)
+    assert rates["target"] == rates["forget"] == 0.0 and 0.25 < rates["retain"] < 0.35
+
+
+def test_dropout_is_seeded():
+    a = null_rates("rl", steps=3)
+    b = null_rates("rl", steps=3)
+    assert a == b
+
+
+def test_retained_labels_are_never_the_forgotten_class():
+    ctx = context()
+    m, model = get_method("rl")(ctx), LabelRecorder()
+    m.loss(model, torch.Generator().manual_seed(0))
+    target, forget, retain = model.calls
+    assert set(target.unique().tolist()) <= {1, NULL} and set(forget.unique().tolist()) <= {0, NULL}
+    assert 0 not in retain.tolist()
+
+
+def test_bad_dropout_rates_are_refused():
+    from erasure.core.errors import ErasureError
+
+    cfg = Config()
+    cfg.unlearn.retain_cond_drop = 1.5
+    with pytest.raises(ErasureError, match="retain_cond_drop"):
+        cfg.validate()
+
+
+def test_sampling_protocols():
+    assert SampleConfig().resolved() == (25, 0.0)  # fast default
+    assert SampleConfig(protocol="reference").resolved() == (1000, 1.0)  # SalUn DDPM sample.py: --timesteps 1000 --eta 1
+    assert SampleConfig().guidance == 2.0  # its --cond_scale
+
+
+def test_reference_protocol_refuses_conflicting_steps():
+    from erasure.core.config import load_config
+    from erasure.core.errors import ErasureError
+
+    with pytest.raises(ErasureError, match="protocol=reference"):
+        load_config(None, ["sample.protocol=reference", "sample.steps=50"], schema=Config)
+    assert load_config(None, ["sample.protocol=reference"], schema=Config).sample.resolved() == (1000, 1.0)
+
+
+def test_reference_protocol_runs_1000_ancestral_steps(monkeypatch):
+    from erasure.ddpm import model as ddpm_model
+
+    calls = []
+
+    def fake_guided(unet, x, t, labels, w, null):
+        calls.append(int(t))
+        return torch.zeros_like(x)
+
+    monkeypatch.setattr(ddpm_model, "guided_eps", fake_guided)
+    unet = ddpm_model.build_unet(Config().model, (1, 8, 8), 10)
+    ddpm_model.sample(unet, torch.tensor([3]), SampleConfig(protocol="reference"), seed=0, progress=False)
+    assert len(calls) == 1000 and calls[0] == 999 and calls[-1] == 0
+
+
+def test_sampling_record_names_protocol_steps_eta_and_guidance():
+    from erasure.ddpm.model import sampling_record
+
+    record = sampling_record(SampleConfig(protocol="reference", guidance=3.0))
+    assert (record["protocol"], record["steps"], record["eta"], record["guidance"]) == ("reference", 1000, 1.0, 3.0)
+
+
+def test_switching_the_sampling_protocol_reuses_finished_erasures():
+    from erasure.core.config import load_config
+    from erasure.ddpm.pipeline import erase_stage
+
+    fast = load_config(None, [], schema=Config)
+    reference = load_config(None, ["sample.protocol=reference"], schema=Config)
+    assert erase_stage(fast, "salun").fingerprint == erase_stage(reference, "salun").fingerprint
+    changed = load_config(None, ["unlearn.retain_cond_drop=0"], schema=Config)
+    assert erase_stage(fast, "salun").fingerprint != erase_stage(changed, "salun").fingerprint
+
+
+def test_esd_draws_its_trajectory_with_the_trained_model_by_default():
+    ctx = context(esd_ddim_steps=4)
+    trained, frozen_calls = LabelRecorder(), []
+    esd = get_method("esd")(ctx)
+    esd.prepare(trained)
+    esd.frozen.forward = lambda x, t, class_labels: frozen_calls.append(class_labels) or SimpleNamespace(sample=x)
+    for step in range(8):
+        esd.loss(trained, torch.Generator().manual_seed(step))
+    # the frozen copy gives only the two targets per step; the trained model also draws x_t
+    assert len(frozen_calls) == 2 * 8 and len(trained.calls) > 8
+    assert all(set(c.unique().tolist()) <= {0, NULL} for c in trained.calls)  # no condition dropout in ESD

@@ -1,0 +1,151 @@
+"""The Stable Diffusion methods follow their reference protocols: FMN, ESD, clipping, defaults."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from erasure.core.config import load_config
+from erasure.sd.config import SDConfig
+from erasure.sd.methods import SD_METHODS
+from erasure.sd.methods.fmn import attention_loss, concept_positions
+from erasure.sd.tiny import tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    return tiny_pipeline(tmp_path_factory.mktemp("tok"))
+
+
+def method(name: str, pipe, *overrides: str):
+    config = load_config(None, list(overrides), schema=SDConfig)
+    return SD_METHODS.get(name)(SimpleNamespace(config=config, pipe=pipe))
+
+
+def test_defaults_are_the_reference_values():
+    cfg = SDConfig()
+    assert cfg.train.grad_clip is None  # neither the SalUn SD scripts nor the original ESD clip
+    assert (cfg.esd.eta, cfg.esd.ddim_steps, cfg.esd.start_guidance) == (1.0, 50, 3.0)
+    assert cfg.esd.params == "compvis" and cfg.esd.trajectory == "trained"
+    assert (cfg.fmn.eot_positions, cfg.fmn.reduction, cfg.fmn.params) == ("all", "global", "unet")
+    fmn = load_config("configs/sd/nudity_fmn.yaml", schema=SDConfig)
+    assert (fmn.train.lr, fmn.train.steps, fmn.train.batch_size, fmn.train.grad_clip, fmn.train.weight_decay) == (2e-6, 35, 1, 1.0, 0.01)
+    esd = load_config("configs/sd/nudity_esd.yaml", schema=SDConfig)
+    assert (esd.train.lr, esd.train.steps, esd.train.batch_size, esd.train.grad_clip, esd.esd.eta) == (1e-5, 1000, 1, None, 1.0)
+    new = load_config("configs/sd/nudity_esd_diffusers.yaml", schema=SDConfig)
+    assert (new.train.lr, new.train.steps, new.esd.eta, new.esd.params, new.esd.trajectory) == (5e-5, 200, 2.0, "linear", "frozen")
+    for salun in ("configs/sd/nudity_salun.yaml", "configs/sd/imagenette_salun.yaml"):
+        assert load_config(salun, schema=SDConfig).train.grad_clip is None
+
+
+def test_fmn_marks_every_concept_occurrence_and_every_eot_position(pipe):
+    prompt = "a nude photo of a nude person"
+    ids = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length).input_ids
+    nude = pipe.tokenizer("nude", add_special_tokens=False).input_ids
+    starts = [i for i in range(len(ids)) if ids[i : i + len(nude)] == nude]
+    assert len(starts) == 2
+    concept = {i + k for i in starts for k in range(len(nude))}
+    eot = {i for i, t in enumerate(ids) if t == pipe.tokenizer.eos_token_id}
+    assert len(eot) > 1  # the SD 1.x tokenizer pads with its end-of-text token
+
+    marked = lambda mode: set(concept_positions(pipe, prompt, "nude", mode).nonzero().flatten().tolist())  # noqa: E731
+    assert marked("all") == concept | eot
+    assert marked("first") == concept | {min(eot)}
+    assert marked("none") == concept
+
+
+def test_fmn_refuses_prompts_without_the_concept(pipe):
+    from erasure.core.errors import ErasureError
+
+    with pytest.raises(ErasureError, match="does not occur"):
+        concept_positions(pipe, "a photo of a person", "nude")
+
+
+def test_fmn_loss_is_one_norm_over_all_layers():
+    g = torch.Generator().manual_seed(0)
+    maps = [torch.rand(1, 2, 16, 8, generator=g).softmax(-1), torch.rand(1, 2, 4, 8, generator=g).softmax(-1)]
+    positions = torch.zeros(1, 8, dtype=torch.bool)
+    positions[0, [2, 3, 5, 6, 7]] = True
+    # the reference: masked_select per layer, concatenate, one .norm()
+    selected = torch.cat([m.reshape(-1, 8).masked_select(positions.expand(m.shape[1] * m.shape[2], 8)) for m in maps])
+    assert torch.allclose(attention_loss(maps, positions), selected.norm())
+    per_layer = sum(m[..., positions[0]].norm() for m in maps)
+    assert torch.allclose(attention_loss(maps, positions, "per_layer"), per_layer)
+    assert not torch.allclose(per_layer, selected.norm())
+
+
+def test_fmn_loss_handles_a_batch_with_different_positions():
+    maps = [torch.ones(2, 1, 3, 4)]
+    positions = torch.tensor([[True, False, False, False], [True, True, False, False]])
+    assert torch.allclose(attention_loss(maps, positions), torch.tensor(9.0).sqrt())  # 3 + 6 ones
+
+
+def test_fmn_trains_the_whole_unet_unless_asked_for_attn2(pipe):
+    names = [n for n, _ in pipe.unet.named_parameters()]
+    assert all(method("fmn", pipe).trainable(n) for n in names)
+    only = method("fmn", pipe, "fmn.params=attn2")
+    assert {n for n in names if only.trainable(n)} == {n for n in names if ".attn2." in n}
+
+
+def test_esd_u_parameter_sets(pipe):
+    names = [n for n, _ in pipe.unet.named_parameters()]
+    compvis = {n for n in names if method("esd-u", pipe).trainable(n)}
+    # original ESD-u ("noxattn"): all but attn2, time_embed.* and out.* (norm_out, conv_out)
+    expected = {n for n in names if ".attn2." not in n and not n.startswith(("time_embedding.", "conv_norm_out.", "conv_out."))}
+    assert compvis == expected
+    assert "down_blocks.0.resnets.0.norm1.weight" in compvis and "conv_in.weight" in compvis
+
+    linear_esd = method("esd-u", pipe, "esd.params=linear")
+    linear = {n for n in names if linear_esd.trainable(n)}
+    modules = dict(pipe.unet.named_modules())
+    is_linear = {n for n in names if isinstance(modules[n.rsplit(".", 1)[0]], torch.nn.Linear | torch.nn.Conv2d)}
+    assert linear == {n for n in is_linear if ".attn2." not in n}
+    assert "time_embedding.linear_1.weight" in linear and "conv_out.weight" in linear
+    assert not any("norm" in n for n in linear)
+
+
+def test_esd_all_and_x_parameter_sets(pipe):
+    names = [n for n, _ in pipe.unet.named_parameters()]
+    assert all(method("esd-all", pipe).trainable(n) for n in names)
+    assert not any(method("esd-all", pipe, "esd.params=linear").trainable(n) for n in names if "norm" in n)
+    x = method("esd-x", pipe)
+    assert {n for n in names if x.trainable(n)} == {n for n in names if ".attn2." in n}
+
+
+def test_class_sets_can_train_on_real_images_per_class(pipe, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from erasure.sd.config import ConceptConfig, load_concept
+    from erasure.sd.pipeline import training_sets
+
+    counts = {"n01": 3, "n02": 2, "n03": 4}
+    for folder, n in counts.items():
+        (tmp_path / "train" / folder).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(np.full((20, 24, 3), 40 * i, np.uint8)).save(tmp_path / "train" / folder / f"{i}.png")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: three\nclasses: [cat, dog, fish]\nclass_images: train\nclass_folders: [n01, n02, n03]\n")
+    concept = load_concept(ConceptConfig(spec=str(spec), forget="dog"))
+    assert concept.images["forget"] == [str(tmp_path / "train" / "n02")]
+    assert concept.images["target"] == [str(tmp_path / "train" / "n03")]
+    assert concept.images["retain"] == [str(tmp_path / "train" / "n01"), str(tmp_path / "train" / "n03")]
+    assert concept.retain == ["an image of a cat", "an image of a fish"]
+
+    config = load_config(None, [f"workdir={tmp_path / 'run'}", "device=cpu"], schema=SDConfig)
+    sets = training_sets(config, concept, pipe, ("forget", "retain"), torch.device("cpu"))
+    assert len(sets["forget"].latents) == 2 and sets["forget"].prompt_index.tolist() == [0, 0]
+    assert sets["retain"].prompt_index.tolist() == [0, 0, 0, 1, 1, 1, 1]  # 3 cats, then 4 fish, each with its own prompt
+
+    spec.write_text("name: three\nclasses: [cat, dog, fish]\nclass_images: train\n")  # folders default to class names
+    from erasure.core.errors import ErasureError
+
+    with pytest.raises(ErasureError, match="no folder"):
+        load_concept(ConceptConfig(spec=str(spec), forget="dog"))
+
+
+def test_class_sets_without_real_images_generate_them():
+    from erasure.sd.config import ConceptConfig, load_concept
+
+    concept = load_concept(ConceptConfig(spec="configs/sd/concepts/imagenette.yaml", forget="church"))
+    assert concept.images == {"forget": None, "target": None, "retain": None}
