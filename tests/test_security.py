@@ -182,3 +182,57 @@ def test_nudenet_loads_only_its_wheels_onnx(marker, tmp_path, monkeypatch):
     image = images(tmp_path / "imgs", 1) / "0.png"
     with pytest.raises(ErasureError, match="refusing to load"):
         nudity.detect([image])
+
+
+# ----------------------------------------------------------------------------- the CLI's error boundary
+
+
+def test_a_workdir_that_is_a_file_is_one_clear_line(tmp_path, capsys, tiny_overrides):
+    workdir = tmp_path / "run"
+    workdir.write_text("not a folder")
+    args = ["train-ddpm", *tiny_overrides, f"workdir={workdir}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: Not a directory:") and str(workdir / "ddpm") in err
+    assert "a part of that path is a file" in err and "Traceback" not in err
+    with pytest.raises(NotADirectoryError):  # --debug: the traceback, wherever the flag stands
+        main([*args, "--debug"])
+    with pytest.raises(NotADirectoryError):
+        main(["--debug", *args])
+
+
+def test_a_read_only_folder_is_one_clear_line(tmp_path, capsys, tiny_overrides, monkeypatch):
+    import errno
+    import os
+
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if os.geteuid() == 0:  # root ignores permission bits: make the folder refuse writes as a read-only mount would
+        real_mkdir = Path.mkdir
+
+        def mkdir(self, *a, **k):
+            if folder in self.parents:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+            return real_mkdir(self, *a, **k)
+
+        monkeypatch.setattr(Path, "mkdir", mkdir)
+    else:
+        folder.chmod(0o555)
+    try:
+        assert main(["train-classifier", *tiny_overrides, f"workdir={folder / 'run'}"]) == 2
+    finally:
+        folder.chmod(0o755)
+    err = capsys.readouterr().err
+    assert err.startswith("error: Permission denied:") and str(folder / "run") in err and "check the permissions" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_os_errors_of_every_kind_name_path_and_fix():
+    import errno
+
+    from erasure.cli import describe_os_error
+
+    full = describe_os_error(OSError(errno.ENOSPC, "No space left on device", "/data/run/model.safetensors"))
+    assert "'/data/run/model.safetensors'" in full and "disk is full" in full
+    moved = describe_os_error(OSError(errno.EXDEV, "Invalid cross-device link", "/a", None, "/b"))
+    assert "'/a' -> '/b'" in moved and "--debug" in moved
