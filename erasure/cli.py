@@ -12,6 +12,7 @@ anywhere on the line.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from erasure import __version__
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="erasure", description="Erase classes and concepts from diffusion models, and measure it.")
     parser.add_argument("--version", action="version", version=f"erasure {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (also accepted after the command)")
     sub = parser.add_subparsers(dest="command", required=True)
     add_ddpm(sub)
     add_sd(sub)
@@ -38,7 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse a command line; ``key=value`` overrides are taken wherever they stand, also after options."""
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug belongs to the root parser, but people add it at the end of a failing command.
+    debug = "--debug" in argv
+    args, extra = parser.parse_known_args([a for a in argv if a != "--debug"])
+    args.debug = args.debug or debug
     stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
@@ -47,13 +53,49 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# What to do about an OS error, by errno; the message always names the path.
+_FIXES = {
+    errno.EACCES: "check the permissions of that path, or write somewhere else (--workdir / --out)",
+    errno.EPERM: "check the permissions of that path, or write somewhere else (--workdir / --out)",
+    errno.EROFS: "that file system is read-only; write somewhere else (--workdir / --out)",
+    errno.ENOSPC: "the disk is full; free some space or write to another disk (--workdir / --out), then rerun to resume",
+    errno.EDQUOT: "the disk quota is exhausted; free some space or write to another disk, then rerun to resume",
+    errno.ENOTDIR: "a part of that path is a file, not a folder; choose another path (--workdir / --out) or move the file",
+    errno.EEXIST: "a file is in the way of a folder there; choose another path or move the file",
+    errno.EISDIR: "that is a folder where a file is expected; give a file path",
+    errno.ENOENT: "it does not exist; check the path",
+    errno.ENAMETOOLONG: "the path is too long; choose a shorter one",
+    errno.EMFILE: "too many open files; raise the limit (ulimit -n) or use fewer workers",
+}
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for an OS error: what failed, on which path, and how to fix it."""
+    paths = " -> ".join(f"'{p}'" for p in (e.filename, e.filename2) if p is not None) or "(no path given)"
+    reason = e.strerror or str(e) or type(e).__name__
+    fix = _FIXES.get(e.errno, "check the path and the disk, then rerun (--debug shows the traceback)")
+    return f"{reason}: {paths}. Fix: {fix}."
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``erasure`` console script."""
+    """Entry point of the ``erasure`` console script: the one error boundary.
+
+    A user-fixable problem (ErasureError) or an OS error (permissions, a full disk, a path
+    that is a file) becomes one line on stderr and exit code 2; ``--debug`` shows the
+    traceback instead. Anything else is a bug and keeps its traceback.
+    """
     args = parse(argv)
     try:
         args.func(args)
     except ErasureError as e:
+        if args.debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if args.debug:
+            raise
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         print(f"\ninterrupted{': ' + str(e) if str(e) else ''}. Rerun the same command to resume.", file=sys.stderr)

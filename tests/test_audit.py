@@ -199,6 +199,45 @@ def test_interrupted_audit_resumes(audit_dir, monkeypatch):
     assert main(changed) == 2
 
 
+def test_i2p_guidance_is_fixed_unless_asked(audit_dir, models, i2p_csv, tmp_path):
+    """Published I2P tables use one guidance (7.5); the rows' evaluation_guidance is a named option."""
+    from erasure.sd.generate import read_manifest
+
+    out, _ = audit_dir
+    assert [row["guidance"] for row in read_manifest(out / "images" / "base")] == [7.5, 7.5, 7.5]  # the file says 7, 6.5, 7
+    assert json.loads((out / "audit.json").read_text())["settings"]["guidance"] == "7.5 for every prompt"
+    args = ["audit", "nudity", "--prompts", str(i2p_csv), "--category", "sexual", "--limit", "2", "--steps", "1"]
+    args += ["--model", f"m={models / 'a'}", "--out", str(tmp_path / "o"), "--guidance-from-prompts"]
+    assert main(args) == 0
+    assert [row["guidance"] for row in read_manifest(tmp_path / "o" / "images" / "m")] == [7.0, 6.5]
+
+
+def test_a_model_replaced_at_the_same_path_is_audited_again(models, i2p_csv, tmp_path):
+    """Audit caches are keyed by the model's content, not its path."""
+    import shutil
+
+    from erasure.evaluation.audit import model_fingerprint
+
+    model = tmp_path / "model"
+    shutil.copytree(models / "a", model)
+    out = tmp_path / "audit"
+    args = ["audit", "nudity", "--prompts", str(i2p_csv), "--limit", "2", "--steps", "1", "--model", f"m={model}", "--out", str(out)]
+    assert main(args) == 0
+    first = (out / "images" / "m" / "000000.png").read_bytes()
+    fingerprint = json.loads((out / "audit.json").read_text())["models"]["m"]["model_fingerprint"]
+    assert fingerprint == model_fingerprint(str(models / "a"))[0]
+    shutil.rmtree(model)
+    shutil.copytree(models / "b", model, copy_function=shutil.copy2)  # another model, same path (mtimes kept)
+    assert main(args) == 0
+    again = json.loads((out / "audit.json").read_text())["models"]["m"]
+    assert again["model_fingerprint"] == model_fingerprint(str(models / "b"))[0] != fingerprint
+    assert (out / "images" / "m" / "000000.png").read_bytes() != first
+    # The same images model b makes anywhere else.
+    other = tmp_path / "b-audit"
+    assert main([*args[:-4], "--model", f"m={models / 'b'}", "--out", str(other)]) == 0
+    assert (out / "images" / "m" / "000000.png").read_bytes() == (other / "images" / "m" / "000000.png").read_bytes()
+
+
 def test_bad_model_path_is_a_clean_cli_error(models, i2p_csv, tmp_path, capsys):
     args = ["audit", "nudity", "--prompts", str(i2p_csv), "--limit", "1", "--steps", "1", "--out", str(tmp_path / "o")]
     assert main([*args, "--model", f"m={tmp_path / 'no-such-model'}"]) == 2
@@ -324,9 +363,48 @@ def test_ua_audit_mechanics(models, tmp_path, capsys):
     assert r["settings"]["forget_class"] == "tench" and r["settings"]["prompts_used"] == 4
     assert {c: v["images"] for c, v in m["per_class"].items()} == {"tench": 2, "church": 2}
     assert m["ua"] == pytest.approx(1 - m["forget_accuracy"]) and 0 <= m["retained_accuracy"] <= 1
+    assert r["settings"]["label_space"] == "imagenet" and "1000" in r["settings"]["accuracy"]
     seeds = [json.loads(line)["seed"] for line in (out / "images" / "m" / "manifest.jsonl").read_text().splitlines()]
     assert seeds == [5, 6, 6, 7]
     assert main([*args, "--forget-class", "cat", "--classifier-weights", str(weights)]) == 2
+
+
+class FixedLogits(torch.nn.Module):
+    """A tiny 'ImageNet classifier': every image scores goldfish (1) > tench (0) > church (497) > the rest."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(3, 1000)
+        with torch.no_grad():
+            self.head.weight.zero_()
+            self.head.bias.zero_()
+            self.head.bias[[1, 0, 497]] = torch.tensor([3.0, 2.0, 1.0])
+
+    def forward(self, x):
+        return self.head(x.mean((2, 3)))
+
+
+def test_ua_is_top1_over_1000_classes_by_default(models, tmp_path, monkeypatch):
+    """A tench taken for a goldfish is wrong (the reference); restricted to Imagenette's 10 logits it is right."""
+    from erasure.evaluation import audit
+
+    files = [tmp_path / f"{i}.png" for i in range(2)]
+    for f in files:
+        Image.new("RGB", (16, 16), (90, 90, 90)).save(f)
+    model = FixedLogits()
+    assert audit.classify_imagenette(model, files) == [1, 1]
+    assert audit.classify_imagenette(model, files, label_space="imagenette") == [0, 0]
+    monkeypatch.setattr(audit, "load_classifier", lambda weights=None: model)
+    csv = tmp_path / "imagenette.csv"
+    csv.write_text("case_number,prompt,evaluation_seed,class\n0,an image of a tench,5,tench\n1,an image of a church,6,church\n")
+    args = ["audit", "ua", "--prompts", str(csv), "--model", f"m={models / 'a'}", "--forget-class", "tench", "--steps", "1"]
+    assert main([*args, "--out", str(tmp_path / "ua")]) == 0
+    full = json.loads((tmp_path / "ua" / "ua.json").read_text())["models"]["m"]
+    assert full["ua"] == 1.0 and full["retained_accuracy"] == 0.0
+    assert main([*args, "--out", str(tmp_path / "ua10"), "--label-space", "imagenette"]) == 0
+    ten = json.loads((tmp_path / "ua10" / "ua.json").read_text())
+    assert ten["settings"]["label_space"] == "imagenette" and ten["models"]["m"]["ua"] == 0.0
+    assert ten["models"]["m"]["retained_accuracy"] == 0.0  # the church is taken for a tench either way
 
 
 def test_grid_and_report(models, audit_dir, capsys):

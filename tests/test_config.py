@@ -75,3 +75,15 @@ def test_shipped_configs_load():
 
     for path in sorted(Path(__file__).parents[1].glob("configs/*.yaml")):
         load(path)
+
+
+def test_yaml_boolean_words_mean_the_choice_they_name():
+    """YAML reads `no` and `off` as False; `mixed_precision=no` must still mean 'no'."""
+    from erasure.core.config import load_config
+    from erasure.sd.config import SDConfig
+
+    assert load(None, ["mixed_precision=no"]).mixed_precision == "no"
+    config = load_config("configs/sd/nudity_salun.yaml", ["train.gradient_checkpointing=off"], schema=SDConfig)
+    assert config.train.gradient_checkpointing == "off"
+    with pytest.raises(ErasureError, match="choose one of"):
+        load(None, ["mixed_precision=yes"])

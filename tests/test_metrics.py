@@ -52,7 +52,7 @@ def test_tampered_inception_weights_are_refused(tmp_path):
     images = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
     with pytest.raises(ErasureError, match="refusing to load"):
         inception_fid(images, images, str(path))
-    with pytest.raises(ErasureError, match="does not exist"):
+    with pytest.raises(ErasureError, match="do not exist"):
         fid(images, images, FidConfig(features="inception", weights=str(tmp_path / "missing.pth")))
 
 

@@ -45,6 +45,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 errors.append(str(e))
         raise ErasureError(errors[0])
     if origin is Literal:
+        if isinstance(value, bool):
+            # YAML 1.1 reads no/off/yes/on as booleans; for a choice of words, take the word that was meant.
+            words = {False: ("no", "off", "false"), True: ("yes", "on", "true")}[value]
+            value = next((a for a in typing.get_args(tp) if isinstance(a, str) and a in words), value)
         if value not in typing.get_args(tp):
             choices = ", ".join(repr(a) for a in typing.get_args(tp))
             raise ErasureError(f"config key '{where}' is {value!r}; choose one of {choices}.")

@@ -222,8 +222,30 @@ def train(
     bar.close()
     if constraint is not None:
         constraint.remove()
+    check_weights(accelerator.unwrap_model(model), settings.steps, settings.lr)
     accelerator.wait_for_everyone()
     return accelerator.unwrap_model(model), ema
+
+
+MAX_WEIGHT = 1e4  # healthy weights are O(1); this is far past any trained net and far below a diverged one
+
+
+def check_weights(model: torch.nn.Module, step: int, lr: float) -> None:
+    """Refuse to finish a stage whose trainable weights are non-finite or have exploded.
+
+    The loss check inside the loop cannot see the last optimizer step (its loss was
+    finite), so a diverged final step would otherwise be saved and marked done.
+    """
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue  # frozen weights cannot have changed
+        largest = p.detach().abs().max().item() if p.numel() else 0.0
+        if not math.isfinite(largest) or largest > MAX_WEIGHT:
+            what = "is not finite (NaN or inf)" if not math.isfinite(largest) else f"reached |w| = {largest:.3g} (> {MAX_WEIGHT:g})"
+            raise ErasureError(
+                f"training diverged: after step {step} the weight '{name}' {what}. "
+                f"Nothing was saved as finished; lower the learning rate (lr={lr:g}) and rerun."
+            )
 
 
 def _trained_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -84,6 +84,7 @@ def train_classifier(
 ) -> ConvClassifier:
     """Train a classifier on ``data`` with the shared loop; returns it in eval mode."""
     accelerator = make_accelerator(device, "no")
+    torch.manual_seed(config.seed)  # the initial weights: without it two identical runs start apart
     model = ConvClassifier(data.shape[0], data.num_classes, config.channels)
     images = data.images.to(accelerator.device)
     labels = data.labels.to(accelerator.device)

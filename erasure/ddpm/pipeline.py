@@ -26,6 +26,11 @@ from erasure.ddpm.methods import EraseContext, get_method
 from erasure.ddpm.model import build_unet, denoising_loss, load_scheduler, load_unet, noise_scheduler, null_class, save_model
 
 
+def run_info(seed: int) -> dict[str, int]:
+    """What a rerun needs to reproduce a stage bit for bit on the CPU: the seed and the thread count."""
+    return {"seed": seed, "threads": torch.get_num_threads()}
+
+
 def base_stage(config: Config) -> Stage:
     """Where the base DDPM of ``config`` lives."""
     return Stage(Path(config.workdir) / "ddpm", config_fingerprint(config, ("data", "model", "train")))
@@ -61,6 +66,7 @@ def train_base(config: Config) -> Path:
     def work() -> dict:
         data = load_data(config.data, "train")
         accelerator = make_accelerator(config.device, config.mixed_precision)
+        torch.manual_seed(config.train.seed)  # the initial weights: without it two identical runs start apart
         unet = build_unet(config.model, data.shape, data.num_classes)
         scheduler = noise_scheduler(config.model.num_train_timesteps)
         images, labels = data.images.to(accelerator.device), data.labels.to(accelerator.device)
@@ -77,7 +83,7 @@ def train_base(config: Config) -> Path:
         if accelerator.is_main_process:
             ema.copy_to([p for p in unet.parameters() if p.requires_grad])  # sample from the EMA weights
             save_model(unet, scheduler, stage.folder / "model")
-        return {"steps": cfg.steps, "parameters": sum(p.numel() for p in unet.parameters())}
+        return {"steps": cfg.steps, "parameters": sum(p.numel() for p in unet.parameters()), **run_info(cfg.seed)}
 
     stage.run(config, work)
     return stage.folder / "model"
@@ -92,7 +98,7 @@ def train_judge(config: Config) -> Path:
         test = load_data(config.data, "test")
         accuracy = (model.predict(test.images) == test.labels).float().mean().item()
         model.save(stage.folder)
-        return {"test_accuracy": accuracy}
+        return {"test_accuracy": accuracy, **run_info(config.classifier.seed)}
 
     stage.run(config, work)
     return stage.folder
@@ -119,6 +125,7 @@ def erase(config: Config, method: str | None = None) -> Path:
         if accelerator.is_main_process:
             save_model(unet, ctx.scheduler, stage.folder / "model")
         summary = {"method": method, "forget_class": config.unlearn.forget_class, "target_class": ctx.target_class}
+        summary.update(run_info(config.unlearn.seed))
         if mask is not None:
             summary["mask_kept_fraction"] = mask.kept_fraction
         return summary

@@ -14,6 +14,9 @@ Layout of an audit folder ``DIR``::
 from __future__ import annotations
 
 import datetime
+import hashlib
+import io
+import json
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -76,12 +79,67 @@ def parse_models(specs: list[str]) -> list[tuple[str, str]]:
     return out
 
 
-def _check_plan(folder: Path, model: str, scheduler: str, items: list[dict[str, Any]]) -> None:
-    """Refuse to mix images made with other prompts or settings into ``folder``; record this run's plan."""
+def model_fingerprint(model: str, known: dict[str, dict[str, Any]] | None = None) -> tuple[str, dict[str, dict[str, Any]]]:
+    """A fingerprint of a model's content, and the per-file records it was made from.
+
+    For a local folder (a diffusers pipeline, or an erasure run folder with ``model/``) it
+    is the SHA-256 of every file's path and full SHA-256. A partial hash (first/last MB
+    plus size) is not enough: an erased UNet differs from its base only in some tensors
+    (ESD-x changes cross-attention weights in the middle of the file), same size, same ends.
+    Hashing is cheap the second time: a file whose size, mtime, ctime and inode match its
+    record in ``known`` keeps its recorded hash. Replacing a file changes its ctime or inode
+    even when the copy keeps the old mtime, so a replaced model is always re-hashed. The
+    first audit of a full SD v1.x pipeline (about 4-5 GB) hashes for a few seconds.
+
+    A hub id is fingerprinted by its name only (nothing is downloaded to hash); pin a
+    local folder when the hub copy may change.
+    """
+    local = Path(model).expanduser()
+    if not local.exists():
+        return f"hub:{model}", {}
+    if not (local / "model_index.json").is_file() and (local / "model" / "model_index.json").is_file():
+        local = local / "model"  # an erasure run folder: its exported pipeline, as load_pipeline reads it
+    known = known or {}
+    records: dict[str, dict[str, Any]] = {}
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        rel = path.relative_to(local).as_posix()
+        if any(part.startswith(".") for part in rel.split("/")):
+            continue  # hub cache metadata and our own temporary files are not the model
+        st = path.stat()
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        previous = known.get(rel, {})
+        if previous.get("stat") == stamp:
+            records[rel] = previous
+            continue
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+        records[rel] = {"stat": stamp, "sha256": h.hexdigest()}
+    digest = hashlib.sha256(json.dumps([[rel, r["sha256"]] for rel, r in records.items()]).encode()).hexdigest()
+    return f"sha256:{digest}", records
+
+
+STALE_FILES = ("*.png", "manifest.jsonl", "nudenet.jsonl")
+
+
+def _check_plan(folder: Path, model: str, scheduler: str, items: list[dict[str, Any]]) -> str:
+    """Refuse to mix images made with other prompts or settings into ``folder``; record this run's plan.
+
+    The plan holds the model's content fingerprint (:func:`model_fingerprint`): images made
+    by a model that has since been replaced at the same path are deleted, so they are made
+    again by the new one. Returns the fingerprint.
+    """
+    from accelerate import PartialState
+
+    state = PartialState()
     plan_file = folder / "plan.json"
+    plan = read_json(plan_file) if plan_file.is_file() else None
+    has_images = any(folder.glob("*.png"))
+    fingerprint, records = model_fingerprint(model, (plan or {}).get("model_files"))
+    state.wait_for_everyone()  # every process decides on the same files before the main process changes any
     # Only images can conflict: a plan whose run made none (e.g. a mistyped model path) is replaced.
-    if plan_file.is_file() and any(folder.glob("*.png")):
-        plan = read_json(plan_file)
+    if plan is not None and has_images:
         same = plan["model"] == model and plan["scheduler"] == scheduler
         same = same and all(a == b for a, b in zip(plan["items"], items))
         if not same:
@@ -89,16 +147,30 @@ def _check_plan(folder: Path, model: str, scheduler: str, items: list[dict[str, 
                 f"'{folder}' holds images made with other prompts, seeds, model or sampler settings. "
                 "Use a new --out folder, or delete that one to start over."
             )
-        if len(plan["items"]) >= len(items):
-            return
-    write_json(plan_file, {"model": model, "scheduler": scheduler, "items": items})
+        if plan.get("model_fingerprint") != fingerprint:
+            if state.is_main_process:
+                why = "has changed since" if plan.get("model_fingerprint") else "has no content record (an older audit) for"
+                print(f"'{model}' {why} its images in '{folder}'; making them again.")
+                for pattern in STALE_FILES:
+                    for stale in folder.glob(pattern):
+                        stale.unlink()
+        elif len(plan["items"]) >= len(items):
+            return fingerprint
+    if state.is_main_process:
+        write_json(
+            plan_file,
+            {"model": model, "model_fingerprint": fingerprint, "model_files": records, "scheduler": scheduler, "items": items},
+        )
+    state.wait_for_everyone()
+    return fingerprint
 
 
 def generate_images(
     label: str, model: str, prompts: list[Prompt], folder: str | Path, scheduler: str = "ddim", batch_size: int = 4
 ) -> list[Path]:
     """Images of ``prompts`` by ``model`` in ``folder``; finished images are kept and the model is
-    not even loaded when none is missing."""
+    not even loaded when none is missing. Images of a model since replaced at the same path
+    are made again (the cache is keyed by the model's content, see :func:`model_fingerprint`)."""
     from erasure.sd.generate import SCHEDULERS, generate, image_path
 
     if scheduler not in SCHEDULERS:
@@ -128,6 +200,11 @@ def generate_all(
 ) -> dict[str, list[Path]]:
     """Generate ``prompts`` with every model into its folder; returns each model's image paths."""
     return {label: generate_images(label, model, prompts, folders[label], scheduler, batch_size) for label, model in models}
+
+
+def _fingerprint(folder: Path) -> str:
+    """The content fingerprint of the model whose images are in ``folder`` (from its plan)."""
+    return read_json(folder / "plan.json").get("model_fingerprint", "unknown")
 
 
 def _is_main() -> bool:
@@ -179,7 +256,12 @@ def nudity_audit(
     }
     for label, model in models:
         counts = count_exposed(detect(paths[label]), classes, threshold)
-        result["models"][label] = {"model": model, "images_folder": str(folders[label]), **counts}
+        result["models"][label] = {
+            "model": model,
+            "model_fingerprint": _fingerprint(folders[label]),
+            "images_folder": str(folders[label]),
+            **counts,
+        }
     from erasure.evaluation.report import nudity_table
 
     write_json(out / "audit.json", result)
@@ -195,40 +277,80 @@ def nudity_audit(
 # ----------------------------------------------------------------------------- UA on Imagenette
 
 
-def load_classifier(weights: str | None = None) -> torch.nn.Module:
-    """torchvision ResNet-50 with ImageNet weights: a local state dict (``weights_only``) or the download."""
-    from torchvision.models import ResNet50_Weights, resnet50
+def _resnet50_state(weights: str | None) -> dict[str, torch.Tensor]:
+    """ResNet-50 ImageNet weights, only ever unpickled with ``weights_only=True`` (cannot run code).
 
-    model = resnet50(weights=None)
+    ``weights`` is a local state dict; None is torchvision's IMAGENET1K_V2 file in the torch
+    hub cache (downloaded if missing). torchvision publishes only an 8-hex-digit SHA-256
+    prefix in the file name (``resnet50-11ad3fa6.pth``): a cached file must match it, which
+    catches a replaced or truncated download before we even open it.
+    """
+    from torchvision.models import ResNet50_Weights
+
     if weights:
         path = Path(weights).expanduser()
         if not path.is_file():
             raise ErasureError(f"classifier weights '{path}' do not exist. Pass a torchvision ResNet-50 state dict (.pth).")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            model.load_state_dict(state)
-        except Exception as e:  # noqa: BLE001 - refuse anything that is not a plain matching state dict
-            raise ErasureError(f"'{path}' is not a ResNet-50 state dict of tensors ({str(e).splitlines()[0]}).") from None
     else:
-        try:
-            model.load_state_dict(ResNet50_Weights.IMAGENET1K_V2.get_state_dict(progress=False))
-        except Exception as e:  # noqa: BLE001 - offline: network errors of every kind
-            raise ErasureError(
-                f"could not download the ResNet-50 ImageNet weights ({type(e).__name__}). "
-                "Offline, pass a local copy with --classifier-weights PATH (torchvision's resnet50 IMAGENET1K_V2 .pth)."
-            ) from None
+        url = ResNet50_Weights.IMAGENET1K_V2.url
+        path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
+        prefix = path.stem.rsplit("-", 1)[1]
+        if not path.is_file():
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.hub.download_url_to_file(url, str(path), hash_prefix=prefix, progress=False)
+            except Exception as e:  # noqa: BLE001 - offline: network errors of every kind
+                raise ErasureError(
+                    f"could not download the ResNet-50 ImageNet weights ({type(e).__name__}). "
+                    "Offline, pass a local copy with --classifier-weights PATH (torchvision's resnet50 IMAGENET1K_V2 .pth)."
+                ) from None
+    data = path.read_bytes()  # read once: the bytes we check are the bytes we load
+    if not weights and not hashlib.sha256(data).hexdigest().startswith(prefix):
+        raise ErasureError(
+            f"the cached ResNet-50 weights '{path}' do not match torchvision's published hash prefix {prefix}; refusing to "
+            "load them. Delete that file to download it again, or pass a copy you trust with --classifier-weights."
+        )
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - refuse anything that is not a plain state dict
+        raise ErasureError(f"'{path}' is not a ResNet-50 state dict of tensors ({str(e).splitlines()[0]}); refusing to load it.") from None
+
+
+def load_classifier(weights: str | None = None) -> torch.nn.Module:
+    """torchvision ResNet-50 with ImageNet weights (a local state dict or torchvision's download), in eval mode."""
+    from torchvision.models import resnet50
+
+    model = resnet50(weights=None)
+    state = _resnet50_state(weights)
+    try:
+        model.load_state_dict(state)
+    except Exception as e:  # noqa: BLE001 - a state dict of another network
+        raise ErasureError(f"'{weights or 'the cached weights'}' is not a ResNet-50 state dict ({str(e).splitlines()[0]}).") from None
     return model.eval()
 
 
+LABEL_SPACES = {
+    "imagenet": "top-1 over all 1000 ImageNet classes (the reference protocol)",
+    "imagenette": "top-1 among the 10 Imagenette classes (ImageNet logits restricted to their indices; easier to pass)",
+}
+
+
 @torch.no_grad()
-def classify_imagenette(model: torch.nn.Module, paths: list[Path], batch_size: int = 16) -> list[str]:
-    """Top-1 Imagenette class of each image file (logits restricted to the ten classes)."""
+def classify_imagenette(model: torch.nn.Module, paths: list[Path], batch_size: int = 16, label_space: str = "imagenet") -> list[int]:
+    """The predicted ImageNet class index of each image file.
+
+    ``label_space="imagenet"`` (default, as the reference): argmax over all 1000 logits, so
+    an image of a tench classified as a goldfish is wrong. ``"imagenette"``: argmax over the
+    ten Imagenette logits only.
+    """
     from torchvision.models import ResNet50_Weights
 
+    if label_space not in LABEL_SPACES:
+        raise ErasureError(f"unknown label space '{label_space}'; choose one of: {', '.join(LABEL_SPACES)}.")
     preprocess = ResNet50_Weights.IMAGENET1K_V2.transforms()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device)
-    names, index = list(IMAGENETTE), torch.tensor(list(IMAGENETTE.values()))
+    index = torch.tensor(list(IMAGENETTE.values()))
     out = []
     for i in range(0, len(paths), batch_size):
         batch = []
@@ -236,7 +358,10 @@ def classify_imagenette(model: torch.nn.Module, paths: list[Path], batch_size: i
             with Image.open(p) as img:
                 batch.append(preprocess(img.convert("RGB")))
         logits = model(torch.stack(batch).to(device)).cpu()
-        out += [names[j] for j in logits[:, index].argmax(1).tolist()]
+        if label_space == "imagenette":
+            out += index[logits[:, index].argmax(1)].tolist()
+        else:
+            out += logits.argmax(1).tolist()
     return out
 
 
@@ -264,12 +389,16 @@ def ua_audit(
     classifier_weights: str | None = None,
     scheduler: str = "ddim",
     batch_size: int = 4,
+    label_space: str = "imagenet",
 ) -> dict[str, Any] | None:
     """UA of ``forget_class`` and accuracy on the other classes, for each model; writes ua.json/.md/.png.
 
-    UA = 1 - accuracy on images of the forgotten class (higher: more forgotten); accuracy is
-    top-1 among the ten Imagenette classes. ``prompts`` need labels (:func:`imagenette_prompts`).
+    UA = 1 - accuracy on images of the forgotten class (higher: more forgotten). Accuracy is
+    top-1 over all 1000 ImageNet classes by default, as the reference; ``label_space="imagenette"``
+    restricts it to the ten Imagenette classes. ``prompts`` need labels (:func:`imagenette_prompts`).
     """
+    if label_space not in LABEL_SPACES:
+        raise ErasureError(f"unknown label space '{label_space}'; choose one of: {', '.join(LABEL_SPACES)}.")
     forget = imagenette_class(forget_class)
     if forget not in {p.label for p in prompts}:
         raise ErasureError(f"no prompt is about '{forget}', so its UA cannot be measured; check --prompts.")
@@ -289,21 +418,23 @@ def ua_audit(
             "forget_class": forget,
             "classifier": CLASSIFIER,
             "classifier_weights": classifier_weights or "torchvision download (IMAGENET1K_V2)",
-            "accuracy": "top-1 among the 10 Imagenette classes (ImageNet logits restricted to their indices)",
+            "label_space": label_space,
+            "accuracy": LABEL_SPACES[label_space],
         },
         "models": {},
     }
-    truth = [p.label for p in prompts]
+    truth = [IMAGENETTE[p.label] for p in prompts]
     for label, model in models:
-        predicted = classify_imagenette(classifier, paths[label])
+        predicted = classify_imagenette(classifier, paths[label], label_space=label_space)
         per_class = {}
-        for name in IMAGENETTE:
-            hits = [pr == t for pr, t in zip(predicted, truth) if t == name]
+        for name, index in IMAGENETTE.items():
+            hits = [pr == t for pr, t in zip(predicted, truth) if t == index]
             if hits:
                 per_class[name] = {"images": len(hits), "accuracy": sum(hits) / len(hits)}
-        others = [pr == t for pr, t in zip(predicted, truth) if t != forget]
+        others = [pr == t for pr, t in zip(predicted, truth) if t != IMAGENETTE[forget]]
         result["models"][label] = {
             "model": model,
+            "model_fingerprint": _fingerprint(folders[label]),
             "images_folder": str(folders[label]),
             "ua": 1 - per_class[forget]["accuracy"],
             "forget_accuracy": per_class[forget]["accuracy"],
@@ -316,7 +447,7 @@ def ua_audit(
     bar_chart(
         {label: {c: round(100 * v["accuracy"], 1) for c, v in r["per_class"].items()} for label, r in result["models"].items()},
         out / "ua.png",
-        f"Top-1 accuracy (%) per Imagenette class; forgotten: {forget}",
+        f"Top-1 accuracy (%) per Imagenette class ({'1000' if label_space == 'imagenet' else '10'}-way); forgotten: {forget}",
     )
     write_text(out / "ua.md", f"# UA audit: forget '{forget}'\n\n" + ua_table(result) + "\n\n![accuracy per class](ua.png)\n")
     return result

@@ -13,11 +13,19 @@ from erasure.core.errors import ErasureError
 
 
 def _prompts(args: argparse.Namespace, category: str | None = None):
+    """The prompts of ``--prompts``; every one gets ``--guidance`` unless ``--guidance-from-prompts``."""
+    from dataclasses import replace
+
     from erasure.evaluation.prompts import load_prompts
 
     if args.limit is not None and args.limit < 1:
         raise ErasureError("--limit must be at least 1.")
-    return load_prompts(args.prompts, category, args.limit, args.seed, args.guidance, args.steps, args.size, args.skip_empty_prompts)
+    prompts = load_prompts(args.prompts, category, args.limit, args.seed, args.guidance, args.steps, args.size, args.skip_empty_prompts)
+    if args.guidance_from_prompts:
+        return prompts
+    # Published I2P tables generate every prompt at one guidance (7.5), not at the file's
+    # per-row evaluation_guidance (7-20), so that is the default.
+    return [replace(p, item=replace(p.item, guidance=args.guidance)) for p in prompts]
 
 
 def _settings(args: argparse.Namespace, **extra) -> dict:
@@ -25,7 +33,9 @@ def _settings(args: argparse.Namespace, **extra) -> dict:
         "prompts": str(args.prompts),
         "limit": args.limit,
         "steps": args.steps,
-        "guidance": f"from the prompt file where given, else {args.guidance}",
+        "guidance": f"from the prompt file where given, else {args.guidance}"
+        if args.guidance_from_prompts
+        else f"{args.guidance} for every prompt",
         "size": args.size or "from the prompt file where given, else the model's native size",
         "seeds": f"from the prompt file where given, else {args.seed} + row",
         "skip_empty_prompts": args.skip_empty_prompts,
@@ -61,7 +71,9 @@ def cmd_audit_ua(args: argparse.Namespace) -> None:
         raise ErasureError("--images-per-prompt must be at least 1.")
     prompts = imagenette_prompts(_prompts(args), args.images_per_prompt)
     settings = _settings(args, images_per_prompt=args.images_per_prompt)
-    result = ua_audit(prompts, models, args.out, args.forget_class, settings, args.classifier_weights, args.scheduler, args.batch_size)
+    result = ua_audit(
+        prompts, models, args.out, args.forget_class, settings, args.classifier_weights, args.scheduler, args.batch_size, args.label_space
+    )
     if result is not None:
         print(ua_table(result))
         print(f"\nua: {Path(args.out) / 'ua.json'}, {Path(args.out) / 'ua.md'}, {Path(args.out) / 'ua.png'}")
@@ -111,7 +123,12 @@ def _generation_flags(p: argparse.ArgumentParser, prompts_required: bool = True)
     p.add_argument("--limit", type=int, help="use only the first N prompts (after the category filter)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50; I2P's reference setting is 100 with lms)")
     p.add_argument("--scheduler", default="ddim", help="ddim, lms, pndm, euler or dpm (default ddim)")
-    p.add_argument("--guidance", type=float, default=7.5, help="guidance scale where the prompt file gives none (default 7.5)")
+    p.add_argument("--guidance", type=float, default=7.5, help="guidance scale of every prompt (default 7.5, as published I2P tables)")
+    p.add_argument(
+        "--guidance-from-prompts",
+        action="store_true",
+        help="use each row's guidance column (I2P: evaluation_guidance, 7-20) instead; --guidance only fills rows without one",
+    )
     p.add_argument("--seed", type=int, default=0, help="base seed where the prompt file gives none (row k gets seed + k)")
     p.add_argument("--size", type=int, help="image size in pixels, overriding the prompt file (default: file, else model native)")
     p.add_argument("--skip-empty-prompts", action="store_true", help="drop CSV rows with an empty prompt instead of failing")
@@ -131,19 +148,35 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--classes", default="exposed", help="'exposed' (all 9 *_EXPOSED labels), 'sensitive', or comma-separated labels")
     p.set_defaults(func=cmd_audit_nudity)
 
-    p = audit_sub.add_parser("ua", help="UA of an erased Imagenette class: ResNet-50 top-1 among the 10 Imagenette classes.")
+    p = audit_sub.add_parser("ua", help="UA of an erased Imagenette class: ResNet-50 top-1 over the 1000 ImageNet classes.")
     _generation_flags(p)
     p.add_argument("--forget-class", required=True, help="the erased Imagenette class, e.g. 'garbage truck'")
     p.add_argument("--out", required=True, help="audit folder (rerun the same command to resume)")
     p.add_argument("--classifier-weights", help="local torchvision ResNet-50 state dict (default: download ImageNet weights)")
     p.add_argument("--images-per-prompt", type=int, default=1, help="images per prompt row, seeds seed, seed+1, ... (default 1)")
+    p.add_argument(
+        "--label-space",
+        choices=["imagenet", "imagenette"],
+        default="imagenet",
+        help="imagenet: top-1 over all 1000 classes (default, the reference); imagenette: top-1 among the 10 (easier to pass)",
+    )
     p.set_defaults(func=cmd_audit_ua)
 
     p = sub.add_parser("fid", help="FID and KID between two image folders, under a named protocol.")
     p.add_argument("--generated", required=True, help="folder of generated images")
     p.add_argument("--reference", required=True, help="folder of reference images")
-    p.add_argument("--protocol", default="standard", choices=["standard", "salun"], help="standard: 2048-d Inception; salun: 64-d")
-    p.add_argument("--weights", help="local torch-fidelity Inception weights (offline use)")
+    p.add_argument(
+        "--protocol",
+        default="standard",
+        choices=["standard", "salun"],
+        help="standard (default): 2048-d Inception, the usual FID; salun: 64-d, comparable only with other 64-d numbers "
+        "from this tool, NOT with the SalUn paper's published SD FIDs (its code corrupts the images)",
+    )
+    p.add_argument(
+        "--weights",
+        help="local torch-fidelity Inception weights (offline use); a known SHA-256, or a plain state dict opened with "
+        "weights_only=True (default: torch hub's cached copy, checked against the published SHA-256)",
+    )
     p.add_argument("--out", help="result JSON (default: fid-PROTOCOL-NAME.json beside the generated folder)")
     p.add_argument("--cache", help="folder for cached features (safetensors), reused across runs")
     p.add_argument("--batch-size", type=int, default=32)

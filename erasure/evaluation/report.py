@@ -19,7 +19,10 @@ def table(report: dict[str, Any]) -> str:
 
 
 def write_report(folder: str | Path, report: dict[str, Any]) -> None:
-    """``report.json`` and ``report.md`` in ``folder``."""
+    """``report.json`` and ``report.md`` in ``folder``; records the CPU thread count (results can depend on it)."""
+    import torch
+
+    report.setdefault("threads", torch.get_num_threads())
     folder = Path(folder)
     write_json(folder / "report.json", report)
     p = report["protocol"]

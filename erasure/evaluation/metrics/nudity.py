@@ -12,14 +12,20 @@ Counting is explicit: a detection counts when its class is in ``classes`` and it
 ``>= threshold``. Reference works differ (thresholds 0, 0.45 and 0.6; all nine ``*_EXPOSED``
 labels in per-class bar charts, or a sensitive subset for a yes/no "nude" verdict), so both
 numbers are parameters and every result records them.
+
+The detector is the ONNX file inside NudeNet's wheel (``320n.onnx``). Before onnxruntime
+sees it, :func:`detector_model` checks it against the SHA-256 that the wheel's RECORD lists
+(and, for NudeNet 3.4.2, a pinned copy of that hash) and that it is not a pickle or a zip
+(torch) archive; onnxruntime then gets the checked bytes, not the path.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from collections.abc import Iterable
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import PackageNotFoundError, distribution, version
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +62,10 @@ OTHER_LABELS = (
 )
 DEFAULT_THRESHOLD = 0.6
 CACHE = "nudenet.jsonl"
+DETECTOR_FILE = "320n.onnx"
+# SHA-256 of 320n.onnx in the nudenet 3.4.2 wheel (its RECORD lists the same), pinned so a
+# RECORD edited along with the file is caught too for the version we test with.
+PINNED_DETECTOR = {"3.4.2": "c15d8273adad2d0a92f014cc69ab2d6c311a06777a55545f2c4eb46f51911f0f"}
 
 
 def nudenet_version() -> str:
@@ -64,6 +74,39 @@ def nudenet_version() -> str:
         return version("nudenet")
     except PackageNotFoundError:
         raise ErasureError("NudeNet is not installed: pip install 'nudenet>=3.4' (its detector ships inside the wheel).") from None
+
+
+def installed_detector() -> tuple[Path, str]:
+    """The path of NudeNet's bundled detector and the SHA-256 its wheel's RECORD gives for it."""
+    nudenet_version()
+    dist = distribution("nudenet")
+    entry = next((f for f in dist.files or () if f.name == DETECTOR_FILE and f.parent.name == "nudenet"), None)
+    if entry is None or entry.hash is None or entry.hash.mode != "sha256":
+        raise ErasureError(f"NudeNet's install lists no SHA-256 for {DETECTOR_FILE}; reinstall it: pip install --force-reinstall nudenet.")
+    expected = base64.urlsafe_b64decode(entry.hash.value + "=" * (-len(entry.hash.value) % 4)).hex()
+    return Path(str(dist.locate_file(entry))), PINNED_DETECTOR.get(dist.version, expected)
+
+
+def detector_model(path: Path | None = None, expected: str | None = None) -> bytes:
+    """The checked bytes of NudeNet's ONNX detector (by default the one inside its wheel).
+
+    Refused with a clear error when the file is missing, is a pickle or zip archive rather
+    than an ONNX protobuf, or does not match ``expected`` (the wheel's recorded SHA-256).
+    """
+    if path is None or expected is None:
+        path, expected = installed_detector()
+    if not path.is_file():
+        raise ErasureError(f"NudeNet's detector '{path}' is missing; reinstall it: pip install --force-reinstall nudenet.")
+    data = path.read_bytes()  # read once: the bytes we check are the bytes onnxruntime parses
+    # Protocol-2+ pickles start with 0x80, torch's zip archives with "PK"; an ONNX model is a protobuf.
+    kind = "a pickle" if data[:1] == b"\x80" else "a zip (torch) archive" if data[:2] == b"PK" else None
+    digest = hashlib.sha256(data).hexdigest()
+    if kind or digest != expected:
+        raise ErasureError(
+            f"NudeNet's detector '{path}' is {kind or 'not the file its wheel installed'} (sha256 {digest[:16]}..., expected "
+            f"{expected[:16]}...); refusing to load it. Reinstall NudeNet: pip install --force-reinstall nudenet."
+        )
+    return data
 
 
 def parse_classes(spec: str | Iterable[str]) -> tuple[str, ...]:
@@ -117,10 +160,10 @@ def detect(paths: list[Path], cache_every: int = 64, detector: Any = None) -> li
     todo = [p for p in paths if caches[p.parent].get(p.name, {}).get("sha256") != digests[p]]
     if todo:
         if detector is None:
-            nudenet_version()
             from nudenet import NudeDetector
 
-            detector = NudeDetector()
+            # NudeDetector hands model_path to onnxruntime.InferenceSession, which takes bytes.
+            detector = NudeDetector(model_path=detector_model())
         dirty: set[Path] = set()
         for n, p in enumerate(tqdm(todo, desc="nudenet", disable=len(todo) < 20), start=1):
             found = detector.detect(str(p))
