@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: demo test install lint clean
+.PHONY: demo test install lint clean gpu-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,13 @@ demo: install
 test: install
 	$(BIN)/ruff check erasure tests benchmarks
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+# On a GPU machine, with the image's own Python (no venv, no network): tests on CUDA, the demo,
+# bf16 and SD erases, an audit, the classification table and the SD speed benchmarks; one JSON.
+# .whl/ and .gpu-data/ come from benchmarks/gpu_wheels.sh when the image lacks diffusers & co.
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py $(if $(wildcard .whl/*.whl),--wheels .whl) \
+		$(if $(wildcard .gpu-data/clip_tokenizer),--tokenizer .gpu-data/clip_tokenizer) --out $${OUT:-benchmarks/results}/gpu_check.json
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,0 +1,169 @@
+"""`make gpu-check`: the first command on a GPU machine. Does everything work on CUDA, and how fast is it?
+
+Runs, each part in its own process with its own time limit, and writes one JSON summary
+(pass/fail, seconds and figures per part, machine and versions):
+
+1. ``tests``      - the test suite; tests that touch a device run on CUDA when one is present
+2. ``demo``       - ``erasure demo`` (bf16 base DDPM, then the fp32 judge, in one process)
+3. ``ddpm-bf16``  - a bf16 ESD erase in the demo's workdir
+4. ``sd-tiny``    - a tiny random SD pipeline: SalUn erase, generation and a NudeNet audit on CUDA
+5. ``classification`` - ``erasure unlearn-classifier`` on its embedded default
+6. ``sd-step``    - the SD v1.4 SalUn step at batch 8 / 512 px: fp32 eager (the reference regime),
+                    bf16 eager and bf16 compiled, in the same run (``benchmarks/sd_training.py``)
+7. ``generation`` - SD v1.4 images/s at 512 px through the audit engine (``benchmarks/generation_throughput.py``)
+
+The SD benchmarks need the SD v1.x CLIP tokenizer (``--tokenizer``; the run skips them
+without one). On a machine whose image lacks diffusers, torch-fidelity or nudenet, pass
+``--wheels DIR`` (see ``benchmarks/gpu_wheels.sh``): they are installed into a temporary
+folder first, without network. Budget: 8 minutes on one H100; ``--skip`` drops parts.
+
+    python benchmarks/gpu_check.py --wheels .whl --tokenizer .gpu-data/clip_tokenizer --out gpu-check.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PARTS = ["tests", "demo", "ddpm-bf16", "sd-tiny", "classification", "sd-step", "generation"]
+
+
+def run(cmd: list[str], env: dict[str, str], timeout: int, log: Path) -> tuple[bool, float, str]:
+    """Run one command; returns (passed, seconds, the tail of its output)."""
+    start = time.time()
+    try:
+        result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        output, ok = result.stdout + result.stderr, result.returncode == 0
+    except subprocess.TimeoutExpired as e:
+        output = f"{e.stdout or ''}{e.stderr or ''}\ntimed out after {timeout} s"
+        output, ok = output if isinstance(output, str) else str(output), False
+    log.write_text(output)
+    return ok, round(time.time() - start, 1), output[-1500:]
+
+
+def install_wheels(wheels: Path) -> str:
+    """Install a folder of wheels into a temporary site folder (no network); returns it for PYTHONPATH."""
+    site = Path(tempfile.mkdtemp(prefix="erasure-site-"))
+    files = [str(p) for p in sorted(wheels.glob("*.whl"))]
+    if files:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", str(site), *files], check=True)
+    return str(site)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--wheels", type=Path, help="folder of wheels to install first (diffusers, torch-fidelity, nudenet)")
+    parser.add_argument("--tokenizer", type=Path, help="SD v1.x CLIP tokenizer folder, for the SD benchmarks")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu_check.json")
+    parser.add_argument("--skip", nargs="*", default=[], choices=PARTS)
+    parser.add_argument("--compile", action="store_true", help="also time the compiled SD step (about 2 minutes of compiling)")
+    args = parser.parse_args()
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    paths = [str(ROOT)]
+    if args.wheels:
+        paths.insert(0, install_wheels(args.wheels))
+    env["PYTHONPATH"] = os.pathsep.join([*paths, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    work = Path(tempfile.mkdtemp(prefix="erasure-gpu-check-"))
+    py, erasure = sys.executable, [sys.executable, "-m", "erasure"]
+    tiny = work / "tiny-sd"
+    sd_overrides = [
+        "generation.images_per_set=8",
+        "generation.steps=4",
+        "generation.batch_size=4",
+        "mask.batches=2",
+        "mask.batch_size=4",
+        "train.steps=20",
+        "train.batch_size=4",
+        "train.lr=1e-4",
+    ]
+    parts: dict[str, list[list[str]]] = {
+        "tests": [[py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]],
+        "demo": [[*erasure, "demo", "--workdir", str(work / "demo")]],
+        "ddpm-bf16": [[*erasure, "erase", "--method", "esd", "--workdir", str(work / "demo"), "mixed_precision=bf16"]],
+        "sd-tiny": [
+            [*erasure, "sd", "tiny-pipeline", str(tiny)],
+            [*erasure, "sd", "erase", "-c", "configs/sd/nudity_salun.yaml", "--model", str(tiny), "--workdir", str(work / "sd")]
+            + sd_overrides,
+            [*erasure, "audit", "nudity", "--model", f"base={tiny}", "--model", f"salun={work / 'sd' / 'salun' / 'model'}",
+             "--prompts", "prompts/template_forget.txt", "--limit", "4", "--steps", "4", "--out", str(work / "audit")],
+        ],
+        "classification": [[*erasure, "unlearn-classifier", "--workdir", str(work / "classification")]],
+    }
+    if args.tokenizer:
+        compile_flags = ["--compile", "off", "on"] if args.compile else ["--compile", "off"]
+        parts["sd-step"] = [[
+            py, "benchmarks/sd_training.py", "--tokenizer", str(args.tokenizer), "--label", "gpu-check", "--phases", "salun",
+            "--batch-sizes", "8", "--precisions", "no", "bf16", "--checkpointing", "off", *compile_flags,
+            "--warmup-steps", "2", "--measure-steps", "5",
+        ]]
+        parts["generation"] = [[
+            py, "benchmarks/generation_throughput.py", "--tokenizer", str(args.tokenizer), "--label", "gpu-check",
+            "--images", "16", "--batch-size", "8", "--steps", "50", "--nudenet-images", "16",
+        ]]
+    limits = {"tests": 240, "demo": 120, "ddpm-bf16": 60, "sd-tiny": 120, "classification": 120, "sd-step": 360, "generation": 150}
+
+    summary: dict = {"benchmark": "gpu_check", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    try:
+        import torch
+
+        summary["machine"] = {
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        }
+    except ImportError:
+        summary["machine"] = {"python": sys.version.split()[0]}
+    summary["parts"] = {}
+    for name in PARTS:
+        if name in args.skip or name not in parts:
+            summary["parts"][name] = {"status": "skipped"}
+            continue
+        total, ok, tail = 0.0, True, ""
+        for i, cmd in enumerate(parts[name]):
+            ok, seconds, tail = run(cmd, env, limits[name], work / f"{name}-{i}.log")
+            total += seconds
+            if not ok:
+                break
+        entry = {"status": "pass" if ok else "fail", "seconds": round(total, 1), "log": str(work / f"{name}-0.log")}
+        if not ok:
+            entry["tail"] = tail
+        entry.update(figures(name, work))
+        summary["parts"][name] = entry
+        print(f"{name:15s} {entry['status']:5s} {total:7.1f} s", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    sys.exit(0 if all(p["status"] != "fail" for p in summary["parts"].values()) else 1)
+
+
+def figures(name: str, work: Path) -> dict:
+    """The headline numbers a part produced, read from its own result files."""
+    try:
+        if name == "demo":
+            report = json.loads((work / "demo" / "eval" / "report.json").read_text())
+            return {"report": report.get("models", report)}
+        if name == "classification":
+            return {"table": json.loads((work / "classification" / "results.json").read_text())["table"]}
+        if name == "sd-step":
+            rows = json.loads((ROOT / "benchmarks" / "results" / "sd_training_gpu-check.json").read_text())["results"]
+            return {"rows": rows}
+        if name == "generation":
+            result = json.loads((ROOT / "benchmarks" / "results" / "generation_throughput_gpu-check.json").read_text())
+            return {"measured": result["measured"]}
+    except (OSError, KeyError, ValueError) as e:
+        return {"figures_error": str(e)}
+    return {}
+
+
+if __name__ == "__main__":
+    main()
