@@ -229,3 +229,23 @@ def test_generate_data_command_makes_resumable_seeded_sets(tiny_model, tmp_path,
     assert main([*args, "--set", "forget"]) == 0
     assert (folder / "000002.png").read_bytes() == first  # seeded per image
     assert (folder / "000001.png").stat().st_mtime_ns == stamp
+
+
+def test_the_readme_method_example_runs(tiny_model, tmp_path):
+    """The "Adding a method" example in the README, executed as written, erases with the shared harness."""
+    import re
+    from pathlib import Path
+
+    from erasure.sd.methods import SD_METHODS
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    code = re.search(r"## Adding a method.*?```python\n(.*?)```", readme, re.S).group(1)
+    try:
+        exec(compile(code, "README.md", "exec"), {})
+        folder = erase(sd_config(tiny_model, tmp_path / "run", "method=mine"))
+        assert (folder / "done.json").is_file() and (folder / "delta.safetensors").is_file()
+        base = load_unet(str(tiny_model))
+        changed = changed_params(base, load_unet(str(folder / "model")))
+        assert changed and all("attn2" in n for n in changed)
+    finally:
+        SD_METHODS.entries.pop("mine", None)
