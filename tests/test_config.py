@@ -87,3 +87,20 @@ def test_yaml_boolean_words_mean_the_choice_they_name():
     assert config.train.gradient_checkpointing == "off"
     with pytest.raises(ErasureError, match="choose one of"):
         load(None, ["mixed_precision=yes"])
+
+
+def test_a_config_typo_is_rejected_before_torch_is_imported():
+    """Config validation comes before heavy imports, so a typo costs well under a second, not 10-15 s."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from erasure.cli import main\n"
+        "for argv in (['erase', 'unlearn.alhpa=0.5'], ['sd', 'erase', 'trian.lr=1'], ['unlearn-classifier', 'unlearn.salun.ratoi=0.3']):\n"
+        "    assert main(argv) == 2, argv\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "unknown config key 'unlearn.alhpa'" in result.stderr

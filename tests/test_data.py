@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from erasure.core.data import DataConfig, load_data, to_model_range, to_uint8
+from erasure.core.config import DataConfig
+from erasure.core.data import load_data, to_model_range, to_uint8
 from erasure.core.errors import ErasureError
 
 

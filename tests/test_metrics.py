@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from erasure.core.errors import ErasureError
+from erasure.ddpm.config import FidConfig
 from erasure.evaluation.metrics.accuracy import per_class_accuracy, unlearning_scores
-from erasure.evaluation.metrics.fid import FidConfig, feature_fid, fid, inception_fid
+from erasure.evaluation.metrics.fid import feature_fid, fid, inception_fid
 
 SHARED_FID = Path(
     os.environ.get("ERASURE_FID_WEIGHTS", Path(__file__).parents[2] / "shared/data/fid/weights-inception-2015-12-05-torch-fidelity.pth")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from erasure.core.data import DataConfig
+from erasure.core.config import DataConfig
 from erasure.core.errors import ErasureError
 
 

@@ -14,6 +14,7 @@ import hashlib
 import json
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -22,6 +23,18 @@ import yaml
 from erasure.core.errors import ErasureError
 
 T = TypeVar("T")
+
+
+# A section shared by the DDPM and classification schemas; it lives here, beside the loader,
+# so that loading a config never imports torch (a typo is rejected in well under a second).
+@dataclass
+class DataConfig:
+    """Which dataset, and where it lives."""
+
+    name: Literal["digits", "mnist", "cifar10"] = "digits"
+    path: str | None = None  # local file or folder; None means embedded (digits) or download
+    size: int | None = None  # resize images to size x size (area average), e.g. 16 for a reduced-cost MNIST run
+    download_root: str = "~/.cache/erasure/datasets"
 
 
 

@@ -19,25 +19,14 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from erasure.core.config import DataConfig
 from erasure.core.errors import ErasureError
-
-
-@dataclass
-class DataConfig:
-    """Which dataset, and where it lives."""
-
-    name: Literal["digits", "mnist", "cifar10"] = "digits"
-    path: str | None = None  # local file or folder; None means embedded (digits) or download
-    size: int | None = None  # resize images to size x size (area average), e.g. 16 for a reduced-cost MNIST run
-    download_root: str = "~/.cache/erasure/datasets"
-
 
 CLASS_NAMES = {
     "digits": [str(i) for i in range(10)],

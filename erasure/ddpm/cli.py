@@ -19,48 +19,51 @@ def cmd_config(args: argparse.Namespace) -> None:
 
 
 def cmd_train_ddpm(args: argparse.Namespace) -> None:
+    config = load(args)  # first: a bad config fails before torch is even imported
     from erasure.ddpm.pipeline import train_base
 
-    print(f"base model: {train_base(load(args))}")
+    print(f"base model: {train_base(config)}")
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> None:
+    config = load(args)
     from erasure.ddpm.pipeline import train_judge
 
-    print(f"classifier: {train_judge(load(args))}")
+    print(f"classifier: {train_judge(config)}")
 
 
 def cmd_mask(args: argparse.Namespace) -> None:
+    config = load(args)
     from erasure.ddpm.pipeline import compute_mask
 
-    config = load(args)
     out = Path(args.out or Path(config.workdir) / "masks" / f"salun-forget{config.unlearn.forget_class}.safetensors")
     mask = compute_mask(config, out)
     print(f"mask: {out} ({100 * mask.kept_fraction:.1f}% of weights may change)")
 
 
 def cmd_erase(args: argparse.Namespace) -> None:
+    config = load(args)
     from erasure.ddpm.pipeline import erase
 
-    config = load(args)
     for method in args.method or [config.unlearn.method]:
         print(f"{method}: {erase(config, method)}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    config = load(args)
     from erasure.ddpm.evaluate import evaluate
     from erasure.evaluation.report import table
 
-    config = load(args)
     report = evaluate(config, args.method)
     print("\n" + table(report))
     print(f"\nreport: {Path(config.workdir) / 'eval' / 'report.md'}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
+    config = load(args)
     from erasure.ddpm.demo import run_demo
 
-    run_demo(load(args))
+    run_demo(config)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

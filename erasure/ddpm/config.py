@@ -11,10 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from erasure.core.config import load_config
-from erasure.core.data import DataConfig
+from erasure.core.config import DataConfig, load_config
 from erasure.core.errors import ErasureError
-from erasure.evaluation.metrics.fid import FidConfig
 
 
 @dataclass
@@ -118,6 +116,16 @@ class UnlearnConfig:
     # SalUn DDPM script) or the frozen base (the newer diffusers ESD).
     esd_trajectory: Literal["trained", "frozen"] = "trained"
     mask: MaskConfig = field(default_factory=MaskConfig)
+
+
+@dataclass
+class FidConfig:
+    """Which features the FID uses."""
+
+    features: Literal["auto", "inception", "classifier"] = "auto"
+    weights: str | None = None  # local torch-fidelity Inception weights (offline use)
+    batch_size: int = 64
+    real_images: int | None = None  # cap on real reference images (a seeded subset); None = all
 
 
 @dataclass

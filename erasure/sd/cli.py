@@ -19,12 +19,12 @@ def cmd_config(args: argparse.Namespace) -> None:
 
 
 def cmd_generate_data(args: argparse.Namespace) -> None:
+    config = load(args)
     from erasure.core.loop import make_accelerator
     from erasure.sd.config import load_concept
     from erasure.sd.model import frozen_dtype, load_pipeline
     from erasure.sd.pipeline import training_sets
 
-    config = load(args)
     concept = load_concept(config.concept)
     device = make_accelerator(config.device, config.mixed_precision).device
     pipe = load_pipeline(config.model.pretrained, config.model.revision, frozen_dtype(config.model.frozen_dtype, device)).to(device)
@@ -34,11 +34,11 @@ def cmd_generate_data(args: argparse.Namespace) -> None:
 
 
 def cmd_erase(args: argparse.Namespace) -> None:
+    config = load(args)
     import dataclasses
 
     from erasure.sd.pipeline import erase
 
-    config = load(args)
     for method in args.method or [config.method]:
         folder = erase(dataclasses.replace(config, method=method))
         print(f"{method}: {folder}")

