@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 
 from erasure import __version__
@@ -85,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     traceback instead. Anything else is a bug and keeps its traceback.
     """
     args = parse(argv)
+    if int(os.environ.get("RANK", "0")) != 0:
+        # Under `accelerate launch` every rank runs the command; results are printed once, by rank 0.
+        # Errors still reach stderr from the rank that met them.
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
     try:
         args.func(args)
     except ErasureError as e:

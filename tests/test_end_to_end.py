@@ -107,6 +107,20 @@ def test_evaluate_writes_report_grid_and_resumes_from_cached_samples(run, capsys
     again = json.loads((workdir / "eval" / "report.json").read_text())
     assert again["models"] == report["models"]
 
+    # Rows accumulate per method: evaluating rl keeps salun's and esd's rows.
+    assert main(["evaluate", "--method", "rl", *args]) == 0
+    grown = json.loads((workdir / "eval" / "report.json").read_text())
+    assert list(grown["models"]) == ["original", "salun", "esd", "rl"]
+    assert grown["models"]["salun"] == report["models"]["salun"]
+    assert "| esd |" in (workdir / "eval" / "report.md").read_text()
+    # `erasure report` shows the DDPM table beside any audits.
+    assert main(["report", str(workdir / "eval")]) == 0
+    assert "| salun |" in (workdir / "eval" / "summary.md").read_text()
+    # Evaluation-only settings may change freely on finished erasures; another protocol replaces the rows.
+    assert main(["evaluate", "--method", "salun", *args, "sample.steps=3"]) == 0
+    replaced = json.loads((workdir / "eval" / "report.json").read_text())
+    assert list(replaced["models"]) == ["original", "salun"] and replaced["protocol"]["sampling"]["steps"] == 3
+
 
 def test_finished_stages_are_reused_and_changed_settings_refused(run, capsys):
     workdir, args = run

@@ -23,7 +23,7 @@ ACCELERATE = Path(sys.executable).with_name("accelerate")
 needs_accelerate = pytest.mark.skipif(not ACCELERATE.exists() and shutil.which("accelerate") is None, reason="accelerate CLI not installed")
 
 
-def launch_two_processes(*erasure_args: str) -> None:
+def launch_two_processes(*erasure_args: str) -> subprocess.CompletedProcess:
     """``accelerate launch`` two gloo CPU processes running ``python -m erasure ...``."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     launcher = str(ACCELERATE) if ACCELERATE.exists() else "accelerate"
@@ -45,6 +45,7 @@ def launch_two_processes(*erasure_args: str) -> None:
     ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 def assert_mask_held(base: torch.nn.Module, erased: torch.nn.Module, mask: Mask) -> None:
@@ -59,7 +60,8 @@ def assert_mask_held(base: torch.nn.Module, erased: torch.nn.Module, mask: Mask)
 def test_two_process_erase_keeps_the_mask(tmp_path):
     args = [*TINY, f"workdir={tmp_path / 'run'}"]
     assert main(["train-ddpm", *args]) == 0
-    launch_two_processes("erase", *args)
+    result = launch_two_processes("erase", *args)
+    assert result.stdout.count("salun: ") == 1, result.stdout  # results are printed once, by the main process
     folder = tmp_path / "run" / "erase" / "salun-forget0"
     base, erased = load_unet(tmp_path / "run" / "ddpm" / "model"), load_unet(folder / "model")
     assert_mask_held(base, erased, Mask.load(folder / "mask.safetensors", base))

@@ -18,7 +18,7 @@ import torch
 from erasure.core.config import fingerprint
 from erasure.core.data import load_data, to_uint8
 from erasure.core.errors import ErasureError
-from erasure.core.io import load_tensors, read_metadata, save_tensors
+from erasure.core.io import load_tensors, read_json, read_metadata, save_tensors
 from erasure.ddpm.config import Config
 from erasure.ddpm.model import load_scheduler, load_unet, sample, sampling_record
 from erasure.ddpm.pipeline import erase_stage, finished_base, judge_stage, load_judge, resolve_device
@@ -88,7 +88,6 @@ def evaluate(config: Config, methods: list[str] | None = None) -> dict[str, Any]
         ua, kept, fid_value = 100 * scores["ua"], 100 * scores["retained_accuracy"], scores["fid_retained"]
         print(f"{name}: UA {ua:.1f}%  retained acc {kept:.1f}%  FID {fid_value:.2f} ({fid_name})")
 
-    comparison_grid(grid_columns, real.class_names, out / "grid.png")
     report = {
         "dataset": config.data.name,
         "forget_class": forget,
@@ -105,5 +104,18 @@ def evaluate(config: Config, methods: list[str] | None = None) -> dict[str, Any]
         },
         "models": models,
     }
+    # Rows accumulate: evaluating rl after salun keeps salun's row, as long as the protocol is the same.
+    previous = out / "report.json"
+    if previous.is_file():
+        old = read_json(previous)
+        if {k: v for k, v in old.items() if k not in ("models", "threads")} == {k: v for k, v in report.items() if k != "models"}:
+            report["models"] = {**old["models"], **models}  # earlier rows keep their place; new ones follow
+        else:
+            print(f"note: {previous} was made with another protocol or forget class; its rows are replaced.")
+    for name in report["models"]:
+        if name not in grid_columns and (out / "samples" / f"{name}.safetensors").is_file():
+            images = load_tensors(out / "samples" / f"{name}.safetensors")["images"]
+            grid_columns[name] = images.view(k, n, *images.shape[1:])[:, : min(config.eval.grid_samples, n)]
+    comparison_grid(grid_columns, real.class_names, out / "grid.png")
     write_report(out, report)
     return report

@@ -144,7 +144,7 @@ def collect_report(folder: str | Path) -> Path:
     root = Path(folder)
     if not root.is_dir():
         raise ErasureError(f"'{root}' is not a folder; pass the folder your audits, fid results and grids were written to.")
-    results = {"nudity": [], "ua": [], "fid": []}
+    results = {"nudity": [], "ua": [], "fid": [], "ddpm": []}
     for path in sorted(root.rglob("*.json")):
         if _skip(path, root):
             continue
@@ -152,12 +152,16 @@ def collect_report(folder: str | Path) -> Path:
         if not isinstance(data, dict):
             continue
         kind = data.get("audit") or ("fid" if "fid" in data and "protocol" in data else None)
+        if kind is None and "models" in data and "forget_class" in data:
+            kind = "ddpm"  # an `erasure evaluate` report.json
         if kind in results:
             results[kind].append((path, data))
     images = [p for p in sorted(root.rglob("*.png")) if not _skip(p, root)]
     if not any(results.values()) and not images:
-        raise ErasureError(f"nothing to report in '{root}': no audit.json, ua.json, fid JSON or PNG found.")
+        raise ErasureError(f"nothing to report in '{root}': no audit.json, ua.json, fid JSON, DDPM report.json or PNG found.")
     md = [f"# Evaluation report: {root.name}", ""]
+    for path, data in results["ddpm"]:
+        md += [f"## DDPM erasure: {data['dataset']}, forget class {data['forget_class']} ({path.relative_to(root)})", "", table(data), ""]
     for path, data in results["nudity"]:
         md += [f"## Nudity audit ({path.relative_to(root)})", "", nudity_table(data), ""]
     for path, data in results["ua"]:
