@@ -21,6 +21,12 @@ install: $(VENV)/.installed
 
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/erasure demo
+	@echo
+	@echo "Next: . $(VENV)/bin/activate, then for example"
+	@echo "  erasure erase --method rl --method esd     # baselines on the same base model"
+	@echo "  erasure evaluate --method salun --method rl --method esd"
+	@echo "  erasure unlearn-classifier                 # the classification table (minutes)"
+	@echo "  erasure --help"
 
 test: install
 	$(BIN)/ruff check erasure tests benchmarks
