@@ -116,6 +116,8 @@ def test_evaluate_writes_report_grid_and_resumes_from_cached_samples(run, capsys
     # `erasure report` shows the DDPM table beside any audits.
     assert main(["report", str(workdir / "eval")]) == 0
     assert "| salun |" in (workdir / "eval" / "summary.md").read_text()
+    # A finished erasure is judged as it was made: erase settings need not be repeated.
+    assert main(["evaluate", "--method", "salun", *args, "unlearn.alpha=3", "unlearn.checkpoint_every=1"]) == 0
     # Evaluation-only settings may change freely on finished erasures; another protocol replaces the rows.
     assert main(["evaluate", "--method", "salun", *args, "sample.steps=3"]) == 0
     replaced = json.loads((workdir / "eval" / "report.json").read_text())

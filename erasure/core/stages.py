@@ -100,6 +100,10 @@ class Stage:
             )
         return True
 
+    def finished(self) -> bool:
+        """True if the folder holds a finished run, whatever its settings (they are in its config.yaml)."""
+        return (self.folder / "done.json").is_file()
+
     def begin(self, config: Any) -> None:
         """Create the folder and save the resolved config into it (main process only)."""
         if is_main_process():

@@ -32,8 +32,10 @@ def model_folders(config: Config, methods: list[str]) -> dict[str, Path]:
     """The original model and each finished erasure, by display name."""
     folders = {"original": finished_base(config)}
     for method in methods:
+        # An erased model is judged as it was made (its own config.yaml), so evaluation needs
+        # only the forget class and the method, not a repeat of every erase setting.
         stage = erase_stage(config, method)
-        if not stage.done():
+        if not stage.finished():
             raise ErasureError(f"no finished '{method}' erasure in '{stage.folder}'; run `erasure erase --method {method}` first.")
         folders[method] = stage.folder / "model"
     return folders
