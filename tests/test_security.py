@@ -15,9 +15,9 @@ from PIL import Image
 
 from erasure.cli import main
 from erasure.core.errors import ErasureError
+from erasure.ddpm.config import FidConfig
 from erasure.evaluation.metrics.fid import (
     CACHED_WEIGHTS,
-    FidConfig,
     fid,
     folder_fid,
     hub_cache_file,
