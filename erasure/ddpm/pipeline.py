@@ -60,7 +60,7 @@ def train_base(config: Config) -> Path:
 
     def work() -> dict:
         data = load_data(config.data, "train")
-        accelerator = make_accelerator(config.device, config.mixed_precision)
+        accelerator = make_accelerator(config.device, config.mixed_precision, config.log_with)
         unet = build_unet(config.model, data.shape, data.num_classes)
         scheduler = noise_scheduler(config.model.num_train_timesteps)
         images, labels = data.images.to(accelerator.device), data.labels.to(accelerator.device)
@@ -88,7 +88,8 @@ def train_judge(config: Config) -> Path:
     stage = judge_stage(config)
 
     def work() -> dict:
-        model = train_classifier(config.classifier, load_data(config.data, "train"), stage.folder, config.device, stage.fingerprint)
+        data = load_data(config.data, "train")
+        model = train_classifier(config.classifier, data, stage.folder, config.device, stage.fingerprint, config.log_with)
         test = load_data(config.data, "test")
         accuracy = (model.predict(test.images) == test.labels).float().mean().item()
         model.save(stage.folder)
@@ -108,7 +109,7 @@ def erase(config: Config, method: str | None = None) -> Path:
     base = finished_base(config)
 
     def work() -> dict:
-        accelerator = make_accelerator(config.device, config.mixed_precision)
+        accelerator = make_accelerator(config.device, config.mixed_precision, config.log_with)
         unet = load_unet(base, accelerator.device)
         ctx = erase_context(config, unet, load_scheduler(base), accelerator.device)
         m = method_cls(ctx)

@@ -111,7 +111,7 @@ def erase(config: SDConfig) -> Path:
     stage = method_stage(config, concept)
 
     def work() -> dict:
-        accelerator = make_accelerator(config.device, config.mixed_precision)
+        accelerator = make_accelerator(config.device, config.mixed_precision, config.log_with)
         device = accelerator.device
         # Frozen parts (and data generation) run in low precision; the trained UNet is a separate fp32 copy.
         pipe = load_pipeline(config.model.pretrained, config.model.revision, frozen_dtype(config.model.frozen_dtype, device)).to(device)
