@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from erasure.core.card import write_cards
 from erasure.core.config import fingerprint
 from erasure.core.data import load_data, to_uint8
 from erasure.core.errors import ErasureError
@@ -106,4 +107,6 @@ def evaluate(config: Config, methods: list[str] | None = None) -> dict[str, Any]
         "models": models,
     }
     write_report(out, report)
+    for method in methods:  # the erased models' cards show this evaluation
+        write_cards(erase_stage(config, method).folder)
     return report

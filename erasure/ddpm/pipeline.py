@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
+from erasure.core.card import command_line, write_cards
 from erasure.core.data import load_data, to_model_range
 from erasure.core.errors import ErasureError
 from erasure.core.loop import LoopSettings, make_accelerator, train
 from erasure.core.saliency import Mask
-from erasure.core.stages import Stage, config_fingerprint, shared_mask
+from erasure.core.stages import Stage, config_fingerprint, is_main_process, shared_mask
 from erasure.ddpm.config import Config
 from erasure.ddpm.judge import ConvClassifier, train_classifier
 from erasure.ddpm.methods import EraseContext, get_method
@@ -120,11 +121,14 @@ def erase(config: Config, method: str | None = None) -> Path:
         if accelerator.is_main_process:
             save_model(unet, ctx.scheduler, stage.folder / "model")
         summary = {"method": method, "forget_class": config.unlearn.forget_class, "target_class": ctx.target_class}
+        summary["command"] = command_line()
         if mask is not None:
             summary["mask_kept_fraction"] = mask.kept_fraction
         return summary
 
     stage.run(config, work)
+    if is_main_process():
+        write_cards(stage.folder)  # after done.json exists
     return stage.folder / "model"
 
 
