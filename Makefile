@@ -1,11 +1,12 @@
 # Two commands do all the setup on a fresh clone:
 #   make demo   - create .venv, install erasure, run the offline demo (CPU, a few minutes)
-#   make test   - create .venv, install erasure with its test extra, run ruff and the tests
+#   make test   - create .venv, install erasure with its test extra, run ruff and the tests (all of them: what CI runs)
+#   make test-fast - the same without the tests marked slow (multi-process, Inception, notebooks, end-to-end runs)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: demo test install lint clean
+.PHONY: demo test test-fast install lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +26,10 @@ demo: install
 test: install
 	$(BIN)/ruff check erasure tests benchmarks
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/ruff check erasure tests benchmarks
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs
