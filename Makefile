@@ -1,11 +1,12 @@
 # Two commands do all the setup on a fresh clone:
 #   make demo   - create .venv, install erasure, run the offline demo (CPU, a few minutes)
-#   make test   - create .venv, install erasure with its test extra, run ruff and the tests
+#   make test   - create .venv, install erasure with its test extra, run ruff and the tests (all of them: what CI runs)
+#   make test-fast - the same without the tests marked slow (multi-process, Inception, notebooks, end-to-end runs)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: demo test install lint clean gpu-check
+.PHONY: demo test test-fast install lint clean gpu-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +32,10 @@ demo: install
 test: install
 	$(BIN)/ruff check erasure tests benchmarks
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/ruff check erasure tests benchmarks
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
 
 # On a GPU machine, with the image's own Python (no venv, no network): tests on CUDA, the demo,
 # bf16 and SD erases, an audit, the classification table and the SD speed benchmarks; one JSON.

@@ -23,6 +23,7 @@ from erasure.core.errors import ErasureError
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser: every path's subcommands."""
     from erasure.classification.cli import add_parser as add_classification
+    from erasure.core.card import add_parser as add_card
     from erasure.ddpm.cli import add_parser as add_ddpm
     from erasure.evaluation.cli import add_parser as add_evaluation
     from erasure.sd.cli import add_parser as add_sd
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sd(sub)
     add_evaluation(sub)
     add_classification(sub)
+    add_card(sub)
     return parser
 
 

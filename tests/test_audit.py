@@ -329,6 +329,7 @@ def test_fid_command_errors(tmp_path, capsys):
     assert "refusing to load" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SHARED_FID.is_file(), reason="no local Inception weights (set ERASURE_FID_WEIGHTS)")
 def test_fid_command_with_inception_weights(tmp_path, capsys):
     a = _image_folder(tmp_path / "a", 6, 0)

@@ -12,6 +12,8 @@ from erasure.core.saliency import Mask
 from erasure.ddpm.model import load_unet
 from tests.conftest import TINY
 
+pytestmark = pytest.mark.slow  # trains a base model and five erasures through the CLI (`make test-fast` skips it)
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):

@@ -93,6 +93,7 @@ def test_fp16_training_is_refused_clearly():
         make_accelerator(DEVICE, "fp16")
 
 
+@pytest.mark.slow  # torch.compile takes a while on a CPU
 def test_compiled_training_keeps_masked_weights_and_checkpoint_keys(tmp_path):
     """train(compile=True) compiles in place: same state-dict keys, the mask still holds bit for bit."""
     model = net()

@@ -57,6 +57,7 @@ def test_tampered_inception_weights_are_refused(tmp_path):
         fid(images, images, FidConfig(features="inception", weights=str(tmp_path / "missing.pth")))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SHARED_FID.is_file(), reason="no local Inception weights (set ERASURE_FID_WEIGHTS)")
 def test_inception_fid_with_local_weights():
     g = torch.Generator().manual_seed(2)

@@ -17,6 +17,8 @@ from erasure.sd.tiny import tiny_pipeline
 from tests.conftest import TINY
 from tests.test_sd import TINY_SD
 
+pytestmark = pytest.mark.slow  # launches two-process jobs (`make test-fast` skips them)
+
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 
 

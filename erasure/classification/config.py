@@ -171,6 +171,7 @@ class ClassificationConfig:
     workdir: str = "runs/classification"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # bf16 autocast; fp16 would need loss scaling
+    log_with: str = "none"  # experiment trackers: none | tensorboard | wandb, or several comma-separated (erasure.core.tracking)
     eval_batch_size: int = 512
     # fp32: metrics (and the MIA's confidences) from fp32 forward passes, as in the reference;
     # autocast: under the training precision (bf16 confidences near 1 are coarse and move the MIA).

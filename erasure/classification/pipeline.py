@@ -81,7 +81,7 @@ class Experiment:
 
     def __init__(self, config: ClassificationConfig, log: Callable[[str], None] = print) -> None:
         self.config, self.log = config, log
-        self.accelerator = make_accelerator(config.device, config.mixed_precision)
+        self.accelerator = make_accelerator(config.device, config.mixed_precision, config.log_with)
         dev = self.accelerator.device
         train_data, test_data = load_data(config.data, "train"), load_data(config.data, "test")
         split = load_split(config, train_data.labels, test_data.labels)

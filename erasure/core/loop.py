@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from erasure.core.errors import ErasureError
 from erasure.core.io import load_checkpoint, save_checkpoint
 from erasure.core.saliency import MaskConstraint
+from erasure.core.tracking import TrackerRun, parse_log_with
 
 StepLoss = Callable[[torch.nn.Module, torch.Generator, int], tuple[torch.Tensor, dict[str, float]]]
 
@@ -71,11 +72,16 @@ class StageAccelerator(Accelerator):
     apply the stage's precision ourselves with ``torch.autocast`` in :meth:`autocast`.
     Only bf16 is offered for training: it needs no loss scaling, so gradients, clipping
     and the optimizer step are those of fp32.
+
+    Trackers likewise: accelerate binds them when the Accelerator is built, before a stage
+    knows where its training run writes, so ``tracking`` only names them and :func:`train`
+    opens them in the run's folder (see :mod:`erasure.core.tracking`).
     """
 
-    def __init__(self, cpu: bool, precision: str) -> None:
+    def __init__(self, cpu: bool, precision: str, tracking: tuple[str, ...] = ()) -> None:
         super().__init__(cpu=cpu, mixed_precision="no")
         self.precision = precision
+        self.tracking = tracking
 
     @contextmanager
     def autocast(self, autocast_handler: object = None):
@@ -97,13 +103,13 @@ def resolve_precision(mixed_precision: str, cpu: bool) -> str:
     return mixed_precision
 
 
-def make_accelerator(device: str = "auto", mixed_precision: str = "auto") -> StageAccelerator:
-    """An Accelerator for the configured device, autocasting to this stage's precision.
+def make_accelerator(device: str = "auto", mixed_precision: str = "auto", log_with: str | None = "none") -> StageAccelerator:
+    """An Accelerator for the configured device, autocasting to this stage's precision, logging to ``log_with``'s trackers.
 
     Any number of stages with different precisions may run in one process (see :class:`StageAccelerator`).
     """
     cpu = device == "cpu" or not torch.cuda.is_available()
-    return StageAccelerator(cpu, resolve_precision(mixed_precision, cpu))
+    return StageAccelerator(cpu, resolve_precision(mixed_precision, cpu), parse_log_with(log_with))
 
 
 def make_optimizer(params: list[torch.nn.Parameter], s: LoopSettings) -> torch.optim.Optimizer:
@@ -189,7 +195,8 @@ def train(
     step = start
     bar = tqdm(total=settings.steps, initial=start, desc=settings.desc, disable=not accelerator.is_main_process)
     model.train()
-    with _StopRequests() as stop:
+    tracker = _tracker_run(accelerator, folder, settings, constraint_mask, start)
+    with _StopRequests() as stop, tracker:
         for step in range(start, settings.steps):
             for group in optimizer.param_groups:
                 group["lr"] = settings.lr * _lr_factor(step, settings)
@@ -199,8 +206,10 @@ def train(
             if not torch.isfinite(loss):
                 raise ErasureError(f"the loss became {loss.item()} at step {step}; lower the learning rate.")
             accelerator.backward(loss)
-            if settings.grad_clip:
-                accelerator.clip_grad_norm_(params, settings.grad_clip)
+            logging = step % settings.log_every == 0 or step == settings.steps - 1
+            grad_norm = accelerator.clip_grad_norm_(params, settings.grad_clip) if settings.grad_clip else None
+            if logging and grad_norm is None:  # unclipped runs pay for the norm only on the steps they log
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if constraint is not None:
@@ -208,11 +217,13 @@ def train(
             if ema is not None:
                 ema.step(params)
             bar.update(1)
-            if step % settings.log_every == 0 or step == settings.steps - 1:
+            if logging:
                 row = {"step": step, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"], **logs}
+                row["grad_norm"] = float(grad_norm)  # before clipping
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
                 if accelerator.is_main_process:
                     _append_log(log_path, row)
+                    tracker.log({k: v for k, v in row.items() if k != "step"}, step)
             if stop.agreed(accelerator):
                 checkpoint(step + 1)
                 bar.close()
@@ -246,6 +257,18 @@ def check_weights(model: torch.nn.Module, step: int, lr: float) -> None:
                 f"training diverged: after step {step} the weight '{name}' {what}. "
                 f"Nothing was saved as finished; lower the learning rate (lr={lr:g}) and rerun."
             )
+
+
+def _tracker_run(accelerator: Accelerator, folder: Path, settings: LoopSettings, mask: Any, start: int) -> TrackerRun:
+    """The trackers the accelerator names (none for a plain Accelerator), opened in ``folder``.
+
+    The mask fraction is logged once, at the run's first (or resumed) step, with the settings as hyper-parameters.
+    """
+    names = getattr(accelerator, "tracking", ())
+    hparams = {**dataclasses.asdict(settings), "mask_kept_fraction": mask.kept_fraction if mask is not None else 1.0}
+    run = TrackerRun(names, folder, f"{folder.name} ({settings.desc})", hparams, accelerator.is_main_process)
+    run.log({"mask_kept_fraction": hparams["mask_kept_fraction"]}, start)
+    return run
 
 
 def _trained_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -30,7 +30,9 @@ class ModelConfig:
 class TrainConfig:
     """Base-model (DDPM) training."""
 
-    steps: int = 800
+    # 600 (was 800): on the demo, 600 steps and a 500-step classifier give UA 100% and
+    # retained accuracy 99.6% (800/800: 100% and 99.2%) for 16% fewer CPU seconds.
+    steps: int = 600
     batch_size: int = 128
     lr: float = 2e-3
     warmup_steps: int = 50
@@ -46,7 +48,7 @@ class ClassifierConfig:
     """The CNN that scores generated images (unlearning accuracy)."""
 
     channels: list[int] = field(default_factory=lambda: [32, 64, 64])
-    steps: int = 800
+    steps: int = 500  # test accuracy 98.9% on the digits' test split (800 steps: 99.4%)
     batch_size: int = 128
     lr: float = 3e-3
     seed: int = 0
@@ -146,6 +148,7 @@ class Config:
     workdir: str = "runs/demo"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # bf16 autocast; fp16 would need loss scaling
+    log_with: str = "none"  # experiment trackers: none | tensorboard | wandb, or several comma-separated (erasure.core.tracking)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

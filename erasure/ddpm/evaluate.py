@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from erasure.core.card import write_cards
 from erasure.core.config import fingerprint
 from erasure.core.data import load_data, to_uint8
 from erasure.core.errors import ErasureError
@@ -120,4 +121,6 @@ def evaluate(config: Config, methods: list[str] | None = None) -> dict[str, Any]
             grid_columns[name] = images.view(k, n, *images.shape[1:])[:, : min(config.eval.grid_samples, n)]
     comparison_grid(grid_columns, real.class_names, out / "grid.png")
     write_report(out, report)
+    for method in methods:  # the erased models' cards show this evaluation
+        write_cards(erase_stage(config, method).folder)
     return report

@@ -80,10 +80,10 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 def train_classifier(
-    config: ClassifierConfig, data: ImageData, folder: str | Path, device: str = "auto", fingerprint: str = ""
+    config: ClassifierConfig, data: ImageData, folder: str | Path, device: str = "auto", fingerprint: str = "", log_with: str = "none"
 ) -> ConvClassifier:
-    """Train a classifier on ``data`` with the shared loop; returns it in eval mode."""
-    accelerator = make_accelerator(device, "no")
+    """Train a classifier on ``data`` with the shared loop (trackers: ``log_with``); returns it in eval mode."""
+    accelerator = make_accelerator(device, "no", log_with)
     torch.manual_seed(config.seed)  # the initial weights: without it two identical runs start apart
     model = ConvClassifier(data.shape[0], data.num_classes, config.channels)
     images = data.images.to(accelerator.device)

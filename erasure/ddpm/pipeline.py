@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
+from erasure.core.card import command_line, write_cards
 from erasure.core.data import load_data, to_model_range
 from erasure.core.errors import ErasureError
 from erasure.core.loop import LoopSettings, make_accelerator, train
 from erasure.core.saliency import Mask
-from erasure.core.stages import Stage, config_fingerprint, shared_mask
+from erasure.core.stages import Stage, config_fingerprint, is_main_process, shared_mask
 from erasure.ddpm.config import Config
 from erasure.ddpm.judge import ConvClassifier, train_classifier
 from erasure.ddpm.methods import EraseContext, get_method
@@ -65,7 +66,7 @@ def train_base(config: Config) -> Path:
 
     def work() -> dict:
         data = load_data(config.data, "train")
-        accelerator = make_accelerator(config.device, config.mixed_precision)
+        accelerator = make_accelerator(config.device, config.mixed_precision, config.log_with)
         torch.manual_seed(config.train.seed)  # the initial weights: without it two identical runs start apart
         unet = build_unet(config.model, data.shape, data.num_classes)
         scheduler = noise_scheduler(config.model.num_train_timesteps)
@@ -94,7 +95,8 @@ def train_judge(config: Config) -> Path:
     stage = judge_stage(config)
 
     def work() -> dict:
-        model = train_classifier(config.classifier, load_data(config.data, "train"), stage.folder, config.device, stage.fingerprint)
+        data = load_data(config.data, "train")
+        model = train_classifier(config.classifier, data, stage.folder, config.device, stage.fingerprint, config.log_with)
         test = load_data(config.data, "test")
         accuracy = (model.predict(test.images) == test.labels).float().mean().item()
         model.save(stage.folder)
@@ -114,7 +116,7 @@ def erase(config: Config, method: str | None = None) -> Path:
     base = finished_base(config)
 
     def work() -> dict:
-        accelerator = make_accelerator(config.device, config.mixed_precision)
+        accelerator = make_accelerator(config.device, config.mixed_precision, config.log_with)
         unet = load_unet(base, accelerator.device)
         ctx = erase_context(config, unet, load_scheduler(base), accelerator.device)
         m = method_cls(ctx)
@@ -126,11 +128,14 @@ def erase(config: Config, method: str | None = None) -> Path:
             save_model(unet, ctx.scheduler, stage.folder / "model")
         summary = {"method": method, "forget_class": config.unlearn.forget_class, "target_class": ctx.target_class}
         summary.update(run_info(config.unlearn.seed))
+        summary["command"] = command_line()
         if mask is not None:
             summary["mask_kept_fraction"] = mask.kept_fraction
         return summary
 
     stage.run(config, work)
+    if is_main_process():
+        write_cards(stage.folder)  # after done.json exists
     return stage.folder / "model"
 
 

@@ -130,6 +130,7 @@ class SDConfig:
     workdir: str = "runs/sd"
     device: str = "auto"
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # bf16 autocast; fp16 would need loss scaling
+    log_with: str = "none"  # experiment trackers: none | tensorboard | wandb, or several comma-separated (erasure.core.tracking)
     method: str = "salun"
     model: SDModelConfig = field(default_factory=SDModelConfig)
     concept: ConceptConfig = field(default_factory=ConceptConfig)

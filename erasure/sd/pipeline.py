@@ -18,6 +18,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
+from erasure.core.card import command_line, write_cards
 from erasure.core.delta import make_delta
 from erasure.core.errors import ErasureError
 from erasure.core.io import load_tensors, save_tensors
@@ -111,7 +112,7 @@ def erase(config: SDConfig) -> Path:
     stage = method_stage(config, concept)
 
     def work() -> dict:
-        accelerator = make_accelerator(config.device, config.mixed_precision)
+        accelerator = make_accelerator(config.device, config.mixed_precision, config.log_with)
         device = accelerator.device
         # Frozen parts (and data generation) run in low precision; the trained UNet is a separate fp32 copy.
         pipe = load_pipeline(config.model.pretrained, config.model.revision, frozen_dtype(config.model.frozen_dtype, device)).to(device)
@@ -140,6 +141,8 @@ def erase(config: SDConfig) -> Path:
         return summary
 
     stage.run(config, work)
+    if is_main_process():
+        write_cards(stage.folder)  # after done.json exists; refreshed with the latest results on every call
     return stage.folder
 
 
@@ -164,7 +167,7 @@ def export(config: SDConfig, concept: Concept, unet: torch.nn.Module, folder: Pa
     base = load_pipeline(config.model.pretrained, config.model.revision)
     unet = unet.cpu().float().requires_grad_(False)
     unet.disable_gradient_checkpointing()
-    summary: dict = {"method": config.method, "concept": concept.name, "base_model": config.model.pretrained}
+    summary: dict = {"method": config.method, "concept": concept.name, "base_model": config.model.pretrained, "command": command_line()}
     if config.export.delta:
         info = {"base_model": config.model.pretrained, "method": config.method, "concept": concept.name}
         summary["delta"] = make_delta(base.unet.state_dict(), unet.state_dict(), folder / "delta.safetensors", **info)
