@@ -66,7 +66,7 @@ def cmd_tiny_pipeline(args: argparse.Namespace) -> None:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``erasure sd`` and its subcommands."""
-    sd = sub.add_parser("sd", help="Stable Diffusion: generate training data, erase with SalUn / ESD / FMN, apply deltas.")
+    sd = sub.add_parser("sd", help="Stable Diffusion: generate training data, erase with SalUn / ESD / FMN / UCE, apply deltas.")
     sd_sub = sd.add_subparsers(dest="sd_command", required=True)
 
     def add(name: str, func, help: str) -> argparse.ArgumentParser:  # noqa: A002
@@ -78,7 +78,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--set", action="append", default=None, choices=["forget", "retain"], help="which set (default: both)"
     )
     add("erase", cmd_erase, "Erase the concept with one or more methods; writes a pipeline folder and a delta.").add_argument(
-        "--method", action="append", help="salun, esd-x, esd-u, esd-all, esd-x-strict or fmn; repeat for several (default: method)"
+        "--method", action="append", help="salun, esd-x, esd-u, esd-all, esd-x-strict, fmn or uce; repeat for several (default: method)"
     )
 
     p = sd_sub.add_parser("apply-delta", help="Merge a delta onto its base model into a full pipeline folder.")

@@ -5,10 +5,15 @@ its hyper-parameters. A concept spec (``configs/sd/concepts/*.yaml``) says what 
 what to steer it to and what to keep, as prompts (files in ``prompts/``) or image folders.
 A spec may also be a *class set* (e.g. Imagenette): ``classes`` and a ``template``; the
 run then picks ``concept.forget``, the target is the next class and the others are kept.
+
+Several concepts can be erased in one run: ``concept.spec`` may list spec files, a spec may
+list others (``specs:``), and a class set may forget several classes (``concept.forget`` a
+list). They resolve to one :class:`Concept` whose ``parts`` are the single concepts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -29,10 +34,13 @@ class SDModelConfig:
 
 @dataclass
 class ConceptConfig:
-    """Which concept spec, and for class sets which class to forget."""
+    """Which concept spec(s), and for class sets which class(es) to forget.
 
-    spec: str = "configs/sd/concepts/nudity.yaml"
-    forget: str | None = None  # class name, for class-set specs
+    A list of specs, or of classes, erases them all in one run (multi-concept erasure).
+    """
+
+    spec: str | list[str] = "configs/sd/concepts/nudity.yaml"
+    forget: str | list[str] | None = None  # class name(s), for class-set specs
 
 
 @dataclass
@@ -116,6 +124,32 @@ class FMNConfig:
 
 
 @dataclass
+class UCEConfig:
+    """UCE: the closed-form edit of every cross-attention key/value projection.
+
+    The defaults are the reference's (rohitgandikota/unified-concept-editing,
+    ``trainscripts/uce_sd_erase.py``): erase scale 1, preserve scale 1, lambda 0.5, both
+    ``to_k`` and ``to_v`` of every ``attn2``, each prompt represented by its last token, and
+    the erased concepts guided to the empty prompt ("" - the reference's default for objects;
+    it uses "art" for styles).
+    """
+
+    erase_scale: float = 1.0
+    preserve_scale: float = 1.0
+    lamb: float = 0.5  # the weight of staying close to the original projection
+    # What the erased concepts are mapped to: one prompt for all, or one per erased concept.
+    guide: str | list[str] = ""
+    # The concepts to preserve. None: the concept spec's retain prompts; [] (the reference's
+    # default when --preserve_concepts is not given): none.
+    preserve: list[str] | None = None
+    # Extra erase prompts per concept, each guided like the concept itself, e.g. the
+    # reference's --expand_prompts for art: ["painting by {}", "art by {}", "artwork by {}",
+    # "picture by {}", "style of {}"].
+    templates: list[str] = field(default_factory=list)
+    with_to_k: bool = True  # False edits only to_v (an option of the reference's first scripts)
+
+
+@dataclass
 class ExportConfig:
     """What an erasure run writes besides its checkpoints."""
 
@@ -139,6 +173,7 @@ class SDConfig:
     train: SDTrainConfig = field(default_factory=SDTrainConfig)
     esd: ESDConfig = field(default_factory=ESDConfig)
     fmn: FMNConfig = field(default_factory=FMNConfig)
+    uce: UCEConfig = field(default_factory=UCEConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
     def validate(self) -> None:
@@ -176,11 +211,19 @@ class ConceptSpec:
     # Relative paths are relative to the spec file.
     class_images: str | None = None
     class_folders: list[str] = field(default_factory=list)  # the per-class folder names (default: the class names)
+    # A multi-concept spec: other spec files (relative to this one) erased together in one run.
+    # Such a spec holds only a name and this list.
+    specs: list[str] = field(default_factory=list)
 
 
 @dataclass
 class Concept:
-    """A resolved concept: the prompt lists and image folders one run uses."""
+    """A resolved concept: the prompt lists and image folders one run uses.
+
+    For several concepts erased together, ``parts`` holds each one as resolved alone and the
+    prompt lists are their union: ``forget`` and ``target`` concatenate the parts' lists in
+    order, and ``retain`` keeps every part's retain prompts that no part forgets.
+    """
 
     name: str
     concept: str
@@ -190,6 +233,27 @@ class Concept:
     retain: list[str]
     # set name -> real images: one folder, or one folder per prompt (class sets), or None (generate)
     images: dict[str, str | list[str] | None]
+    parts: list[Concept] = field(default_factory=list)  # several concepts: each one alone; empty for one concept
+
+    @property
+    def concepts(self) -> list[Concept]:
+        """The single concepts this run erases (itself, for one concept)."""
+        return self.parts or [self]
+
+    def part_of(self, set_name: str) -> list[int]:
+        """For each prompt of ``set_name`` ('forget' or 'target'), the index of its concept in :attr:`concepts`."""
+        return [k for k, part in enumerate(self.concepts) for _ in getattr(part, set_name)]
+
+    def record(self) -> dict:
+        """The concept as plain data for fingerprints and summaries.
+
+        A single concept leaves out the empty ``parts``, so runs finished before
+        multi-concept erasure existed keep their fingerprint.
+        """
+        values = dataclasses.asdict(self)
+        if not self.parts:
+            del values["parts"]
+        return values
 
 
 def _prompts(s: ImageSet, base: Path, where: str) -> list[str]:
@@ -224,28 +288,43 @@ def _class_images(spec: ConceptSpec, base: Path, spec_path: Path, sets: dict[str
 
 
 def load_concept(config: ConceptConfig) -> Concept:
-    """Read a concept spec and resolve it (for class sets, around ``config.forget``)."""
-    spec_path = Path(config.spec)
-    spec = load_config(spec_path, schema=ConceptSpec)
+    """Read the concept spec(s) and resolve them (for class sets, around ``config.forget``).
+
+    One spec and one class give a single :class:`Concept`; several specs, a multi-concept
+    spec or several classes give one whose ``parts`` are the single concepts.
+    """
+    paths = [config.spec] if isinstance(config.spec, str) else list(config.spec)
+    if not paths:
+        raise ErasureError("concept.spec is an empty list; name at least one concept spec.")
+    forget = [config.forget] if isinstance(config.forget, str) else config.forget
+    found = {"class_set": False}
+    parts: list[Concept] = []
+    name = None
+    for path in paths:
+        spec_path = Path(path)
+        spec = load_config(spec_path, schema=ConceptSpec)
+        if spec.specs and len(paths) == 1:
+            name = spec.name or spec_path.stem  # a multi-concept spec names the run
+        parts += _resolve(spec_path, spec, forget, found, strict=len(paths) == 1 and not spec.specs)
+    if forget is not None and not found["class_set"]:
+        raise ErasureError(f"concept.forget is {config.forget!r}, but no concept spec of this run is a class set; leave it unset.")
+    return parts[0] if len(parts) == 1 and name is None else merge_concepts(parts, name)
+
+
+def _resolve(spec_path: Path, spec: ConceptSpec, forget: list[str] | None, found: dict, strict: bool) -> list[Concept]:
+    """The single concepts of one spec file (several for a multi-concept spec or several forgotten classes)."""
     base = spec_path.parent
+    if spec.specs:
+        parts = []
+        for sub in spec.specs:
+            sub_path = Path(sub) if Path(sub).is_absolute() else base / sub
+            sub_spec = load_config(sub_path, schema=ConceptSpec)
+            parts += _resolve(sub_path, sub_spec, forget, found, strict=False)
+        return parts
     if spec.classes:
-        if config.forget not in spec.classes:
-            raise ErasureError(
-                f"concept.forget is {config.forget!r}, which is not a class of '{spec_path}'; choose one of: {', '.join(spec.classes)}."
-            )
-        i = spec.classes.index(config.forget)
-        target = spec.classes[(i + 1) % len(spec.classes)]
-        others = [c for c in spec.classes if c != config.forget]
-        return Concept(
-            name=config.forget.replace(" ", "_"),
-            concept=config.forget,
-            words=config.forget,
-            forget=[spec.template.format(config.forget)],
-            target=[spec.template.format(target)],
-            retain=[spec.template.format(c) for c in others],
-            images=_class_images(spec, base, spec_path, {"forget": [config.forget], "target": [target], "retain": others}),
-        )
-    if config.forget is not None:
+        found["class_set"] = True
+        return _class_concepts(spec_path, spec, forget or [])
+    if forget is not None and strict:
         raise ErasureError(f"'{spec_path}' is not a class set, so concept.forget must be left unset.")
     sets = {name: getattr(spec, name) for name in ("forget", "target", "retain")}
     prompts = {name: _prompts(s, base, f"{spec_path}: {name}") for name, s in sets.items()}
@@ -255,12 +334,87 @@ def load_concept(config: ConceptConfig) -> Concept:
     if not prompts["retain"]:
         prompts["retain"] = prompts["target"]  # the reference nudity recipe keeps the clothed-person set
     concept = spec.concept or spec.name or spec_path.stem
+    return [
+        Concept(
+            name=spec.name or spec_path.stem,
+            concept=concept,
+            words=spec.words or concept,
+            forget=prompts["forget"],
+            target=prompts["target"],
+            retain=prompts["retain"],
+            images={name: s.images for name, s in sets.items()},
+        )
+    ]
+
+
+def _class_concepts(spec_path: Path, spec: ConceptSpec, forget: list[str]) -> list[Concept]:
+    """One concept per forgotten class: the target is the next class not forgotten, the others not forgotten are kept."""
+    unknown = [c for c in forget if c not in spec.classes] if forget else [None]
+    if unknown:
+        raise ErasureError(
+            f"concept.forget is {unknown[0]!r}, which is not a class of '{spec_path}'; choose one of: {', '.join(spec.classes)}."
+        )
+    kept = [c for c in spec.classes if c not in forget]
+    if not kept:
+        raise ErasureError(f"concept.forget names every class of '{spec_path}'; at least one must be kept.")
+    out = []
+    for forgotten in forget:
+        i = spec.classes.index(forgotten)
+        # the next class in the list that is kept (with one class forgotten: simply the next one)
+        target = next(c for c in spec.classes[i + 1 :] + spec.classes[:i] if c in kept)
+        images = _class_images(spec, spec_path.parent, spec_path, {"forget": [forgotten], "target": [target], "retain": kept})
+        out.append(
+            Concept(
+                name=forgotten.replace(" ", "_"),
+                concept=forgotten,
+                words=forgotten,
+                forget=[spec.template.format(forgotten)],
+                target=[spec.template.format(target)],
+                retain=[spec.template.format(c) for c in kept],
+                images=images,
+            )
+        )
+    return out
+
+
+def merge_concepts(parts: list[Concept], name: str | None = None) -> Concept:
+    """Several concepts as one run's concept: union forget, target and retain sets, and the parts.
+
+    Real images join only where every part gives one folder per prompt (class sets with
+    ``class_images``); a set either all generated or all real per prompt.
+    """
+    names = [p.name for p in parts]
+    if len(set(names)) < len(names):
+        raise ErasureError(f"a concept is listed twice in this run ({', '.join(names)}); list each once.")
+    forgotten = {prompt for p in parts for prompt in p.forget}
+    images: dict[str, str | list[str] | None] = {}
+    retain: dict[str, str | None] = {}  # prompt -> its real image folder (None: generated)
+    for p in parts:
+        folders = p.images.get("retain")
+        for k, prompt in enumerate(p.retain):
+            if prompt not in forgotten:
+                retain.setdefault(prompt, folders[k] if isinstance(folders, list) else None)
+    for set_name in ("forget", "target", "retain"):
+        given = [p.images.get(set_name) for p in parts]
+        if all(g is None for g in given):
+            images[set_name] = None
+        elif all(isinstance(g, list) for g in given):
+            images[set_name] = list(retain.values()) if set_name == "retain" else [f for g in given for f in g]  # type: ignore[union-attr]
+        else:
+            raise ErasureError(
+                f"the concepts {', '.join(names)} mix generated and real {set_name} images, or give them as one folder; "
+                "a multi-concept run joins real images only per prompt (class sets with class_images). "
+                "Generate them all (images: null) or erase the concepts in separate runs."
+            )
+    if not retain:
+        raise ErasureError(f"the concepts {', '.join(names)} leave no retain prompt that is not also forgotten.")
     return Concept(
-        name=spec.name or spec_path.stem,
-        concept=concept,
-        words=spec.words or concept,
-        forget=prompts["forget"],
-        target=prompts["target"],
-        retain=prompts["retain"],
-        images={name: s.images for name, s in sets.items()},
+        name=name or "+".join(names),
+        concept="; ".join(p.concept for p in parts),
+        words="; ".join(p.words for p in parts),
+        forget=[prompt for p in parts for prompt in p.forget],
+        target=[prompt for p in parts for prompt in p.target],
+        retain=list(retain),
+        images=images,
+        parts=parts,
     )

@@ -102,11 +102,15 @@ def method_stage(config: SDConfig, concept: Concept) -> Stage:
     """Where a method's run lives; its fingerprint covers the whole config except other methods' sections and export."""
     own = SD_METHODS.get(config.method).section
     others = {m.section for m in SD_METHODS.entries.values() if m.section and m.section != own}
-    return Stage(Path(config.workdir) / config.method, config_fingerprint(config, skip={"export", *others}, concept=concept))
+    return Stage(Path(config.workdir) / config.method, config_fingerprint(config, skip={"export", *others}, concept=concept.record()))
 
 
 def erase(config: SDConfig) -> Path:
-    """Erase the configured concept with ``config.method``; returns the run folder."""
+    """Erase the configured concept(s) with ``config.method``; returns the run folder.
+
+    A closed-form method (``closed_form``) edits the UNet in :meth:`~erasure.sd.methods.base.SDMethod.edit`
+    instead of training it; the export (model folder, delta, ``done.json``) is the same.
+    """
     method_cls = SD_METHODS.get(config.method)
     concept = load_concept(config.concept)
     stage = method_stage(config, concept)
@@ -120,6 +124,11 @@ def erase(config: SDConfig) -> Path:
         uncond = encode_prompts(pipe, [""]).float().to(device)
         unet = pipe.unet = load_unet(config.model.pretrained, config.model.revision).to(device)
         method = method_cls(SDContext(config, concept, pipe, noise_scheduler(pipe), sets, uncond, device))
+        if method_cls.closed_form:
+            # Every process makes the same deterministic edit; only the main one writes it.
+            with torch.no_grad():
+                info = method.edit(unet)
+            return {**export(config, concept, unet, stage.folder), **info} if accelerator.is_main_process else {}
 
         for name, p in unet.named_parameters():
             p.requires_grad_(method.trainable(name))
@@ -167,9 +176,11 @@ def export(config: SDConfig, concept: Concept, unet: torch.nn.Module, folder: Pa
     base = load_pipeline(config.model.pretrained, config.model.revision)
     unet = unet.cpu().float().requires_grad_(False)
     unet.disable_gradient_checkpointing()
-    summary: dict = {"method": config.method, "concept": concept.name, "base_model": config.model.pretrained, "command": command_line()}
+    concepts = [part.name for part in concept.concepts]
+    summary: dict = {"method": config.method, "concept": concept.name, "concepts": concepts, "base_model": config.model.pretrained}
+    summary["command"] = command_line()
     if config.export.delta:
-        info = {"base_model": config.model.pretrained, "method": config.method, "concept": concept.name}
+        info = {"base_model": config.model.pretrained, "method": config.method, "concept": concept.name, "concepts": concepts}
         summary["delta"] = make_delta(base.unet.state_dict(), unet.state_dict(), folder / "delta.safetensors", **info)
     if config.export.pipeline:
         base.unet = unet

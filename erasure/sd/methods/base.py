@@ -3,12 +3,15 @@
 A method says which UNet weights it trains (:meth:`SDMethod.trainable`), optionally makes
 a saliency mask, and gives the loss of one step. Everything else (optimizer, precision,
 DDP, checkpoints, export) belongs to the shared training loop and :mod:`erasure.sd.pipeline`.
+
+A closed-form method (UCE) sets ``closed_form`` and changes the weights in
+:meth:`SDMethod.edit` instead; it skips the loop, and its export is the same.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +89,7 @@ class SDMethod:
     name: ClassVar[str]
     needs: ClassVar[tuple[str, ...]] = ()  # image sets the method trains on ('forget', 'retain')
     section: ClassVar[str | None] = None  # the config section only this method reads; other methods' runs ignore it
+    closed_form: ClassVar[bool] = False  # True: edit() sets the weights directly, without the training loop
 
     def __init__(self, ctx: SDContext) -> None:
         self.ctx = ctx
@@ -103,6 +107,14 @@ class SDMethod:
 
     def loss(self, model: torch.nn.Module, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss of one step, and numbers worth logging."""
+        raise NotImplementedError
+
+    def edit(self, model: torch.nn.Module) -> dict[str, Any]:
+        """A closed-form method's edit of ``model``'s weights, in place; returns numbers for ``done.json``.
+
+        Called instead of the training loop when ``closed_form`` is True (no mask, no
+        optimizer, no checkpoints: an edit takes seconds and is redone if interrupted).
+        """
         raise NotImplementedError
 
 

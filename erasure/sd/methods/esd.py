@@ -6,6 +6,9 @@ original ESD does (``esd.trajectory=frozen``: with the frozen copy, as the newer
 ``esd_sd.py`` does), and regresses ε(x_t, c) onto ε₀ − η(ε_c − ε₀) of a frozen copy kept
 in low precision. The variants differ only in which weights they train; ``esd.params``
 picks the original's parameter sets or the newer script's Linear/Conv-only ones.
+
+Several concepts: each step erases one of their prompts, drawn at random (from the step's
+generator, so a resumed run draws the same ones).
 """
 
 from __future__ import annotations
@@ -52,18 +55,18 @@ class ESD(SDMethod):
         ctx = self.ctx
         self.teacher = copy.deepcopy(model).requires_grad_(False).eval()
         self.teacher.to(dtype=frozen_dtype(ctx.config.model.frozen_dtype, ctx.device))
-        self.concept = ctx.encode([ctx.concept.concept])
+        self.concepts = ctx.encode([part.concept for part in ctx.concept.concepts])  # [K, tokens, dim]
         self.sampler = ddim_scheduler(ctx.pipe)
         self.sampler.set_timesteps(ctx.config.esd.ddim_steps, device=ctx.device)
 
     @torch.no_grad()
-    def _trajectory(self, model: torch.nn.Module, stop: int, n: int, g: torch.Generator) -> torch.Tensor:
-        """x_t after ``stop`` DDIM steps from pure noise, guided towards the concept."""
+    def _trajectory(self, model: torch.nn.Module, concept: torch.Tensor, stop: int, n: int, g: torch.Generator) -> torch.Tensor:
+        """x_t after ``stop`` DDIM steps from pure noise, guided towards ``concept`` (its embedding)."""
         ctx, w = self.ctx, self.ctx.config.esd.start_guidance
         size = ctx.pipe.unet.config.sample_size
         x = torch.randn((n, ctx.pipe.unet.config.in_channels, size, size), generator=g, device=g.device).to(ctx.device)
         dtype = next(model.parameters()).dtype  # the frozen teacher runs in low precision
-        emb = torch.cat([ctx.uncond.expand(n, -1, -1), self.concept.expand(n, -1, -1)]).to(dtype)
+        emb = torch.cat([ctx.uncond.expand(n, -1, -1), concept.expand(n, -1, -1)]).to(dtype)
         for t in self.sampler.timesteps[:stop]:
             uncond, cond = eps(model, torch.cat([x, x]).to(dtype), t.expand(2 * n), emb).float().chunk(2)
             x = self.sampler.step(uncond + w * (cond - uncond), t, x).prev_sample
@@ -71,16 +74,20 @@ class ESD(SDMethod):
 
     def loss(self, model: torch.nn.Module, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         ctx, n = self.ctx, self.ctx.config.train.batch_size
+        # One concept per step; with a single concept nothing is drawn, so its runs are unchanged.
+        k = int(torch.randint(0, len(self.concepts), (1,), generator=g, device=g.device)) if len(self.concepts) > 1 else 0
+        concept = self.concepts[k : k + 1]
         stop = int(torch.randint(0, ctx.config.esd.ddim_steps, (1,), generator=g, device=g.device))
-        x_t = self._trajectory(model if ctx.config.esd.trajectory == "trained" else self.teacher, stop, n, g)
+        x_t = self._trajectory(model if ctx.config.esd.trajectory == "trained" else self.teacher, concept, stop, n, g)
         t = self.sampler.timesteps[stop].expand(n)
         with torch.no_grad():
             dtype = next(self.teacher.parameters()).dtype
-            emb = torch.cat([ctx.uncond, self.concept]).repeat_interleave(n, 0).to(dtype)
+            emb = torch.cat([ctx.uncond, concept]).repeat_interleave(n, 0).to(dtype)
             e0, ec = eps(self.teacher, torch.cat([x_t, x_t]).to(dtype), torch.cat([t, t]), emb).float().chunk(2)
         target = e0 - ctx.config.esd.eta * (ec - e0)
-        loss = F.mse_loss(eps(model, x_t, t, self.concept.expand(n, -1, -1)).float(), target)
-        return loss, {"stop": float(stop)}
+        loss = F.mse_loss(eps(model, x_t, t, concept.expand(n, -1, -1)).float(), target)
+        logs = {"stop": float(stop), **({"concept": float(k)} if len(self.concepts) > 1 else {})}
+        return loss, logs
 
 
 @SD_METHODS.register("esd-x")

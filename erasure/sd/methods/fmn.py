@@ -13,6 +13,9 @@ The reference's optimizer settings (AdamW 2e-6, weight decay 0.01, 35 steps, bat
 gradient clip 1) are in ``configs/sd/nudity_fmn.yaml``. Its optional textual-inversion
 stage, which learns the concept tokens first, is not implemented: the concept's own words
 are used (the reference's ``use_ti: false``).
+
+Several concepts: the forget set is their union, and each forget prompt's positions are
+those of its own concept's words.
 """
 
 from __future__ import annotations
@@ -98,7 +101,8 @@ class FMN(SDMethod):
     def prepare(self, model: torch.nn.Module) -> None:
         ctx, cfg = self.ctx, self.ctx.config.fmn
         forget = ctx.sets["forget"]
-        rows = [concept_positions(ctx.pipe, p, ctx.concept.words, cfg.eot_positions) for p in forget.prompts]
+        parts, words = ctx.concept.part_of("forget"), [part.words for part in ctx.concept.concepts]
+        rows = [concept_positions(ctx.pipe, p, words[k], cfg.eot_positions) for p, k in zip(forget.prompts, parts)]
         self.positions = torch.stack(rows).to(ctx.device)
         self.probe = AttentionProbe(model)
 

@@ -4,9 +4,14 @@ Mask: the summed gradient of -MSE(noise, (1+w)·ε_cond − w·ε_uncond) on for
 (w = mask.guidance, each batch clipped to norm 1); the top ``mask.ratio`` may change.
 Loss: MSE(ε(x_t, c_forget), sg ε(x_t, c_target)) on forget latents, plus alpha times
 the standard denoising loss on retain latents with their own prompts.
+
+Several concepts: the forget set is their union and one mask is made from it; each forget
+latent is steered to a target prompt of its own concept (drawn uniformly among them).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -42,13 +47,27 @@ class SalUnSD(SDMethod):
         return -F.mse_loss(target.float(), ((1 + w) * cond - w * uncond).float())
 
     def prepare(self, model: torch.nn.Module) -> None:
-        self.target = self.ctx.encode(self.ctx.concept.target)  # [T, tokens, dim]
+        concept = self.ctx.concept
+        self.target = self.ctx.encode(concept.target)  # [T, tokens, dim]
+        # Target prompts of each concept, and the concept of each forget prompt.
+        parts = torch.tensor(concept.part_of("target"))
+        self.targets_of = [torch.nonzero(parts == k).flatten().to(self.ctx.device) for k in range(len(concept.concepts))]
+        self.part_of_forget = torch.tensor(concept.part_of("forget"), device=self.ctx.device)
+        # One draw in [0, L) per item, L a multiple of every concept's target count, picks
+        # uniformly within the item's concept; with one concept, L = T and the draw is the old one.
+        self.draw_range = math.lcm(*(len(t) for t in self.targets_of))
+
+    def target_indices(self, prompt_index: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """For forget prompts ``prompt_index``, random indices into the target prompts of the same concept."""
+        draw = torch.randint(0, self.draw_range, (len(prompt_index),), generator=g, device=g.device).to(self.target.device)
+        parts = self.part_of_forget[prompt_index.to(self.target.device)]
+        return torch.stack([self.targets_of[k][d % len(self.targets_of[k])] for k, d in zip(parts.tolist(), draw)])
 
     def loss(self, model: torch.nn.Module, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         ctx, n = self.ctx, self.ctx.config.train.batch_size
-        latents, emb, _ = ctx.sets["forget"].batch(g, n)
+        latents, emb, p = ctx.sets["forget"].batch(g, n)
         x_t, _, t = ctx.noisy(latents, g)
-        target_emb = self.target[torch.randint(0, len(self.target), (n,), generator=g, device=g.device).to(self.target.device)]
+        target_emb = self.target[self.target_indices(p, g)]
         with torch.no_grad():
             target = eps(model, x_t, t, target_emb)
         forget = F.mse_loss(eps(model, x_t, t, emb).float(), target.float())
