@@ -139,6 +139,9 @@ class EvalConfig:
     seed: int = 1234
     methods: list[str] = field(default_factory=lambda: ["salun"])
     fid: FidConfig = field(default_factory=FidConfig)
+    # Which real split the retained-class FID compares against: the training images (as
+    # before) or the held-out test split, which no model saw.
+    fid_real_split: Literal["train", "test"] = "train"
 
 
 @dataclass

@@ -65,7 +65,8 @@ def evaluate(config: Config, methods: list[str] | None = None) -> dict[str, Any]
     k, n = real.num_classes, config.eval.samples_per_class
     forget = config.unlearn.forget_class
     retained = [c for c in range(k) if c != forget]
-    real_retained = real.of_classes(retained).images
+    held = real if config.eval.fid_real_split == "train" else load_data(config.data, config.eval.fid_real_split)
+    real_retained = held.of_classes(retained).images
     cap = config.eval.fid.real_images
     if cap is not None and cap < len(real_retained):
         pick = torch.randperm(len(real_retained), generator=torch.Generator().manual_seed(config.eval.seed))[:cap]
@@ -104,6 +105,7 @@ def evaluate(config: Config, methods: list[str] | None = None) -> dict[str, Any]
             "guidance": config.sample.guidance,
             "seed": config.eval.seed,
             "fid_real_images": len(real_retained),
+            "fid_real_split": config.eval.fid_real_split,
         },
         "models": models,
     }
