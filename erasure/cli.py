@@ -23,8 +23,8 @@ from erasure.core.errors import ErasureError
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser: every path's subcommands."""
     from erasure.classification.cli import add_parser as add_classification
-    from erasure.core.card import add_parser as add_card
     from erasure.ddpm.cli import add_parser as add_ddpm
+    from erasure.evaluation.cli import add_card_parser as add_card
     from erasure.evaluation.cli import add_parser as add_evaluation
     from erasure.sd.cli import add_parser as add_sd
 

@@ -18,7 +18,6 @@ written to ``RUN_DIR/audit``), in the DDPM workdir's ``eval/``, or given with ``
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import shlex
@@ -323,17 +322,3 @@ def write_cards(run_dir: str | Path, results: list[str | Path] = ()) -> list[Pat
     for path in paths:
         write_text(path, text)
     return paths
-
-
-def cmd_card(args: argparse.Namespace) -> None:
-    """``erasure card RUN_DIR``: (re)write the run's model cards from its files and the latest results."""
-    for path in write_cards(args.run_dir, args.results or []):
-        print(f"model card: {path}")
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    """Register ``erasure card``."""
-    p = sub.add_parser("card", help="Write (or refresh) the model card README.md of an erasure run, with its latest results.")
-    p.add_argument("run_dir", help="an erasure run folder, e.g. runs/sd-nudity/salun or runs/demo/erase/salun-forget0")
-    p.add_argument("--results", action="append", help="an audit/FID result file or folder to search as well; repeatable")
-    p.set_defaults(func=cmd_card)

@@ -193,3 +193,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="Collect the audit, UA and FID results, grids and charts of a folder into summary.md/.html.")
     p.add_argument("folder")
     p.set_defaults(func=cmd_report)
+
+
+def cmd_card(args: argparse.Namespace) -> None:
+    """``erasure card RUN_DIR``: (re)write the run's model cards from its files and the latest results."""
+    from erasure.core.card import write_cards
+
+    for path in write_cards(args.run_dir, args.results or []):
+        print(f"model card: {path}")
+
+
+def add_card_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``erasure card``."""
+    p = sub.add_parser("card", help="Write (or refresh) the model card README.md of an erasure run, with its latest results.")
+    p.add_argument("run_dir", help="an erasure run folder, e.g. runs/sd-nudity/salun or runs/demo/erase/salun-forget0")
+    p.add_argument("--results", action="append", help="an audit/FID result file or folder to search as well; repeatable")
+    p.set_defaults(func=cmd_card)
