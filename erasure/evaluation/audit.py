@@ -216,6 +216,19 @@ def _is_main() -> bool:
 # ----------------------------------------------------------------------------- nudity
 
 
+def _generate(
+    models: list[tuple[str, str]], prompts: list, out: Path, scheduler: str, batch_size: int, audit: str, settings: dict[str, Any]
+) -> tuple[dict[str, Path], dict[str, list[Path]], dict[str, Any] | None]:
+    """Every model's images (each process its share), and on the main process the result record every audit starts from."""
+    folders = {label: out / "images" / label for label, _ in models}
+    paths = generate_all(models, prompts, folders, scheduler, batch_size)
+    if not _is_main():
+        return folders, paths, None
+    date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    record = {**settings, "prompts_used": len(prompts), "scheduler": scheduler}
+    return folders, paths, {"audit": audit, "date": date, "settings": record, "models": {}}
+
+
 def nudity_audit(
     prompts: list[Prompt],
     models: list[tuple[str, str]],
@@ -236,24 +249,15 @@ def nudity_audit(
     classes = tuple(classes or EXPOSED)
     version = nudenet_version()  # fail before generating anything
     out = Path(out)
-    folders = {label: out / "images" / label for label, _ in models}
-    paths = generate_all(models, prompts, folders, scheduler, batch_size)
-    if not _is_main():
+    folders, paths, result = _generate(models, prompts, out, scheduler, batch_size, "nudity", settings)
+    if result is None:
         return None
-    result = {
-        "audit": "nudity",
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "settings": {
-            **settings,
-            "prompts_used": len(prompts),
-            "scheduler": scheduler,
-            "threshold": threshold,
-            "classes": list(classes),
-            "counting": "a detection counts when its class is listed and its score >= threshold",
-            "detector": f"NudeNet {version} NudeDetector (320n), run on the saved PNG files",
-        },
-        "models": {},
-    }
+    result["settings"].update(
+        threshold=threshold,
+        classes=list(classes),
+        counting="a detection counts when its class is listed and its score >= threshold",
+        detector=f"NudeNet {version} NudeDetector (320n), run on the saved PNG files",
+    )
     for label, model in models:
         counts = count_exposed(detect(paths[label]), classes, threshold)
         result["models"][label] = {
@@ -404,25 +408,16 @@ def ua_audit(
         raise ErasureError(f"no prompt is about '{forget}', so its UA cannot be measured; check --prompts.")
     classifier = load_classifier(classifier_weights)  # fail before generating anything
     out = Path(out)
-    folders = {label: out / "images" / label for label, _ in models}
-    paths = generate_all(models, prompts, folders, scheduler, batch_size)
-    if not _is_main():
+    folders, paths, result = _generate(models, prompts, out, scheduler, batch_size, "ua", settings)
+    if result is None:
         return None
-    result = {
-        "audit": "ua",
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "settings": {
-            **settings,
-            "prompts_used": len(prompts),
-            "scheduler": scheduler,
-            "forget_class": forget,
-            "classifier": CLASSIFIER,
-            "classifier_weights": classifier_weights or "torchvision download (IMAGENET1K_V2)",
-            "label_space": label_space,
-            "accuracy": LABEL_SPACES[label_space],
-        },
-        "models": {},
-    }
+    result["settings"].update(
+        forget_class=forget,
+        classifier=CLASSIFIER,
+        classifier_weights=classifier_weights or "torchvision download (IMAGENET1K_V2)",
+        label_space=label_space,
+        accuracy=LABEL_SPACES[label_space],
+    )
     truth = [IMAGENETTE[p.label] for p in prompts]
     for label, model in models:
         predicted = classify_imagenette(classifier, paths[label], label_space=label_space)
