@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from erasure.core.config import DataConfig
+from erasure.core.config import DataConfig, RunConfig
 from erasure.core.errors import ErasureError
 
 
@@ -165,13 +165,10 @@ class SweepConfig:
 
 
 @dataclass
-class ClassificationConfig:
+class ClassificationConfig(RunConfig):
     """One table: an original model, Retrain, and each unlearning method, scored the same way."""
 
     workdir: str = "runs/classification"
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # bf16 autocast; fp16 would need loss scaling
-    log_with: str = "none"  # experiment trackers: none | tensorboard | wandb, or several comma-separated (erasure.core.tracking)
     eval_batch_size: int = 512
     # fp32: metrics (and the MIA's confidences) from fp32 forward passes, as in the reference;
     # autocast: under the training precision (bf16 confidences near 1 are coarse and move the MIA).

@@ -25,6 +25,16 @@ from erasure.core.errors import ErasureError
 T = TypeVar("T")
 
 
+@dataclass
+class RunConfig:
+    """Where and how a run executes: the top-level keys every path's schema starts with."""
+
+    workdir: str = "runs"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # bf16 autocast; fp16 would need loss scaling
+    log_with: str = "none"  # experiment trackers: none | tensorboard | wandb, or several comma-separated (erasure.core.tracking)
+
+
 # A section shared by the DDPM and classification schemas; it lives here, beside the loader,
 # so that loading a config never imports torch (a typo is rejected in well under a second).
 @dataclass

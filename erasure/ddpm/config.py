@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from erasure.core.config import DataConfig, load_config
+from erasure.core.config import DataConfig, RunConfig, load_config
 from erasure.core.errors import ErasureError
 
 
@@ -145,13 +145,10 @@ class EvalConfig:
 
 
 @dataclass
-class Config:
+class Config(RunConfig):
     """One experiment: data, base model, classifier, erasure and evaluation."""
 
     workdir: str = "runs/demo"
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # bf16 autocast; fp16 would need loss scaling
-    log_with: str = "none"  # experiment trackers: none | tensorboard | wandb, or several comma-separated (erasure.core.tracking)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from erasure.core.config import load_config
+from erasure.core.config import RunConfig, load_config
 from erasure.core.errors import ErasureError
 
 
@@ -158,13 +158,10 @@ class ExportConfig:
 
 
 @dataclass
-class SDConfig:
+class SDConfig(RunConfig):
     """One Stable Diffusion erasure experiment."""
 
     workdir: str = "runs/sd"
-    device: str = "auto"
-    mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # bf16 autocast; fp16 would need loss scaling
-    log_with: str = "none"  # experiment trackers: none | tensorboard | wandb, or several comma-separated (erasure.core.tracking)
     method: str = "salun"
     model: SDModelConfig = field(default_factory=SDModelConfig)
     concept: ConceptConfig = field(default_factory=ConceptConfig)
