@@ -1,0 +1,137 @@
+"""Kills, full disks, concurrent jobs and stale partial outputs."""
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from erasure.core.errors import ErasureError
+from erasure.core.io import load_checkpoint, save_checkpoint, save_tensors, write_json
+from tests.conftest import DEVICE
+
+BASE = [
+    "model.channels=[8,16]",
+    "train.steps=12",
+    "train.batch_size=16",
+    "train.warmup_steps=3",
+    "train.checkpoint_every=5",
+    f"device={DEVICE}",
+]
+
+
+def test_killed_base_training_resumes_bit_identical(tmp_path, monkeypatch):
+    from erasure.ddpm import pipeline
+    from erasure.ddpm.config import load
+
+    straight = pipeline.train_base(load(None, [*BASE, f"workdir={tmp_path / 'a'}"]))
+
+    real, calls = pipeline.denoising_loss, []
+
+    def dies_at_step_7(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 8:  # after the checkpoint at step 5: what a SIGKILL leaves on disk
+            raise SystemExit("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "denoising_loss", dies_at_step_7)
+    with pytest.raises(SystemExit):
+        pipeline.train_base(load(None, [*BASE, f"workdir={tmp_path / 'b'}"]))
+    assert json.loads((tmp_path / "b" / "ddpm" / "checkpoint" / "state.json").read_text())["step"] == 5
+    assert not (tmp_path / "b" / "ddpm" / "done.json").exists()
+    monkeypatch.setattr(pipeline, "denoising_loss", real)
+    resumed = pipeline.train_base(load(None, [*BASE, f"workdir={tmp_path / 'b'}"]))
+
+    for name in ("diffusion_pytorch_model.safetensors", "config.json"):
+        assert (straight / name).read_bytes() == (resumed / name).read_bytes(), name
+
+
+def test_checkpoints_round_trip_the_optimizer_and_are_byte_reproducible(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    for opt in (torch.optim.AdamW(model.parameters(), lr=0.1), torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)):
+        model(torch.ones(4, 3)).sum().backward()
+        opt.step()
+        state = opt.state_dict()
+        for folder in ("a", "b"):
+            save_checkpoint(tmp_path / folder, 3, {"model": model.state_dict()}, {"optimizer": state, "fingerprint": "x"})
+        back = load_checkpoint(tmp_path / "a")
+        assert back["step"] == 3 and back["fingerprint"] == "x"
+        fresh = type(opt)(model.parameters(), lr=0.5)
+        fresh.load_state_dict(back["optimizer"])
+        assert fresh.state_dict()["param_groups"] == state["param_groups"]
+        for i, entry in state["state"].items():
+            for key, value in entry.items():
+                assert torch.equal(torch.as_tensor(fresh.state_dict()["state"][i][key]), torch.as_tensor(value))
+        for file in sorted((tmp_path / "a").iterdir()):
+            assert file.read_bytes() == (tmp_path / "b" / file.name).read_bytes(), file.name
+
+
+# ----------------------------------------------------------------------------- full disks
+
+
+def _full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("write", ["tensors", "json", "checkpoint"])
+def test_a_full_disk_is_one_clear_error_and_leaves_no_temporary_files(tmp_path, monkeypatch, write):
+    import erasure.core.io as io
+
+    monkeypatch.setattr(io, "_write_safetensors", _full_disk)
+    monkeypatch.setattr(type(tmp_path), "write_text", _full_disk)
+    target = tmp_path / "out"
+    target.mkdir()
+    with pytest.raises(ErasureError) as info:
+        if write == "tensors":
+            save_tensors(target / "mask.safetensors", {"a": torch.zeros(10)})
+        elif write == "json":
+            write_json(target / "done.json", {"x": 1})
+        else:
+            save_checkpoint(target / "checkpoint", 1, {"model": {"a": torch.zeros(10)}}, {})
+    message = str(info.value)
+    assert "No space left on device" in message and "free there" in message and str(target) in message
+    assert list(target.iterdir()) == []  # the temporary file (or half-built checkpoint) is gone
+
+
+def test_a_file_size_limit_mid_write_is_a_clear_error(tmp_path):
+    # A real short write: the process may not grow a file past 64 KiB (ulimit -f), so the write fails with EFBIG.
+    code = textwrap.dedent(
+        f"""
+        import resource, signal, sys, torch
+        from erasure.core.errors import ErasureError
+        from erasure.core.io import save_checkpoint, save_tensors
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+        big = {{"w": torch.zeros(100_000)}}
+        for save in (lambda: save_tensors({str(tmp_path / "m.safetensors")!r}, big),
+                     lambda: save_checkpoint({str(tmp_path / "checkpoint")!r}, 1, {{"model": big}}, {{}})):
+            try:
+                save()
+            except ErasureError as e:
+                print("ERR", e)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    lines = [line for line in out.splitlines() if line.startswith("ERR")]
+    assert len(lines) == 2 and all("File too large" in line and "needed" in line for line in lines), out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_or_file_in_the_way_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ErasureError, match="is a file, not a folder"):
+        write_json(blocker / "sub" / "done.json", {})
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        try:
+            with pytest.raises(ErasureError, match="Permission denied.*writable"):
+                write_json(ro / "done.json", {})
+        finally:
+            ro.chmod(0o700)
