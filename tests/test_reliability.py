@@ -135,3 +135,139 @@ def test_unwritable_or_file_in_the_way_is_a_clear_error(tmp_path):
                 write_json(ro / "done.json", {})
         finally:
             ro.chmod(0o700)
+
+
+# ----------------------------------------------------------------------------- concurrent jobs
+
+def _config():
+    from erasure.ddpm.config import Config
+
+    return Config()
+
+
+CFG = _config()
+
+HOLD = textwrap.dedent(
+    """
+    import sys, time
+    from erasure.core.stages import Stage
+    from erasure.ddpm.config import Config
+    stage = Stage(sys.argv[1], "fp")
+    stage.begin(Config())
+    print("holding", flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def _holder(folder):
+    """A second process that has begun a stage in ``folder`` and sits in it."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "holding"
+    return proc
+
+
+def test_a_second_job_in_a_busy_folder_refuses_at_once_naming_the_holder(tmp_path):
+    import socket
+
+    from erasure.core.stages import Stage
+
+    proc = _holder(tmp_path / "stage")
+    try:
+        ran = []
+        with pytest.raises(ErasureError, match=rf"in use by another job \(PID {proc.pid} on host {socket.gethostname()}"):
+            Stage(tmp_path / "stage", "fp").run(CFG, lambda: ran.append(1) or {})
+        assert ran == [] and not (tmp_path / "stage" / "done.json").exists()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_the_lock_of_a_killed_job_is_taken_over(tmp_path, capsys):
+    from erasure.core.stages import Stage
+
+    proc = _holder(tmp_path / "stage")
+    proc.kill()  # SIGKILL: no cleanup ran, the lock file still names the dead job
+    proc.wait()
+    assert str(proc.pid) in (tmp_path / "stage" / ".lock").read_text()
+    assert Stage(tmp_path / "stage", "fp").run(CFG, lambda: {"ok": 1})
+    assert "taking over" in capsys.readouterr().err
+    assert json.loads((tmp_path / "stage" / "done.json").read_text())["ok"] == 1
+    assert (tmp_path / "stage" / ".lock").read_text() == ""  # released
+
+
+def test_only_the_main_rank_locks(tmp_path, monkeypatch):
+    from erasure.core.stages import Stage
+
+    proc = _holder(tmp_path / "stage")  # plays rank 0 of the same job
+    try:
+        monkeypatch.setenv("RANK", "1")
+        stage = Stage(tmp_path / "stage", "fp")
+        stage.begin(CFG)  # does not refuse: rank 0 holds the lock for the whole job
+        assert not stage.lock.held
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_in_process_a_failed_run_releases_its_lock(tmp_path):
+    from erasure.core.stages import Stage
+
+    def fails():
+        raise ErasureError("boom")
+
+    with pytest.raises(ErasureError, match="boom"):
+        Stage(tmp_path, "fp").run(CFG, fails)
+    assert Stage(tmp_path, "fp").run(CFG, lambda: {})
+
+
+# ----------------------------------------------------------------------------- stale partial outputs
+
+
+def test_an_unfinished_run_with_other_settings_is_refused(tmp_path):
+    from erasure.core.stages import Stage
+
+    def interrupted():
+        (tmp_path / "partial.png").write_text("made with the old settings")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Stage(tmp_path, "old").run(CFG, interrupted)
+    with pytest.raises(ErasureError, match="unfinished run with other settings.*fingerprint old, now new"):
+        Stage(tmp_path, "new").run(CFG, lambda: {})
+    assert Stage(tmp_path, "old").run(CFG, lambda: {})  # the old settings finish it
+
+
+def test_interrupted_sd_generate_data_rerun_with_other_settings_reuses_nothing(tmp_path):
+    from erasure.sd.tiny import tiny_pipeline
+
+    tiny_pipeline(tmp_path / "tokenizer").save_pretrained(tmp_path / "model")
+    common = [f"model.pretrained={tmp_path / 'model'}", f"workdir={tmp_path / 'run'}", f"device={DEVICE}", "generation.batch_size=2"]
+    old = ["generation.steps=3", "generation.images_per_set=4"]
+
+    import erasure.sd.generate as gen
+
+    real = gen._save_png
+    saved = []
+
+    def dies_after_two(image, path):
+        if len(saved) == 2:
+            raise KeyboardInterrupt
+        saved.append(path)
+        real(image, path)
+
+    gen._save_png = dies_after_two
+    try:
+        from erasure.cli import main
+
+        assert main(["sd", "generate-data", "-c", "configs/sd/nudity_salun.yaml", "--set", "forget", *common, *old]) == 130
+    finally:
+        gen._save_png = real
+    images = tmp_path / "run" / "data" / "forget" / "images"
+    assert len(list(images.glob("*.png"))) == 2 and not (images.parent / "done.json").exists()
+
+    new = ["generation.steps=2", "generation.images_per_set=4"]
+    assert main(["sd", "generate-data", "-c", "configs/sd/nudity_salun.yaml", "--set", "forget", *common, *new]) == 2
+    # The old settings finish the set, reusing their own two images.
+    assert main(["sd", "generate-data", "-c", "configs/sd/nudity_salun.yaml", "--set", "forget", *common, *old]) == 0
+    assert json.loads((images.parent / "done.json").read_text())["images"] == 4
