@@ -271,3 +271,14 @@ def test_interrupted_sd_generate_data_rerun_with_other_settings_reuses_nothing(t
     # The old settings finish the set, reusing their own two images.
     assert main(["sd", "generate-data", "-c", "configs/sd/nudity_salun.yaml", "--set", "forget", *common, *old]) == 0
     assert json.loads((images.parent / "done.json").read_text())["images"] == 4
+
+
+def test_a_run_that_failed_before_making_anything_does_not_block_other_settings(tmp_path):
+    from erasure.core.stages import Stage
+
+    def fails_at_once():
+        raise ErasureError("wrong model path")
+
+    with pytest.raises(ErasureError, match="wrong model path"):
+        Stage(tmp_path, "old").run(CFG, fails_at_once)
+    assert Stage(tmp_path, "new").run(CFG, lambda: {})

@@ -172,6 +172,11 @@ class RunLock:
             os.close(fd)  # closing drops the flock
 
 
+# Files of a stage folder that are not outputs: the lock, the markers, the config, and the
+# training log (rewritten from step 0 when there is no checkpoint to resume).
+_BOOKKEEPING = frozenset({".lock", "started.json", "config.yaml", "log.csv"})
+
+
 class Stage:
     """A stage's folder and the fingerprint of what it depends on."""
 
@@ -235,13 +240,18 @@ class Stage:
         marker = self.folder / "started.json"
         if marker.is_file():
             previous = read_json(marker)
-            if previous.get("fingerprint") != self.fingerprint or previous.get("fingerprint_scheme") != FINGERPRINT_SCHEME:
+            same = previous.get("fingerprint") == self.fingerprint and previous.get("fingerprint_scheme") == FINGERPRINT_SCHEME
+            if same:
+                return
+            # A run that failed before making anything (a wrong model path, say) leaves nothing to mix up.
+            leftovers = sorted(p.name for p in self.folder.iterdir() if p.name not in _BOOKKEEPING)
+            if leftovers:
                 raise ErasureError(
                     f"'{self.folder}' holds an unfinished run with other settings (fingerprint {previous.get('fingerprint')}, "
-                    f"now {self.fingerprint}); its partial outputs would be mixed with the new ones. Rerun with the old settings "
-                    "to finish it (config.yaml there has them), delete the folder to start over, or use another workdir."
+                    f"now {self.fingerprint}); its partial outputs ({', '.join(leftovers[:4])}) would be mixed with the new ones. "
+                    "Rerun with the old settings to finish it (config.yaml there has them), delete the folder to start over, "
+                    "or use another workdir."
                 )
-            return
         write_json(marker, {"fingerprint": self.fingerprint, "fingerprint_scheme": FINGERPRINT_SCHEME})
 
     def finish(self, summary: dict[str, Any]) -> None:
