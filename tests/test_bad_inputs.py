@@ -50,7 +50,7 @@ CASES = {
     "ddpm misspelt key": (["erase", "unlearn.alhpa=1"], "did you mean"),
     "ddpm steps not a number": (["train-ddpm", "train.steps=many"], "must be int"),
     "ddpm bad data name": (["train-ddpm", "data.name=imagenet"], "choose one of"),
-    "ddpm workdir is a file": (["train-ddpm", "workdir={tmp}/file"], "is a file, not a folder"),
+    "ddpm workdir is a file": (["train-ddpm", "workdir={tmp}/file"], "is a file, not a folder"),  # the CLI boundary's message
     "ddpm missing config": (["train-ddpm", "-c", "{tmp}/missing.yaml"], "does not exist"),
     "ddpm erase without base": (["erase", "workdir={tmp}/empty"], "no finished base model"),
     # Stable Diffusion

@@ -171,8 +171,6 @@ def check_values(config: Any, rules: dict[str, Range] | None = None) -> None:
                 visit(value, path + ".")
             elif f.name == "device" and isinstance(value, str):
                 check_device(value, path)
-            elif f.name == "workdir" and isinstance(value, str):
-                check_workdir(value, path)
             else:
                 for v in value if isinstance(value, list) else [value]:
                     if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -195,15 +193,6 @@ def _check_number(value: float, path: str, rule: Range | None, schema: type, in_
         raise ErasureError(f"config key '{path}' {what}, too large for a 64-bit integer; {must} {(rule or INT64).describe()}{fix}.")
     if rule is not None and not rule.allows(value):
         raise ErasureError(f"config key '{path}' {what}; {must} {rule.describe()}{fix}.")
-
-
-def check_workdir(value: str, where: str = "workdir") -> None:
-    """A workdir must be a folder (or not exist yet): a file there would fail only at the first write."""
-    if not value.strip():
-        raise ErasureError(f"config key '{where}' is empty; give a folder (e.g. {where}=runs/x).")
-    path = Path(value).expanduser()
-    if path.exists() and not path.is_dir():
-        raise ErasureError(f"config key '{where}' is '{value}', which is a file, not a folder; choose another {where}.")
 
 
 def check_device(value: str, where: str = "device") -> None:

@@ -48,34 +48,33 @@ def free_space(path: str | Path) -> int | None:
 
 
 def write_error(path: str | Path, e: OSError, need: int | None = None) -> ErasureError:
-    """One clear message for a failed write: which file, why, and for a full disk how much space is free (and needed)."""
-    reason = e.strerror or str(e)
-    if e.errno in DISK_FULL:
-        free = free_space(path)
-        room = f"{_mib(free)} free there" if free is not None else "free space unknown"
-        wanted = f", {_mib(need)} needed" if need else ""
-        return ErasureError(
-            f"cannot write '{path}': {reason} ({room}{wanted}). Free some space (or use another workdir) and rerun the "
-            "same command; finished work and the last checkpoint are kept."
-        )
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return ErasureError(f"cannot write '{path}': {reason}. Make its folder writable or choose another workdir.")
-    if e.errno in (errno.ENOTDIR, errno.EEXIST):
-        return ErasureError(f"cannot write '{path}': a part of its folder path is a file, not a folder ({reason}). Choose another path.")
-    return ErasureError(f"cannot write '{path}': {reason}.")
+    """One clear message for a write that ran out of space: which file, how much space is free there (and needed)."""
+    free = free_space(path)
+    room = f"{_mib(free)} free there" if free is not None else "free space unknown"
+    wanted = f", {_mib(need)} needed" if need else ""
+    return ErasureError(
+        f"cannot write '{path}': {e.strerror or e} ({room}{wanted}). Free some space (or use another workdir) and rerun "
+        "the same command; finished work and the last checkpoint are kept."
+    )
 
 
 @contextmanager
 def write_errors(path: str | Path, need: int | None = None) -> Iterator[None]:
-    """Turn an OSError raised while writing ``path`` into :func:`write_error`'s clear message."""
+    """Turn a full disk (or quota, or file-size limit) met while writing ``path`` into :func:`write_error`'s message.
+
+    Other OS errors (no permission, a file in the way) pass through unchanged: the command
+    line's error boundary already names their path and fix, and ``--debug`` shows them.
+    """
     try:
         yield
     except OSError as e:
-        raise write_error(path, e, need) from None
+        if e.errno in DISK_FULL:
+            raise write_error(path, e, need) from None
+        raise
 
 
 def make_folder(folder: str | Path) -> Path:
-    """``mkdir -p`` with a clear error (a file in the way, no permission, a full disk)."""
+    """``mkdir -p``, with a full disk as a clear error."""
     folder = Path(folder)
     with write_errors(folder):
         folder.mkdir(parents=True, exist_ok=True)
@@ -86,8 +85,8 @@ def make_folder(folder: str | Path) -> Path:
 def atomic_path(path: str | Path, need: int | None = None) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it is renamed onto ``path``.
 
-    A failed write (a full disk, no permission) removes the temporary file and raises one
-    :class:`ErasureError` naming ``path`` and the free space; ``need`` (bytes) is added to it.
+    A failed write removes the temporary file; a full disk raises one :class:`ErasureError`
+    naming ``path`` and the free space (and ``need``, the bytes it was writing).
     """
     path = Path(path)
     make_folder(path.parent)
