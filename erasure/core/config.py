@@ -12,6 +12,8 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -24,6 +26,188 @@ from erasure.core.errors import ErasureError
 
 T = TypeVar("T")
 
+# ----------------------------------------------------------------------------- value rules
+#
+# Ranges are checked by field *name*, for every schema at once: a field called ``lr`` must be
+# positive in the DDPM, SD and classification configs alike, and a field added later under a
+# known name is covered without anyone remembering to. A dotted key (``sample.eta``) narrows a
+# rule to fields whose path ends that way; the longest match wins. A schema may add or
+# override rules with a ``RULES`` class attribute of the same form.
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """An allowed interval for a number (``None`` = unbounded), with a hint of what the value means."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # True: ``low`` itself is not allowed
+    high_open: bool = False
+    integer_step: int | None = None  # ints only: must be a multiple of this
+
+    def allows(self, value: float) -> bool:
+        """Whether ``value`` lies in the interval."""
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
+            return False
+        return not (self.integer_step and isinstance(value, int) and value % self.integer_step)
+
+    def describe(self) -> str:
+        """The interval in words, e.g. 'a number > 0' or 'in [0, 1)'."""
+        multiple = f" and a multiple of {self.integer_step}" if self.integer_step else ""
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{_num(self.low)}, {_num(self.high)}{')' if self.high_open else ']'}{multiple}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {_num(self.low)}{multiple}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {_num(self.high)}{multiple}"
+        return "a finite number" + multiple
+
+
+def _num(x: float) -> str:
+    if x in (2**63, -(2**63)):
+        return "2**63" if x > 0 else "-2**63"
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else repr(x)
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+AT_LEAST_ONE = Range(1)
+FRACTION = Range(0, 1)  # [0, 1]
+OPEN_FRACTION = Range(0, 1, low_open=True, high_open=True)  # (0, 1)
+RATIO = Range(0, 1, low_open=True)  # (0, 1]
+SEED = Range(0, 2**63, high_open=True)  # torch.Generator.manual_seed takes a 64-bit value; numpy wants < 2**63
+INT64 = Range(-(2**63), 2**63, high_open=True)  # every int: larger ones overflow in torch
+
+RULES: dict[str, Range] = {
+    # optimisation
+    "lr": POSITIVE,
+    "steps": AT_LEAST_ONE,  # zero steps would mark an untrained model as finished
+    "epochs": AT_LEAST_ONE,
+    "batch_size": AT_LEAST_ONE,
+    "eval_batch_size": AT_LEAST_ONE,
+    "batches": AT_LEAST_ONE,
+    "warmup_steps": NON_NEGATIVE,
+    "warmup_epochs": NON_NEGATIVE,
+    "no_l1_epochs": NON_NEGATIVE,
+    "grad_clip": NON_NEGATIVE,  # 0 turns clipping off
+    "weight_decay": NON_NEGATIVE,
+    "momentum": Range(0, 1, high_open=True),
+    "ema_decay": OPEN_FRACTION,
+    "class_dropout": Range(0, 1, high_open=True),  # 1 would leave no conditional training at all
+    "alpha": NON_NEGATIVE,
+    "iu.alpha": POSITIVE,  # alpha 0 would return the original model as if unlearned
+    "gamma": POSITIVE,  # the multistep lr factor
+    "l1.gamma": NON_NEGATIVE,
+    "damping": POSITIVE,
+    "samples": AT_LEAST_ONE,
+    "checkpoint_every": NON_NEGATIVE,  # 0: only on interruption
+    "log_every": AT_LEAST_ONE,
+    "milestones": AT_LEAST_ONE,
+    "seed": SEED,
+    # masks and splits
+    "ratio": RATIO,
+    "fraction": OPEN_FRACTION,
+    "val_size": NON_NEGATIVE,
+    "train_limit": AT_LEAST_ONE,
+    "test_limit": AT_LEAST_ONE,
+    "class_index": NON_NEGATIVE,
+    "forget_class": NON_NEGATIVE,
+    # models and data
+    "channels": AT_LEAST_ONE,
+    "layers_per_block": AT_LEAST_ONE,
+    "norm_groups": AT_LEAST_ONE,
+    "num_train_timesteps": Range(2),
+    "width": AT_LEAST_ONE,
+    "size": Range(4),
+    "resolution": Range(64, integer_step=8),  # the SD VAE downsamples by 8
+    # sampling and generation
+    "guidance": NON_NEGATIVE,
+    "start_guidance": NON_NEGATIVE,
+    "eta": NON_NEGATIVE,  # ESD's negative-guidance strength
+    "sample.eta": FRACTION,  # DDIM: 0 deterministic, 1 DDPM-like
+    "esd_eta": NON_NEGATIVE,
+    "ddim_steps": AT_LEAST_ONE,
+    "images_per_set": AT_LEAST_ONE,
+    "samples_per_class": AT_LEAST_ONE,
+    "grid_samples": AT_LEAST_ONE,
+    "real_images": AT_LEAST_ONE,
+}
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def _rule(path: str, rules: dict[str, Range]) -> Range | None:
+    parts = path.split(".")
+    for i in range(len(parts)):
+        rule = rules.get(".".join(parts[i:]))
+        if rule is not None:
+            return rule
+    return None
+
+
+def _example(schema: type, path: str) -> Any:
+    """The default of ``path`` in ``schema``, to suggest a valid value."""
+    value: Any = schema()
+    for part in path.split("."):
+        value = getattr(value, part, None)
+    return value
+
+
+def check_values(config: Any, rules: dict[str, Range] | None = None) -> None:
+    """Check every number of ``config`` (a dataclass, recursively) against :data:`RULES`, and every ``device``.
+
+    Floats must be finite and ints fit in 64 bits; named fields must lie in their range.
+    The error names the key, the value and a valid example.
+    """
+    schema = type(config)
+    rules = {**RULES, **getattr(schema, "RULES", {}), **(rules or {})}
+
+    def visit(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value, path = getattr(obj, f.name), prefix + f.name
+            if dataclasses.is_dataclass(value):
+                visit(value, path + ".")
+            elif f.name == "device" and isinstance(value, str):
+                check_device(value, path)
+            else:
+                for v in value if isinstance(value, list) else [value]:
+                    if isinstance(v, (int, float)) and not isinstance(v, bool):
+                        _check_number(v, path, _rule(path, rules), schema, isinstance(value, list))
+
+    visit(config, "")
+
+
+def _check_number(value: float, path: str, rule: Range | None, schema: type, in_list: bool = False) -> None:
+    example = _example(schema, path)
+    if in_list:
+        fix = f" (e.g. {path}={example})" if isinstance(example, list) and example else ""
+        what, must = f"holds {value}", "every entry must be"
+    else:
+        fix = f" (e.g. {path}={example})" if isinstance(example, (int, float)) and not isinstance(example, bool) else ""
+        what, must = f"is {value}", "it must be"
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ErasureError(f"config key '{path}' {what}; {must} {rule.describe() if rule else 'a finite number'}{fix}.")
+    if isinstance(value, int) and not INT64.allows(value):
+        raise ErasureError(f"config key '{path}' {what}, too large for a 64-bit integer; {must} {(rule or INT64).describe()}{fix}.")
+    if rule is not None and not rule.allows(value):
+        raise ErasureError(f"config key '{path}' {what}; {must} {rule.describe()}{fix}.")
+
+
+def check_device(value: str, where: str = "device") -> None:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``, and a CUDA device only where one exists."""
+    if not DEVICE_PATTERN.fullmatch(value):
+        raise ErasureError(f"config key '{where}' is {value!r}; choose auto, cpu, cuda or cuda:N (e.g. {where}=auto).")
+    if value.startswith("cuda"):
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ErasureError(f"config key '{where}' is {value!r}, but this machine has no CUDA GPU; use {where}=cpu (or auto).")
+        index = int(value.split(":")[1]) if ":" in value else 0
+        if index >= count:
+            raise ErasureError(f"config key '{where}' is {value!r}, but this machine has {count} CUDA GPU(s) (cuda:0..cuda:{count - 1}).")
 
 @dataclass
 class RunConfig:
@@ -134,8 +318,9 @@ def parse_override(text: str) -> dict[str, Any]:
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *, schema: type[T]) -> T:
     """Defaults, then the YAML file, then ``key=value`` overrides; validated against ``schema``.
 
-    ``schema`` is a dataclass; if it has a ``validate()`` method, that runs last for
-    checks that span keys.
+    ``schema`` is a dataclass. Every value is checked against the rules of
+    :func:`check_values` (ranges by field name, finiteness, devices); then, if it has a
+    ``validate()`` method, that runs last for checks that span keys.
     """
     values: dict[str, Any] = {}
     if path is not None:
@@ -152,6 +337,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for text in overrides:
         values = _merge(values, parse_override(text))
     config = _build(schema, values)
+    check_values(config)
     if hasattr(config, "validate"):
         config.validate()
     return config

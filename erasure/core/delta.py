@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from erasure.core.errors import ErasureError
-from erasure.core.io import load_tensors, read_metadata, save_tensors
+from erasure.core.io import json_metadata, load_tensors, read_metadata, save_tensors
 from erasure.core.saliency import pack_bits, unpack_bits
 
 FORMAT = "erasure-delta/1"
@@ -66,18 +66,19 @@ def apply_delta(state: dict[str, torch.Tensor], path: str | Path, check: bool = 
     metadata = read_metadata(path)
     if metadata.get("format") != FORMAT:
         raise ErasureError(f"'{path}' is not an erasure delta (format {metadata.get('format')!r}, expected {FORMAT!r}).")
+    if "base_checksum" not in metadata:
+        raise ErasureError(f"the delta '{path}' has no 'base_checksum' in its metadata; it is damaged. Export it again.")
+    layout = json_metadata(metadata, "sparse", path, dict)
     if check and checksum(state) != metadata["base_checksum"]:
         raise ErasureError(
             f"'{path}' was made against different base weights (checksum {metadata['base_checksum']}, "
             f"this model {checksum(state)}). Load the base model the delta was made from, in full precision."
         )
     tensors = load_tensors(path)
-    layout = json.loads(metadata["sparse"])
+    check_delta(tensors, layout, state, path)
     out = dict(state)
     for key, value in tensors.items():
         name, _, part = key.partition("::")
-        if name not in out:
-            raise ErasureError(f"'{path}' changes '{name}', which this model does not have.")
         if part == "":
             out[name] = value.to(out[name].device)
         elif part == "changed":
@@ -86,6 +87,41 @@ def apply_delta(state: dict[str, torch.Tensor], path: str | Path, check: bool = 
             merged[changed] = tensors[f"{name}::values"].to(merged.device)
             out[name] = merged
     return out
+
+
+def check_delta(tensors: dict[str, torch.Tensor], layout: dict[str, Any], state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Raise a clear error unless every tensor of the delta fits ``state`` and its sparse layout.
+
+    Checked before anything is applied: a whole tensor must match the model's shape; a
+    sparse one needs its layout entry (the model's shape), exactly ceil(numel / 8) packed
+    bytes and one value per changed entry.
+    """
+
+    def bad(message: str) -> ErasureError:
+        return ErasureError(f"'{path}' {message}; the delta is damaged or was made for another model. Export it again.")
+
+    names = {k.partition("::")[0] for k in tensors}
+    for name in sorted(names):
+        if name not in state:
+            raise ErasureError(f"'{path}' changes '{name}', which this model does not have; it was made for another architecture.")
+        target = state[name]
+        if name in tensors:
+            if tuple(tensors[name].shape) != tuple(target.shape):
+                raise bad(f"holds '{name}' in shape {list(tensors[name].shape)}, but the model's is {list(target.shape)}")
+            continue
+        changed, values = tensors.get(f"{name}::changed"), tensors.get(f"{name}::values")
+        if changed is None or values is None:
+            raise bad(f"holds only one of '{name}::changed' and '{name}::values'")
+        if layout.get(name) != list(target.shape):
+            raise bad(f"lists '{name}' with shape {layout.get(name)!r} in its 'sparse' metadata, but the model's is {list(target.shape)}")
+        if changed.dtype != torch.uint8 or changed.dim() != 1 or changed.numel() != (target.numel() + 7) // 8:
+            raise bad(f"holds {changed.numel()} packed bytes for '{name}', which needs {(target.numel() + 7) // 8}")
+        count = int(unpack_bits(changed, list(target.shape)).sum())
+        if values.dim() != 1 or values.numel() != count:
+            raise bad(f"marks {count} changed entries of '{name}' but holds {values.numel()} values")
+    unknown = [k for k in tensors if k.partition("::")[2] not in ("", "changed", "values")]
+    if unknown:
+        raise bad(f"holds a tensor named '{unknown[0]}', which is not part of the delta format")
 
 
 def delta_info(path: str | Path) -> dict[str, Any]:

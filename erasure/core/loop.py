@@ -55,6 +55,14 @@ class LoopSettings:
     compile: bool = False  # torch.compile the model in place (state-dict keys unchanged); pays on GPUs for long runs
     desc: str = "training"
 
+    def __post_init__(self) -> None:
+        # The last guard for callers that build settings in code: a loop of zero steps would
+        # hand back the untrained model, and its stage would be marked done as if trained.
+        if self.steps < 1:
+            raise ErasureError(f"{self.desc}: {self.steps} training steps; at least 1 is needed (raise the steps or epochs).")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ErasureError(f"{self.desc}: the learning rate is {self.lr}; it must be a finite number > 0.")
+
     @classmethod
     def from_config(cls, section: Any, **settings: Any) -> LoopSettings:
         """Settings from a config section: every field the two share by name (steps, lr, seed, ...), then ``settings``."""

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from erasure.core.errors import ErasureError
-from erasure.core.io import load_tensors, read_metadata, save_tensors
+from erasure.core.io import json_metadata, load_tensors, read_metadata, save_tensors
 
 FORMAT = "erasure-mask/1"
 
@@ -113,6 +113,32 @@ def unpack_bits(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
     return bits.flatten()[:numel].view(shape).bool()
 
 
+def check_packed(packed: dict[str, torch.Tensor], shapes: dict[str, Any], path: str | Path) -> None:
+    """Raise a clear error unless every entry of ``shapes`` has a 1-d uint8 tensor of exactly ceil(numel / 8) bytes.
+
+    Names with no shape, shapes with no tensor and short tensors all mean a damaged or
+    hand-edited file; reading it anyway would fail in a reshape or silently misalign bits.
+    """
+    missing = [n for n in shapes if n not in packed]
+    extra = [n for n in packed if n not in shapes]
+    if missing or extra:
+        parts = [f"{len(missing)} listed tensors missing (e.g. '{missing[0]}')"] if missing else []
+        parts += [f"{len(extra)} tensors not listed in its shapes (e.g. '{extra[0]}')"] if extra else []
+        raise ErasureError(f"'{path}' is inconsistent: {'; '.join(parts)}. The file is damaged; make it again.")
+    for name, shape in shapes.items():
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise ErasureError(f"'{path}': the shape of '{name}' is {shape!r}, not a list of sizes; the file is damaged.")
+        numel = 1
+        for d in shape:
+            numel *= d
+        t = packed[name]
+        if t.dtype != torch.uint8 or t.dim() != 1 or t.numel() != (numel + 7) // 8:
+            raise ErasureError(
+                f"'{path}': '{name}' holds {t.numel()} {str(t.dtype).removeprefix('torch.')} values in shape {list(t.shape)}, but "
+                f"its shape {shape} needs {(numel + 7) // 8} packed bytes (uint8, 1-d). The file is damaged; make it again."
+            )
+
+
 @dataclass
 class Mask:
     """Per-parameter boolean masks (True = may be trained) with their provenance."""
@@ -154,8 +180,12 @@ class Mask:
         metadata = read_metadata(path)
         if metadata.get("format") != FORMAT:
             raise ErasureError(f"'{path}' is not an erasure mask (format {metadata.get('format')!r}, expected {FORMAT!r}).")
-        shapes = json.loads(metadata["shapes"])
-        mask = cls({n: unpack_bits(packed[n], shapes[n]) for n in shapes}, metadata["fingerprint"], json.loads(metadata["info"]))
+        shapes = json_metadata(metadata, "shapes", path, dict)
+        info = json_metadata(metadata, "info", path, dict)
+        if "fingerprint" not in metadata:
+            raise ErasureError(f"the mask '{path}' has no 'fingerprint' in its metadata; it is damaged. Compute it again (`erasure mask`).")
+        check_packed(packed, shapes, path)
+        mask = cls({n: unpack_bits(packed[n], shapes[n]) for n in shapes}, metadata["fingerprint"], info)
         if model is not None:
             mask.check(model, source=str(path))
         return mask

@@ -1,7 +1,10 @@
 """Run folders: one per stage (base model, classifier, each erasure), reused when finished.
 
 A stage folder holds ``config.yaml`` (the resolved config), its outputs, a ``checkpoint/``
-while it runs and ``done.json`` when it has finished. ``done.json`` records a fingerprint
+while it runs and ``done.json`` when it has finished. While a job works in it, the job
+holds ``.lock`` (see :class:`RunLock`), so a second job on the same folder refuses at once;
+``started.json`` records the fingerprint of the unfinished run, so partial outputs made
+with other settings are never mixed into a new run. ``done.json`` records a fingerprint
 of the config the stage depends on (:func:`config_fingerprint`): a finished stage with the
 same fingerprint is reused, and one with a different fingerprint is an error rather than
 an overwrite. Every path (DDPM, SD, classification) runs its stages through
@@ -11,8 +14,13 @@ an overwrite. Every path (DDPM, SD, classification) runs its stages through
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
+import json
 import os
 import shutil
+import socket
+import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -23,7 +31,7 @@ from accelerate import Accelerator
 
 from erasure.core.config import fingerprint, to_yaml
 from erasure.core.errors import ErasureError
-from erasure.core.io import read_json, write_json, write_text
+from erasure.core.io import make_folder, read_json, write_errors, write_json, write_text
 from erasure.core.saliency import Mask
 
 # Settings that cannot change what a stage produces: where it runs, how often (and to which trackers) it logs or saves.
@@ -69,6 +77,106 @@ def wait_for_everyone() -> None:
         torch.distributed.barrier()
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+class RunLock:
+    """One job at a time in a folder: an exclusive ``flock`` on ``folder/.lock``, which records the holder.
+
+    The kernel drops the lock when its process dies, however it dies, so the lock of a
+    killed job is simply taken over by the next one (with a note naming the dead holder);
+    a live holder makes :meth:`acquire` refuse at once with its PID and host. The file is
+    never deleted: deleting it would let two jobs lock two different files of one name.
+    Where the filesystem has no locks (some network mounts), the recorded PID decides:
+    a holder on this host whose process is gone is stale; any other holder is respected.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / ".lock"
+        self.fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock."""
+        return self.fd is not None
+
+    def _holder(self, fd: int) -> dict[str, Any]:
+        try:
+            text = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+            return json.loads(text) if text else {}
+        except (OSError, json.JSONDecodeError):
+            return {"pid": "?", "host": "?"}
+
+    def _refuse(self, holder: dict[str, Any]) -> ErasureError:
+        stamp = holder.get("since")
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp)) if isinstance(stamp, (int, float)) else "?"
+        return ErasureError(
+            f"'{self.folder}' is in use by another job (PID {holder.get('pid', '?')} on host {holder.get('host', '?')}, "
+            f"since {since}); two jobs in one folder would mix their outputs. Wait for it to finish, stop it, or use another workdir."
+        )
+
+    def acquire(self) -> None:
+        """Take the lock or raise :class:`ErasureError` naming the job that holds it."""
+        if self.fd is not None:
+            return
+        make_folder(self.folder)
+        with write_errors(self.path):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._holder(fd)
+            os.close(fd)
+            raise self._refuse(holder) from None
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                os.close(fd)
+                raise
+            holder = self._holder(fd)  # no locks here: fall back to the recorded holder
+            pid = holder.get("pid")
+            stale = holder.get("host") == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid)
+            if holder and not stale:
+                os.close(fd)
+                raise self._refuse(holder) from None
+        previous = self._holder(fd)
+        if previous:
+            print(
+                f"note: taking over '{self.path}' from a job that ended without releasing it "
+                f"(PID {previous.get('pid', '?')} on host {previous.get('host', '?')}).",
+                file=sys.stderr,
+            )
+        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": round(time.time(), 1)})
+        with write_errors(self.path):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, record.encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        """Clear the record and drop the lock (a no-op when not held)."""
+        if self.fd is None:
+            return
+        fd, self.fd = self.fd, None
+        try:
+            os.ftruncate(fd, 0)  # an empty record: the next job knows this one ended cleanly
+        except OSError:
+            pass
+        finally:
+            os.close(fd)  # closing drops the flock
+
+
+# Files of a stage folder that are not outputs: the lock, the markers, the config, and the
+# training log (rewritten from step 0 when there is no checkpoint to resume).
+_BOOKKEEPING = frozenset({".lock", "started.json", "config.yaml", "log.csv"})
+
+
 class Stage:
     """A stage's folder and the fingerprint of what it depends on."""
 
@@ -76,6 +184,7 @@ class Stage:
         self.folder = Path(folder)
         self.fingerprint = fingerprint
         self.started = time.time()
+        self.lock = RunLock(self.folder)
 
     @property
     def checkpoint(self) -> Path:
@@ -105,14 +214,48 @@ class Stage:
         return (self.folder / "done.json").is_file()
 
     def begin(self, config: Any) -> None:
-        """Create the folder and save the resolved config into it (main process only)."""
+        """Take the folder's lock, check that no unfinished run with other settings is there, and save the config.
+
+        Only the main process of an ``accelerate launch`` job locks and writes; the other
+        ranks work in the folder under its lock. The lock is held until :meth:`finish` or
+        :meth:`release`.
+        """
         if is_main_process():
-            self.folder.mkdir(parents=True, exist_ok=True)
-            write_text(self.folder / "config.yaml", to_yaml(config))
+            self.lock.acquire()
+            try:
+                self._claim()
+                write_text(self.folder / "config.yaml", to_yaml(config))
+            except BaseException:
+                self.lock.release()
+                raise
         self.started = time.time()
 
+    def _claim(self) -> None:
+        """Record this run's fingerprint in ``started.json``, refusing a folder left unfinished by other settings.
+
+        An interrupted run's partial outputs (generated images, cached latents, a mask, a
+        checkpoint) were made with its settings; resuming with other settings would mix them
+        into outputs that claim the new ones.
+        """
+        marker = self.folder / "started.json"
+        if marker.is_file():
+            previous = read_json(marker)
+            same = previous.get("fingerprint") == self.fingerprint and previous.get("fingerprint_scheme") == FINGERPRINT_SCHEME
+            if same:
+                return
+            # A run that failed before making anything (a wrong model path, say) leaves nothing to mix up.
+            leftovers = sorted(p.name for p in self.folder.iterdir() if p.name not in _BOOKKEEPING)
+            if leftovers:
+                raise ErasureError(
+                    f"'{self.folder}' holds an unfinished run with other settings (fingerprint {previous.get('fingerprint')}, "
+                    f"now {self.fingerprint}); its partial outputs ({', '.join(leftovers[:4])}) would be mixed with the new ones. "
+                    "Rerun with the old settings to finish it (config.yaml there has them), delete the folder to start over, "
+                    "or use another workdir."
+                )
+        write_json(marker, {"fingerprint": self.fingerprint, "fingerprint_scheme": FINGERPRINT_SCHEME})
+
     def finish(self, summary: dict[str, Any]) -> None:
-        """Mark the stage finished (with the wall time of the run that finished it) and drop its checkpoint.
+        """Mark the stage finished (with the wall time of the run that finished it), drop its checkpoint and lock.
 
         The main process writes; every process then waits, so no rank reads outputs before they exist.
         """
@@ -121,18 +264,31 @@ class Stage:
             record = {"fingerprint": self.fingerprint, "fingerprint_scheme": FINGERPRINT_SCHEME, "seconds": seconds, **summary}
             write_json(self.folder / "done.json", record)
             shutil.rmtree(self.checkpoint, ignore_errors=True)
+            self.release()
         wait_for_everyone()
 
+    def release(self) -> None:
+        """Drop the folder's lock, if this process holds it (after a failure, or when done)."""
+        self.lock.release()
+
     def run(self, config: Any, work: Callable[[], dict[str, Any]]) -> bool:
-        """The stage lifecycle: reuse a finished run, else begin, ``work()``, finish with its summary.
+        """The stage lifecycle: reuse a finished run, else begin (lock), ``work()``, finish with its summary.
 
         ``work`` writes the outputs (main process) and returns the summary for ``done.json``.
-        Returns True if the work ran, False if a finished run was reused.
+        Returns True if the work ran, False if a finished run was reused (also when
+        another job finished it while this one waited to start).
         """
         if self.done():
             return False
-        self.begin(config)
-        self.finish(work())
+        try:
+            if is_main_process():
+                self.lock.acquire()
+                if self.done():  # finished by another job between the first look and the lock
+                    return False
+            self.begin(config)
+            self.finish(work())
+        finally:
+            self.release()
         return True
 
 

@@ -171,6 +171,10 @@ class Config(RunConfig):
             raise ErasureError("unlearn.target_shift must not map the forgotten class onto itself.")
         if not self.model.channels or any(c % self.model.norm_groups for c in self.model.channels):
             raise ErasureError("model.channels must be non-empty multiples of model.norm_groups.")
+        from erasure.ddpm.methods import get_method  # imported here: the methods import this module
+
+        for name in [self.unlearn.method, *self.eval.methods]:
+            get_method(name)  # a misspelt method fails before any training, naming the choices
 
 
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -177,6 +177,12 @@ class SDConfig(RunConfig):
         """Checks that span keys."""
         if not 0.0 < self.mask.ratio <= 1.0:
             raise ErasureError("mask.ratio must lie in (0, 1].")
+        from erasure.sd.generate import SCHEDULERS
+        from erasure.sd.methods import SD_METHODS  # imported here: the methods import this module
+
+        SD_METHODS.get(self.method)  # a misspelt method or sampler fails before any model is loaded
+        if self.generation.scheduler not in SCHEDULERS:
+            raise ErasureError(f"generation.scheduler is {self.generation.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}.")
 
 
 # ----------------------------------------------------------------------------- concepts
