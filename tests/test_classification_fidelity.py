@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from erasure.classification.config import ClassificationConfig
+from erasure.classification.data import EpochSampler
 from erasure.classification.methods import UnlearnContext, get_method
 from erasure.classification.methods.iu import woodbury_solve, woodfisher_reference
 from erasure.classification.methods.l1 import l1_gamma
@@ -153,6 +154,66 @@ def test_method_trains_forget_then_retain_with_fresh_labels(tmp_path, monkeypatc
     for (pixels, y), k in zip(steps, kinds):
         if k == "retain":
             assert torch.equal(y, pixels - 128)
+
+
+def test_passes_keep_the_remainder_batch_unless_drop_last(tmp_path):
+    """The reference's loaders (shuffle=True, no drop_last) end each pass with the remainder; drop_last is a named option."""
+    ctx, _ = labelled_context(tmp_path, n_forget=42, n_retain=26)  # batch 8: forget 5 x 8 + 2, retain 3 x 8 + 2
+    batches, plan = schedule_batches(ctx, "passes", epochs=2)
+    assert plan.steps_per_epoch == 6 + 4
+    sizes = [len(b.indices) for b in batches[:10]]
+    assert sizes == [8] * 5 + [2] + [8] * 3 + [2]
+    assert sorted(torch.cat([b.indices for b in batches[:6]]).tolist()) == list(range(42))  # every forget image once
+    dropped = PassSchedule(rl_passes(ctx, "passes"), 8, 0, drop_last=True)
+    assert dropped.steps_per_epoch == 5 + 3
+    assert {len(dropped.batch(s, step_generator(0, s, 0, torch.device("cpu"))).indices) for s in range(16)} == {8}
+    assert EpochSampler(5, 8, seed=0, drop_last=True).steps_per_epoch == 1  # a set smaller than a batch is still seen
+
+
+def test_unlearning_recipe_is_the_references(tmp_path):
+    """SGD at a constant lr (no warmup, no decay within the 10 epochs), the reference's batch 256, no drop_last."""
+    assert ClassificationConfig().unlearn.batch_size == 256 and ClassificationConfig().unlearn.drop_last is False
+    ctx, _ = labelled_context(tmp_path)
+    r = ctx.recipe(10, 0.013)
+    assert (r.schedule, r.warmup_epochs, r.lr, r.momentum, r.weight_decay, r.drop_last) == ("constant", 0, 0.013, 0.9, 5e-4, False)
+
+
+@pytest.mark.parametrize("name", ["rl", "salun"])
+def test_forget_and_retain_passes_run_in_train_mode(tmp_path, name):
+    """As the reference (model.train() before both loaders): BatchNorm normalizes by the batch and updates its statistics."""
+    ctx, model = labelled_context(tmp_path, **{f"unlearn.{name}.epochs": 1})
+    modes: list[bool] = []
+    model.register_forward_pre_hook(lambda m, args: modes.append(m.training))
+    before = model.bn1.num_batches_tracked.item()
+    get_method(name)(ctx).run(model)
+    steps = 5 + 3
+    assert modes[-steps:] == [True] * steps
+    assert model.bn1.num_batches_tracked.item() - before == steps
+
+
+def test_label_smoothing_trains_the_original_and_retrain_only(tmp_path, monkeypatch):
+    """``train/retrain.label_smoothing`` (fast recipes) never reaches an unlearning method: those keep the reference's plain CE."""
+    smoothing: list[float] = []
+    original_ce = F.cross_entropy
+
+    def spy(logits, target, *args, **kwargs):
+        smoothing.append(kwargs.get("label_smoothing", 0.0))
+        return original_ce(logits, target, *args, **kwargs)
+
+    monkeypatch.setattr(F, "cross_entropy", spy)
+    ctx, model = labelled_context(tmp_path / "retrain", **{"retrain.label_smoothing": 0.1, "retrain.epochs": 1})
+    get_method("retrain")(ctx).run(model)
+    assert smoothing and set(smoothing) == {0.1}
+    for name in ("ft", "rl"):
+        smoothing.clear()
+        opts = {"train.label_smoothing": 0.1, "retrain.label_smoothing": 0.1, f"unlearn.{name}.epochs": 1}
+        ctx, model = labelled_context(tmp_path / name, **opts)
+        get_method(name)(ctx).run(model)
+        assert smoothing and set(smoothing) == {0.0}
+    with pytest.raises(ErasureError, match="label_smoothing must lie in"):
+        load_config(None, ["train.label_smoothing=1.0"], schema=ClassificationConfig)
+    with pytest.raises(ErasureError, match="warmup_epochs=30 must lie in"):
+        load_config(None, ["retrain.warmup_epochs=30"], schema=ClassificationConfig)
 
 
 def test_rl_resumes_bit_identically_after_an_interruption(tmp_path, monkeypatch):
@@ -315,6 +376,18 @@ def test_setting_configs_follow_the_reference(path):
     assert (c.unlearn.ft.epochs, c.unlearn.ft.lr, c.unlearn.ga.epochs) == (10, 0.01, 5)
     forget = (c.forget.kind, c.forget.fraction if c.forget.kind == "random" else c.forget.class_index)
     assert forget == {"cifar10_random10": ("random", 0.1), "cifar10_random50": ("random", 0.5), "cifar10_class": ("class", 0)}[path]
+
+
+def test_fast_config_changes_only_the_training_recipe():
+    """The fast config speeds up the original model and Retrain; the split and every unlearning setting are the reference config's."""
+    fast = load_config("configs/classification/cifar10_random10_fast.yaml", schema=ClassificationConfig)
+    ref = load_config("configs/classification/cifar10_random10.yaml", schema=ClassificationConfig)
+    same = ("split", "forget", "model", "unlearn", "eval_precision")
+    assert all(getattr(fast, key) == getattr(ref, key) for key in same)
+    for recipe in (fast.train, fast.retrain):
+        assert (recipe.epochs, recipe.batch_size, recipe.lr, recipe.schedule, recipe.warmup_epochs) == (80, 512, 0.4, "cosine", 16)
+        assert (recipe.label_smoothing, recipe.augment, recipe.weight_decay, recipe.momentum) == (0.1, True, 5e-4, 0.9)
+    assert ref.train.label_smoothing == ref.retrain.label_smoothing == 0.0  # the reference recipe has none
 
 
 # ----------------------------------------------------------------------------- sweeps

@@ -86,13 +86,17 @@ def make_split(train_labels: torch.Tensor, test_labels: torch.Tensor, split: Spl
 
 
 class EpochSampler:
-    """Batch indices for step ``s``: epochs of a seeded permutation, so steps map to epochs exactly."""
+    """Batch indices for step ``s``: epochs of a seeded permutation, so steps map to epochs exactly.
 
-    def __init__(self, n: int, batch_size: int, seed: int, device: torch.device | str = "cpu") -> None:
+    Like a shuffled ``DataLoader``, the last batch of an epoch holds the remainder
+    (``n % batch_size`` images) unless ``drop_last``, which skips it when ``n >= batch_size``.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, device: torch.device | str = "cpu", drop_last: bool = False) -> None:
         if n < 1:
             raise ErasureError("cannot train on an empty set of images.")
         self.n, self.batch_size, self.seed, self.device = n, batch_size, seed, device
-        self.steps_per_epoch = math.ceil(n / batch_size)
+        self.steps_per_epoch = n // batch_size if drop_last and n >= batch_size else math.ceil(n / batch_size)
         self._epoch, self.seeded_perm = -1, torch.empty(0)
 
     def epoch(self, step: int) -> int:

@@ -24,8 +24,19 @@ LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, int], tuple[torch.Tens
 
 
 def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
-    """The plain classification loss (no label smoothing)."""
+    """The plain classification loss (no label smoothing): every unlearning method trains with it, as the reference."""
     return F.cross_entropy(model(x), y), {}
+
+
+def smoothed_cross_entropy(label_smoothing: float) -> LossFn:
+    """Cross-entropy against targets mixed with the uniform distribution (``recipe.label_smoothing``); plain CE at 0."""
+    if label_smoothing == 0:
+        return cross_entropy
+
+    def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+        return F.cross_entropy(model(x), y, label_smoothing=label_smoothing), {}
+
+    return loss
 
 
 def build_model(config: ClassificationConfig, in_channels: int, num_classes: int, seed: int) -> nn.Module:
@@ -84,11 +95,11 @@ class PassSchedule:
     batches the uninterrupted one would have.
     """
 
-    def __init__(self, passes: list[Pass], batch_size: int, seed: int, augment_images: bool = False) -> None:
+    def __init__(self, passes: list[Pass], batch_size: int, seed: int, augment_images: bool = False, drop_last: bool = False) -> None:
         if not passes:
             raise ErasureError("a training schedule needs at least one pass.")
         self.passes, self.augment = passes, augment_images
-        self.samplers = [EpochSampler(len(p.labels), batch_size, seed + i, p.images.device) for i, p in enumerate(passes)]
+        self.samplers = [EpochSampler(len(p.labels), batch_size, seed + i, p.images.device, drop_last) for i, p in enumerate(passes)]
         self.offsets = [0]
         for sampler in self.samplers:
             self.offsets.append(self.offsets[-1] + sampler.steps_per_epoch)
@@ -120,14 +131,17 @@ def fit(
     folder: str | Path,
     accelerator: Accelerator,
     fingerprint: str,
-    loss_fn: LossFn = cross_entropy,
+    loss_fn: LossFn | None = None,
     constraint_mask: Mask | None = None,
     desc: str = "training",
 ) -> nn.Module:
     """Train ``model`` on uint8 ``images`` (already on the device) for ``recipe.epochs`` epochs.
 
-    Resumes from ``folder/checkpoint``; ``constraint_mask`` freezes its False entries bit for bit.
+    The loss defaults to cross-entropy with the recipe's label smoothing (the original model
+    and Retrain). Resumes from ``folder/checkpoint``; ``constraint_mask`` freezes its False
+    entries bit for bit.
     """
+    loss_fn = loss_fn if loss_fn is not None else smoothed_cross_entropy(recipe.label_smoothing)
     return fit_passes(model, [Pass(images, labels, loss_fn)], recipe, folder, accelerator, fingerprint, constraint_mask, desc)
 
 
@@ -147,7 +161,7 @@ def fit_passes(
     from ``folder/checkpoint``; ``constraint_mask`` freezes its False entries bit for bit
     (and zeroes their optimizer state) after every step.
     """
-    schedule = PassSchedule(passes, recipe.batch_size, recipe.seed, recipe.augment)
+    schedule = PassSchedule(passes, recipe.batch_size, recipe.seed, recipe.augment, recipe.drop_last)
     spe = schedule.steps_per_epoch
 
     def step_loss(model: nn.Module, g: torch.Generator, step: int) -> tuple[torch.Tensor, dict[str, float]]:

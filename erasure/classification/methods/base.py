@@ -41,6 +41,7 @@ class UnlearnContext:
             weight_decay=u.weight_decay,
             schedule="constant",
             augment=u.augment,
+            drop_last=u.drop_last,
             checkpoint_every=u.checkpoint_every,
             seed=u.seed,
         )

@@ -63,4 +63,3 @@ class RandomLabel(Method):
     def run(self, model: nn.Module) -> nn.Module:
         cfg = self.ctx.config.unlearn.rl
         return self.ctx.fit_passes(model, rl_passes(self.ctx, cfg.schedule), cfg.epochs, cfg.lr, desc="rl")
-
