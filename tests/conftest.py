@@ -34,3 +34,22 @@ TINY = [
 @pytest.fixture
 def tiny_overrides(tmp_path):
     return [*TINY, f"workdir={tmp_path / 'run'}"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A tiny random Stable Diffusion pipeline folder, built once per test session (tests only read it)."""
+    from erasure.sd.tiny import tiny_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny-sd")
+    tiny_pipeline(folder / "tokenizer").save_pretrained(folder / "model")
+    return folder / "model"
+
+
+@pytest.fixture
+def one_thread():
+    """One CPU thread: tiny networks run fastest so, and runs compared bit for bit must share a thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -18,14 +18,7 @@ from erasure.core.loop import LoopSettings, _lr_factor, make_accelerator
 from erasure.core.saliency import Mask
 from tests.conftest import DEVICE
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks run fastest on one thread, and far faster when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY_TABLE = [

@@ -31,12 +31,7 @@ from tests.test_classification import TINY_TABLE
 K = 4  # classes in the tiny data
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def labelled_context(folder, n_forget=40, n_retain=24, **overrides) -> tuple[UnlearnContext, torch.nn.Module]:

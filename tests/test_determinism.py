@@ -12,14 +12,7 @@ from erasure.core.errors import ErasureError
 from erasure.core.loop import check_weights
 from tests.conftest import TINY
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Both runs of a comparison use the same thread count (CPU reductions may depend on it)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 CPU = [o for o in TINY if not o.startswith("device=")] + ["device=cpu"]

@@ -15,7 +15,6 @@ from erasure.sd.methods.salun import SalUnSD
 from erasure.sd.methods.uce import is_uce_weight, last_token_embeddings
 from erasure.sd.model import load_pipeline, load_unet, noise_scheduler
 from erasure.sd.pipeline import erase
-from erasure.sd.tiny import tiny_pipeline
 from tests.test_sd import TINY_SD
 
 METHODS = ["salun", "esd-x", "fmn", "uce"]
@@ -26,13 +25,6 @@ IMAGENETTE = "configs/sd/concepts/imagenette.yaml"
 def multi_config(model, workdir, *extra) -> SDConfig:
     overrides = [*TINY_SD, "train.steps=6", f"model.pretrained={model}", f"workdir={workdir}", *extra]
     return load_config("configs/sd/multi_concept.yaml", overrides, schema=SDConfig)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-sd")
-    tiny_pipeline(folder / "tokenizer").save_pretrained(folder / "model")
-    return folder / "model"
 
 
 # The tiny tokenizer holds 32 bytes, too few for template.yaml's prompts: a short Van Gogh spec.

@@ -16,7 +16,6 @@ from erasure.sd.config import ConceptConfig, SDConfig, load_concept
 from erasure.sd.methods import salun
 from erasure.sd.model import load_pipeline, load_unet
 from erasure.sd.pipeline import erase
-from erasure.sd.tiny import tiny_pipeline
 from tests.conftest import DEVICE
 
 METHODS = ["salun", "esd-x", "esd-u", "esd-all", "esd-x-strict", "fmn"]
@@ -38,13 +37,6 @@ TINY_SD = [
 def sd_config(model, workdir, *extra) -> SDConfig:
     overrides = [*TINY_SD, f"model.pretrained={model}", f"workdir={workdir}", *extra]
     return load_config("configs/sd/nudity_salun.yaml", overrides, schema=SDConfig)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-sd")
-    tiny_pipeline(folder / "tokenizer").save_pretrained(folder / "model")
-    return folder / "model"
 
 
 @pytest.fixture(scope="module")

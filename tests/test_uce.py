@@ -13,7 +13,6 @@ from erasure.sd.config import SDConfig, load_concept
 from erasure.sd.methods.uce import closed_form_edit, is_uce_weight, last_token_embeddings
 from erasure.sd.model import encode_prompts, load_pipeline, load_unet
 from erasure.sd.pipeline import erase
-from erasure.sd.tiny import tiny_pipeline
 from tests.conftest import DEVICE
 
 SETTINGS = [f"device={DEVICE}"]
@@ -22,13 +21,6 @@ SETTINGS = [f"device={DEVICE}"]
 def uce_config(model, workdir, *extra) -> SDConfig:
     overrides = [*SETTINGS, f"model.pretrained={model}", f"workdir={workdir}", *extra]
     return load_config("configs/sd/nudity_uce.yaml", overrides, schema=SDConfig)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-sd")
-    tiny_pipeline(folder / "tokenizer").save_pretrained(folder / "model")
-    return folder / "model"
 
 
 @pytest.fixture(scope="module")
