@@ -104,3 +104,18 @@ def test_a_config_typo_is_rejected_before_torch_is_imported():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "unknown config key 'unlearn.alhpa'" in result.stderr
+
+
+def test_a_gpu_recipe_started_on_the_cpu_warns(capsys):
+    """A GPU-sized config on a CPU says so at once instead of running silently for days."""
+    import torch
+
+    from erasure.cli import main
+
+    assert main(["sd", "config", "-c", "configs/sd/nudity_salun.yaml", "device=cpu"]) == 0
+    assert "is a GPU recipe and this run is on the CPU" in capsys.readouterr().err
+    assert main(["config"]) == 0  # the demo is CPU-sized: no warning
+    assert "GPU recipe" not in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["unlearn-classifier", "-c", "configs/classification/cifar10_random10.yaml", "--print-config"]) == 0
+        assert "GPU recipe" in capsys.readouterr().err

@@ -8,6 +8,7 @@ so they all read their config the same way; overrides may stand anywhere on the 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -41,4 +42,14 @@ def load(args: argparse.Namespace) -> Any:
         value = getattr(args, flag.replace("-", "_"), None)
         if value:
             overrides.append(f"{key}={value}")
-    return load_config(args.config, overrides, schema=args.config_schema)
+    config = load_config(args.config, overrides, schema=args.config_schema)
+    if getattr(config, "gpu_recipe", False) and config.device in ("auto", "cpu"):
+        import torch  # only now: a bad config has already failed without it
+
+        if config.device == "cpu" or not torch.cuda.is_available():
+            print(
+                f"warning: '{args.config}' is a GPU recipe and this run is on the CPU, where it takes far longer "
+                "(hours to days); reduce it with overrides, or run it on a GPU.",
+                file=sys.stderr,
+            )
+    return config

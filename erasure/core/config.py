@@ -217,6 +217,7 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # bf16 autocast; fp16 would need loss scaling
     log_with: str = "none"  # experiment trackers: none | tensorboard | wandb, or several comma-separated (erasure.core.tracking)
+    gpu_recipe: bool = False  # set by GPU-sized configs: starting one on a CPU warns instead of running silently for days
 
 
 # A section shared by the DDPM and classification schemas; it lives here, beside the loader,

@@ -36,7 +36,7 @@ from erasure.core.saliency import Mask
 
 # Settings that cannot change what a stage produces: where it runs, how often (and to which trackers) it logs or saves.
 # They stay out of fingerprints, so a resumed or re-evaluated run need not repeat them.
-RUN_ONLY_KEYS = frozenset({"workdir", "device", "checkpoint_every", "log_every", "log_with"})
+RUN_ONLY_KEYS = frozenset({"workdir", "device", "checkpoint_every", "log_every", "log_with", "gpu_recipe"})
 FINGERPRINT_SCHEME = 2  # bump when the fingerprint rule changes; older done.json files say so clearly
 
 
