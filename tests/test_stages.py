@@ -60,3 +60,18 @@ def test_a_run_from_an_older_fingerprint_scheme_says_so(tmp_path):
     (tmp_path / "done.json").write_text(json.dumps({"fingerprint": "0123456789abcdef"}))
     with pytest.raises(ErasureError, match="older version of erasure"):
         Stage(tmp_path, "fedcba9876543210").done()
+
+
+def test_classification_fingerprints_cover_a_methods_own_settings_only():
+    from erasure.classification.config import ClassificationConfig
+    from erasure.classification.pipeline import method_stage, original_stage
+
+    def cls(*overrides: str) -> ClassificationConfig:
+        return load_config(None, list(overrides), schema=ClassificationConfig)
+
+    base = method_stage(cls(), "salun").fingerprint
+    assert method_stage(cls("unlearn.salun.lr=0.02"), "salun").fingerprint != base
+    assert method_stage(cls("unlearn.rl.lr=0.02"), "salun").fingerprint == base  # another method's section
+    assert method_stage(cls("unlearn.checkpoint_every=3"), "salun").fingerprint == base  # run-only
+    assert method_stage(cls("unlearn.batch_size=64"), "salun").fingerprint != base  # shared by every method
+    assert original_stage(cls("forget.fraction=0.5")).fingerprint == original_stage(cls()).fingerprint

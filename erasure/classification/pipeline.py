@@ -15,8 +15,6 @@ settings is an error rather than an overwrite.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,31 +31,27 @@ from erasure.core.config import fingerprint, to_dict
 from erasure.core.data import load_data
 from erasure.core.io import read_json, write_json, write_text
 from erasure.core.loop import make_accelerator
-from erasure.core.stages import Stage
-
-
-def _hash(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+from erasure.core.stages import Stage, config_fingerprint
 
 
 def original_stage(config: ClassificationConfig) -> Stage:
     """The model trained on the whole train split (the forget set does not matter to it)."""
-    return Stage(Path(config.workdir) / "original", fingerprint(config.data, config.split, config.model, config.train))
+    return Stage(Path(config.workdir) / "original", config_fingerprint(config, ("data", "split", "model", "train")))
 
 
 def method_stage(config: ClassificationConfig, method: str, root: str | Path | None = None) -> Stage:
     """One method's folder (under ``root``, default the workdir).
 
-    Its fingerprint covers what the method reads, and only its own section of ``unlearn``.
+    Its fingerprint covers what the method reads: the data, split, forget set and model, and
+    of ``unlearn`` the settings every method shares plus only its own section.
     """
+    folder = Path(root if root is not None else config.workdir) / method
     if method == "retrain":
-        fp = fingerprint(config.data, config.split, config.forget, config.model, config.retrain)
-    else:
-        u = to_dict(config.unlearn)
-        common = {k: v for k, v in u.items() if k != "methods" and not isinstance(v, dict)}
-        base = [to_dict(s) for s in (config.data, config.split, config.forget, config.model, config.train)]
-        fp = _hash(base, common, method, u.get(method))
-    return Stage(Path(root if root is not None else config.workdir) / method, fp)
+        return Stage(folder, config_fingerprint(config, ("data", "split", "forget", "model", "retrain")))
+    u = to_dict(config.unlearn)
+    shared = {k: v for k, v in u.items() if k != "methods" and not isinstance(v, dict)}
+    own = {"method": method, "shared": shared, "settings": u.get(method)}
+    return Stage(folder, config_fingerprint(config, ("data", "split", "forget", "model", "train"), unlearn=own))
 
 
 def load_split(config: ClassificationConfig, train_labels: torch.Tensor, test_labels: torch.Tensor) -> Split:
@@ -97,17 +91,18 @@ class Experiment:
         log(f"{config.data.name}: " + ", ".join(f"{name} {n}" for name, n in self.sizes.items()))
 
         stage = original_stage(config)
-        if not stage.done():
+
+        def train_original() -> dict:
             log(f"[original] training -> {stage.folder}")
-            stage.begin(config)
             start = time.time()
             model = self.fresh_model(config.train.seed).to(dev)
             images, labels = train_data.images[split.train].to(dev), train_data.labels[split.train].to(dev)
             model = fit(model, images, labels, config.train, stage.folder, self.accelerator, stage.fingerprint, desc="original")
             minutes = (time.time() - start) / 60
-            del images, labels
             save_model(model, stage.folder / "model.safetensors")
-            stage.finish({"train_minutes": minutes, "metrics": self.evaluate(model), "eval_precision": config.eval_precision})
+            return {"train_minutes": minutes, "metrics": self.evaluate(model), "eval_precision": config.eval_precision}
+
+        stage.run(config, train_original)
         self.original = stage.folder / "model.safetensors"
         self.original_metrics = self._metrics(stage)
 
@@ -135,9 +130,9 @@ class Experiment:
         dev = self.accelerator.device
         stage = method_stage(config, name, root)
         label = name if root is None else f"{Path(root).name}/{name}"
-        if not stage.done():
+
+        def unlearn() -> dict:
             self.log(f"[{label}] unlearning -> {stage.folder}")
-            stage.begin(config)
             resumed = (stage.checkpoint / "state.json").is_file()
             model = load_weights(self.fresh_model(config.train.seed), self.original).to(dev)
             forget, retain = self.sets["forget"], self.sets["retain"]
@@ -152,7 +147,9 @@ class Experiment:
             rte = (time.time() - start) / 60
             save_model(model, stage.folder / "model.safetensors")
             summary = {"method": name, "rte_minutes": rte, "resumed": resumed, "metrics": self.evaluate(model), **method.info}
-            stage.finish({**summary, "eval_precision": config.eval_precision})
+            return {**summary, "eval_precision": config.eval_precision}
+
+        stage.run(config, unlearn)
         row = {**self._metrics(stage), "RTE": read_json(stage.folder / "done.json")["rte_minutes"]}
         self.log(f"[{label}] " + "  ".join(f"{m} {v:.2f}" for m, v in row.items()))
         return row

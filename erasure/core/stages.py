@@ -53,7 +53,7 @@ def config_fingerprint(config: Any, sections: Iterable[str] | None = None, skip:
         values = {k: values[k] for k in sections}
     values = {k: v for k, v in values.items() if k not in set(skip)}
     extra = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in extra.items()}
-    return fingerprint(_drop_run_only(values), extra, FINGERPRINT_SCHEME)
+    return fingerprint(_drop_run_only(values), _drop_run_only(extra), FINGERPRINT_SCHEME)
 
 
 def _drop_run_only(value: Any) -> Any:
