@@ -106,3 +106,14 @@ def test_compiled_training_keeps_masked_weights_and_checkpoint_keys(tmp_path):
         keep = mask.tensors[n]
         assert torch.equal(p.detach().cpu()[~keep], base[n][~keep])
         assert not torch.equal(p.detach().cpu()[keep], base[n][keep])
+
+
+def test_sgd_takes_nesterov_momentum_as_a_named_option():
+    from erasure.core.loop import make_optimizer
+
+    params = list(net().parameters())
+    plain = make_optimizer(params, LoopSettings(steps=1, lr=0.1, optimizer="sgd"))
+    nesterov = make_optimizer(params, LoopSettings(steps=1, lr=0.1, optimizer="sgd", nesterov=True))
+    assert plain.defaults["nesterov"] is False and nesterov.defaults["nesterov"] is True  # the reference: plain momentum
+    with pytest.raises(ErasureError, match="Nesterov"):
+        make_optimizer(params, LoopSettings(steps=1, lr=0.1, optimizer="sgd", nesterov=True, momentum=0.0))

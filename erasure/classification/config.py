@@ -50,6 +50,7 @@ class RecipeConfig:
     batch_size: int = 128
     lr: float = 0.05
     momentum: float = 0.9
+    nesterov: bool = False  # the reference uses plain momentum; fast recipes may prefer Nesterov's
     weight_decay: float = 5e-4
     schedule: Literal["constant", "multistep", "cosine"] = "cosine"
     milestones: list[int] = field(default_factory=lambda: [91, 136])  # epochs (multistep)

@@ -180,6 +180,7 @@ def fit_passes(
         weight_decay=recipe.weight_decay,
         optimizer="sgd",
         momentum=recipe.momentum,
+        nesterov=recipe.nesterov,
         checkpoint_every=recipe.checkpoint_every * spe,
         log_every=max(1, spe // 4),
         desc=desc,

@@ -49,6 +49,7 @@ class LoopSettings:
     weight_decay: float = 0.0
     optimizer: str = "adamw"  # adamw | sgd (sgd: plain momentum)
     momentum: float = 0.9  # sgd only
+    nesterov: bool = False  # sgd only
     ema_decay: float | None = None
     checkpoint_every: int = 0  # 0: only on interruption
     log_every: int = 10
@@ -127,7 +128,9 @@ def make_optimizer(params: list[torch.nn.Parameter], s: LoopSettings) -> torch.o
         fused = bool(params) and all(p.is_cuda for p in params)
         return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, fused=fused or None)
     if s.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+        if s.nesterov and s.momentum <= 0:
+            raise ErasureError("Nesterov momentum needs momentum > 0; set momentum (e.g. 0.9) or nesterov=false.")
+        return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay, nesterov=s.nesterov)
     raise ErasureError(f"unknown optimizer '{s.optimizer}'; choose adamw or sgd.")
 
 
