@@ -26,7 +26,7 @@ from erasure.core.io import load_checkpoint
 from erasure.core.loop import LoopSettings, make_accelerator, step_generator, train
 from erasure.core.saliency import Mask, MaskConstraint
 from tests.conftest import DEVICE
-from tests.test_classification import TINY_TABLE
+from tests.test_classification import TINY_TABLE, tiny_context
 
 K = 4  # classes in the tiny data
 
@@ -450,3 +450,17 @@ def test_cli_sweep_runs_resumably_and_writes_the_table(tmp_path, capsys):
     assert main([*args, "--sweep", "unlearn.salun.lr=0.005,0.02,0.01"]) == 0
     out = capsys.readouterr().out
     assert out.count("unlearning ->") == 1 and "salun.lr=0.01/salun] unlearning" in out
+
+
+def test_salun_mask_sees_the_training_augmentation_as_the_reference(tmp_path):
+    """The reference's forget loader applies the training transform to the mask pass; mask_augment=false opts out."""
+    from erasure.classification.methods.salun import SalUn
+
+    masks = {}
+    for name, opts in {"ref": {}, "plain": {"unlearn.salun.mask_augment": "false"}, "noaug": {"unlearn.augment": "false"}}.items():
+        ctx, model = tiny_context(tmp_path / name, **opts)
+        masks[name] = SalUn(ctx).make_mask(model)
+    assert masks["ref"].info["augmented"] and not masks["plain"].info["augmented"] and not masks["noaug"].info["augmented"]
+    differs = any(not torch.equal(masks["ref"].tensors[n], masks["plain"].tensors[n]) for n in masks["ref"].tensors)
+    assert differs  # crops and flips change which weights are most salient
+    assert all(torch.equal(masks["plain"].tensors[n], masks["noaug"].tensors[n]) for n in masks["plain"].tensors)

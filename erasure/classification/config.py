@@ -114,6 +114,9 @@ class SalUnConfig:
     ratio: float = 0.5  # fraction of weights that may change
     per_layer: bool = False
     schedule: RLSchedule = "passes"  # see RLSchedule
+    # The reference computes the mask on forget images that pass its training transform (its
+    # forget loader uses it): with unlearn.augment on, so do we. False: plain images.
+    mask_augment: bool = True
 
 
 @dataclass

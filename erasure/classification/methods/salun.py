@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from erasure.classification.data import to_input
+from erasure.classification.data import augment, to_input
 from erasure.classification.methods.base import Method, register
 from erasure.classification.methods.rl import rl_passes
 from erasure.core.saliency import Mask, accumulate_gradients
@@ -26,14 +26,20 @@ class SalUn(Method):
         size = ctx.config.unlearn.batch_size
         batches = [(ctx.forget_images[i : i + size], ctx.forget_labels[i : i + size]) for i in range(0, len(ctx.forget_labels), size)]
 
+        # The reference's forget loader applies the training transform, so by default the
+        # saliency is taken on crops and flips whenever unlearning augments (seeded, one draw per batch).
+        g = torch.Generator(ctx.forget_images.device).manual_seed(ctx.config.unlearn.seed)
+        augmented = cfg.mask_augment and ctx.config.unlearn.augment
+
         def forget_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
             x, y = batch
-            return -F.cross_entropy(model(to_input(x)), y)
+            return -F.cross_entropy(model(to_input(augment(x, g) if augmented else x)), y)
 
         model.eval()
         grads = accumulate_gradients(model, forget_loss, batches, clip_norm=None, progress=False)
         scores = {n: g.abs() for n, g in grads.items()}
-        return Mask.from_scores(model, scores, cfg.ratio, cfg.per_layer, loss="classifier-neg-ce", batches=len(batches))
+        info = {"loss": "classifier-neg-ce", "batches": len(batches), "augmented": augmented}
+        return Mask.from_scores(model, scores, cfg.ratio, cfg.per_layer, **info)
 
     def run(self, model: nn.Module) -> nn.Module:
         ctx, cfg = self.ctx, self.ctx.config.unlearn.salun
