@@ -464,3 +464,9 @@ def test_salun_mask_sees_the_training_augmentation_as_the_reference(tmp_path):
     differs = any(not torch.equal(masks["ref"].tensors[n], masks["plain"].tensors[n]) for n in masks["ref"].tensors)
     assert differs  # crops and flips change which weights are most salient
     assert all(torch.equal(masks["plain"].tensors[n], masks["noaug"].tensors[n]) for n in masks["plain"].tensors)
+
+
+def test_a_sweep_point_is_checked_like_a_loaded_config():
+    """A grid value out of range is refused by the same rules as an override, when the config loads."""
+    with pytest.raises(ErasureError, match="'unlearn.salun.lr' is -1.0; it must be > 0"):
+        load_config(None, ["sweep.grid=['unlearn.salun.lr=0.01,-1']"], schema=ClassificationConfig)

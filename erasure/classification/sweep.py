@@ -12,6 +12,7 @@ Selection rule: for each method, the grid point with the smallest average gap to
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 from erasure.classification.config import ClassificationConfig
 from erasure.classification.methods import get_method
 from erasure.classification.metrics import METRICS, make_table
-from erasure.core.config import _build, _merge, parse_override, to_dict
+from erasure.core.config import with_overrides
 from erasure.core.errors import ErasureError
 from erasure.core.io import write_json, write_text
 
@@ -58,16 +59,11 @@ def parse_grid(entries: list[str]) -> list[tuple[str, list[str]]]:
 def grid_points(config: ClassificationConfig) -> list[tuple[str, ClassificationConfig]]:
     """Every point of ``config.sweep.grid`` as (label, config with that point's settings)."""
     grid = parse_grid(config.sweep.grid)
-    base = to_dict(config)
-    base["sweep"] = {"grid": []}
+    base = dataclasses.replace(config, sweep=dataclasses.replace(config.sweep, grid=[]))
     points = []
     for combo in itertools.product(*(values for _, values in grid)):
         overrides = [f"{key}={v}" for (key, _), v in zip(grid, combo)]
-        values = base
-        for text in overrides:
-            values = _merge(values, parse_override(text))
-        point = _build(ClassificationConfig, values)
-        point.validate()
+        point = with_overrides(base, overrides)  # checked like any loaded config: a bad grid value is a clear error
         label = ",".join(o.removeprefix("unlearn.") for o in overrides)
         points.append((label, point))
     return points

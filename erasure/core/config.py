@@ -335,6 +335,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not isinstance(loaded, dict):
             raise ErasureError(f"config file '{path}' must hold a mapping at the top level.")
         values = loaded
+    return _checked(schema, values, overrides)
+
+
+def with_overrides(config: T, overrides: list[str] | tuple[str, ...]) -> T:
+    """``config`` with ``key=value`` overrides applied, checked exactly as :func:`load_config` checks a loaded one."""
+    return _checked(type(config), to_dict(config), overrides)
+
+
+def _checked(schema: type[T], values: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> T:
     for text in overrides:
         values = _merge(values, parse_override(text))
     config = _build(schema, values)
