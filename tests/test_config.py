@@ -119,3 +119,19 @@ def test_a_gpu_recipe_started_on_the_cpu_warns(capsys):
     if not torch.cuda.is_available():
         assert main(["unlearn-classifier", "-c", "configs/classification/cifar10_random10.yaml", "--print-config"]) == 0
         assert "GPU recipe" in capsys.readouterr().err
+
+
+def test_every_ddpm_config_key_is_documented():
+    """docs/ddpm.md's key table lists every key of the schema, so the manual cannot drift from the code."""
+    import dataclasses
+    from pathlib import Path
+
+    table = Path(__file__).parent.parent.joinpath("docs", "ddpm.md").read_text()
+
+    def keys(section, prefix=""):
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            yield from keys(value, prefix + f.name + ".") if dataclasses.is_dataclass(value) else [(prefix, f.name)]
+
+    missing = [p + k for p, k in keys(Config()) if f"`{k}`" not in table]
+    assert not missing, f"undocumented in docs/ddpm.md: {missing}"
