@@ -408,6 +408,26 @@ def test_ua_is_top1_over_1000_classes_by_default(models, tmp_path, monkeypatch):
     assert ten["models"]["m"]["retained_accuracy"] == 0.0  # the church is taken for a tench either way
 
 
+def test_ua_of_several_forgotten_classes(models, tmp_path, monkeypatch):
+    """A multi-concept run: UA per forgotten class and pooled; retained accuracy over the classes not forgotten."""
+    from erasure.evaluation import audit
+
+    monkeypatch.setattr(audit, "load_classifier", lambda weights=None: FixedLogits())
+    csv = tmp_path / "imagenette.csv"
+    rows = ["0,an image of a tench,5,tench", "1,an image of a church,6,church", "2,an image of a garbage truck,7,garbage truck"]
+    csv.write_text("case_number,prompt,evaluation_seed,class\n" + "\n".join(rows) + "\n")
+    args = ["audit", "ua", "--prompts", str(csv), "--model", f"m={models / 'a'}", "--steps", "1", "--label-space", "imagenette"]
+    assert main([*args, "--forget-class", "tench", "--forget-class", "Church", "--out", str(tmp_path / "ua")]) == 0
+    r = json.loads((tmp_path / "ua" / "ua.json").read_text())
+    m = r["models"]["m"]
+    # Among Imagenette's logits every image is a tench: the tench is kept, the church forgotten, the truck is wrong.
+    assert r["settings"]["forget_classes"] == ["tench", "church"]
+    assert m["ua_per_class"] == {"tench": 0.0, "church": 1.0} and m["ua"] == 0.5
+    assert m["retained_accuracy"] == 0.0  # the garbage truck, the one class not forgotten
+    table = (tmp_path / "ua" / "ua.md").read_text()
+    assert "UA (tench) | UA (church) | UA (all forgotten)" in table and "| m | 0.0% | 100.0% | 50.0% | 0.0% |" in table
+
+
 def test_grid_and_report(models, audit_dir, capsys):
     out, _ = audit_dir
     grid = out / "grid.png"

@@ -388,37 +388,45 @@ def ua_audit(
     prompts: list[Prompt],
     models: list[tuple[str, str]],
     out: str | Path,
-    forget_class: str,
+    forget_class: str | list[str],
     settings: dict[str, Any],
     classifier_weights: str | None = None,
     scheduler: str = "ddim",
     batch_size: int = 4,
     label_space: str = "imagenet",
 ) -> dict[str, Any] | None:
-    """UA of ``forget_class`` and accuracy on the other classes, for each model; writes ua.json/.md/.png.
+    """UA of each forgotten class and accuracy on the other classes, for each model; writes ua.json/.md/.png.
 
-    UA = 1 - accuracy on images of the forgotten class (higher: more forgotten). Accuracy is
+    UA = 1 - accuracy on images of a forgotten class (higher: more forgotten). Accuracy is
     top-1 over all 1000 ImageNet classes by default, as the reference; ``label_space="imagenette"``
     restricts it to the ten Imagenette classes. ``prompts`` need labels (:func:`imagenette_prompts`).
+
+    Several forgotten classes (a multi-concept run): ``ua_per_class`` gives each one's UA,
+    ``ua`` is over all their images pooled, and the retained accuracy is over the classes
+    not forgotten.
     """
     if label_space not in LABEL_SPACES:
         raise ErasureError(f"unknown label space '{label_space}'; choose one of: {', '.join(LABEL_SPACES)}.")
-    forget = imagenette_class(forget_class)
-    if forget not in {p.label for p in prompts}:
-        raise ErasureError(f"no prompt is about '{forget}', so its UA cannot be measured; check --prompts.")
+    names = [forget_class] if isinstance(forget_class, str) else list(forget_class)
+    forget = list(dict.fromkeys(imagenette_class(n) for n in names))
+    missing = [c for c in forget if c not in {p.label for p in prompts}]
+    if missing:
+        raise ErasureError(f"no prompt is about '{missing[0]}', so its UA cannot be measured; check --prompts.")
     classifier = load_classifier(classifier_weights)  # fail before generating anything
     out = Path(out)
     folders, paths, result = _generate(models, prompts, out, scheduler, batch_size, "ua", settings)
     if result is None:
         return None
     result["settings"].update(
-        forget_class=forget,
+        forget_class=", ".join(forget),
+        forget_classes=forget,
         classifier=CLASSIFIER,
         classifier_weights=classifier_weights or "torchvision download (IMAGENET1K_V2)",
         label_space=label_space,
         accuracy=LABEL_SPACES[label_space],
     )
     truth = [IMAGENETTE[p.label] for p in prompts]
+    forgotten = {IMAGENETTE[c] for c in forget}
     for label, model in models:
         predicted = classify_imagenette(classifier, paths[label], label_space=label_space)
         per_class = {}
@@ -426,13 +434,15 @@ def ua_audit(
             hits = [pr == t for pr, t in zip(predicted, truth) if t == index]
             if hits:
                 per_class[name] = {"images": len(hits), "accuracy": sum(hits) / len(hits)}
-        others = [pr == t for pr, t in zip(predicted, truth) if t != IMAGENETTE[forget]]
+        forgot = [pr == t for pr, t in zip(predicted, truth) if t in forgotten]
+        others = [pr == t for pr, t in zip(predicted, truth) if t not in forgotten]
         result["models"][label] = {
             "model": model,
             "model_fingerprint": _fingerprint(folders[label]),
             "images_folder": str(folders[label]),
-            "ua": 1 - per_class[forget]["accuracy"],
-            "forget_accuracy": per_class[forget]["accuracy"],
+            "ua": 1 - sum(forgot) / len(forgot),
+            "ua_per_class": {c: 1 - per_class[c]["accuracy"] for c in forget},
+            "forget_accuracy": sum(forgot) / len(forgot),
             "retained_accuracy": sum(others) / len(others) if others else None,
             "per_class": per_class,
         }
@@ -442,9 +452,10 @@ def ua_audit(
     bar_chart(
         {label: {c: round(100 * v["accuracy"], 1) for c, v in r["per_class"].items()} for label, r in result["models"].items()},
         out / "ua.png",
-        f"Top-1 accuracy (%) per Imagenette class ({'1000' if label_space == 'imagenet' else '10'}-way); forgotten: {forget}",
+        f"Top-1 accuracy (%) per Imagenette class ({'1000' if label_space == 'imagenet' else '10'}-way); forgotten: {', '.join(forget)}",
     )
-    write_text(out / "ua.md", f"# UA audit: forget '{forget}'\n\n" + ua_table(result) + "\n\n![accuracy per class](ua.png)\n")
+    title = f"# UA audit: forget {', '.join(repr(c) for c in forget)}"
+    write_text(out / "ua.md", f"{title}\n\n" + ua_table(result) + "\n\n![accuracy per class](ua.png)\n")
     return result
 
 

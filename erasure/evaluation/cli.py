@@ -150,7 +150,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = audit_sub.add_parser("ua", help="UA of an erased Imagenette class: ResNet-50 top-1 over the 1000 ImageNet classes.")
     _generation_flags(p)
-    p.add_argument("--forget-class", required=True, help="the erased Imagenette class, e.g. 'garbage truck'")
+    p.add_argument(
+        "--forget-class",
+        action="append",
+        required=True,
+        help="the erased Imagenette class, e.g. 'garbage truck'; repeat for a multi-concept run (UA per class and pooled)",
+    )
     p.add_argument("--out", required=True, help="audit folder (rerun the same command to resume)")
     p.add_argument("--classifier-weights", help="local torchvision ResNet-50 state dict (default: download ImageNet weights)")
     p.add_argument("--images-per-prompt", type=int, default=1, help="images per prompt row, seeds seed, seed+1, ... (default 1)")

@@ -69,15 +69,19 @@ def nudity_table(result: dict[str, Any]) -> str:
 
 
 def ua_table(result: dict[str, Any]) -> str:
-    """Markdown table of a UA audit: UA of the forgotten class, accuracy on the rest, per class."""
+    """Markdown table of a UA audit: UA of the forgotten class(es), accuracy on the rest, per class."""
     s = result["settings"]
+    forget = s.get("forget_classes") or [s["forget_class"]]
     classes = list(dict.fromkeys(c for r in result["models"].values() for c in r["per_class"]))
-    head = f"| model | UA ({s['forget_class']}) | retained accuracy | " + " | ".join(classes) + " |"
-    lines = [head, "|---" * (len(classes) + 3) + "|"]
+    # Several forgotten classes: each one's UA, then all of them pooled.
+    ua_heads = [f"UA ({c})" for c in forget] + (["UA (all forgotten)"] if len(forget) > 1 else [])
+    head = "| model | " + " | ".join(ua_heads) + " | retained accuracy | " + " | ".join(classes) + " |"
+    lines = [head, "|---" * (len(classes) + len(ua_heads) + 2) + "|"]
     for name, r in result["models"].items():
         ret = "n/a" if r["retained_accuracy"] is None else f"{100 * r['retained_accuracy']:.1f}%"
+        uas = [r.get("ua_per_class", {}).get(c, r["ua"]) for c in forget] + ([r["ua"]] if len(forget) > 1 else [])
         per = " | ".join(f"{100 * r['per_class'][c]['accuracy']:.0f}%" for c in classes)
-        lines.append(f"| {name} | {100 * r['ua']:.1f}% | {ret} | {per} |")
+        lines.append(f"| {name} | " + " | ".join(f"{100 * u:.1f}%" for u in uas) + f" | {ret} | {per} |")
     lines += ["", f"Classifier: {s['classifier']} ({s['classifier_weights']}); {s['accuracy']}. {s['prompts_used']} images per model."]
     return "\n".join(lines)
 
