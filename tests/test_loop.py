@@ -117,3 +117,23 @@ def test_sgd_takes_nesterov_momentum_as_a_named_option():
     assert plain.defaults["nesterov"] is False and nesterov.defaults["nesterov"] is True  # the reference: plain momentum
     with pytest.raises(ErasureError, match="Nesterov"):
         make_optimizer(params, LoopSettings(steps=1, lr=0.1, optimizer="sgd", nesterov=True, momentum=0.0))
+
+
+def test_a_non_finite_loss_is_caught_before_anything_is_saved(tmp_path):
+    """The loss is read back only on logged steps and before checkpoints, yet a NaN is never checkpointed."""
+    from erasure.core.io import load_checkpoint
+
+    base = make_step_loss()
+
+    def step_loss(model, g, step):
+        loss, logs = base(model, g, step)
+        return (loss * float("nan") if step == 6 else loss), {"tensor_log": loss.detach()}
+
+    settings = LoopSettings(**{**SETTINGS, "log_every": 4})  # checks after steps 0, 4 (checkpoint at 5), 8, ...
+    with pytest.raises(ErasureError, match="between steps 5 and 8"):
+        train(net(), step_loss, settings, tmp_path, make_accelerator(DEVICE), fingerprint="x")
+    assert load_checkpoint(tmp_path / "checkpoint")["step"] == 5  # the checkpoint before the bad step, untouched
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "log.csv").open()))
+    assert float(rows[0]["tensor_log"]) == float(rows[0]["loss"])  # a tensor the method logged became a number

@@ -31,7 +31,8 @@ from erasure.core.io import load_checkpoint, save_checkpoint
 from erasure.core.saliency import MaskConstraint
 from erasure.core.tracking import TrackerRun, parse_log_with
 
-StepLoss = Callable[[torch.nn.Module, torch.Generator, int], tuple[torch.Tensor, dict[str, float]]]
+# A step's loss and the numbers worth logging (floats, or 0-d tensors read only on logged steps).
+StepLoss = Callable[[torch.nn.Module, torch.Generator, int], tuple[torch.Tensor, dict[str, float | torch.Tensor]]]
 
 
 @dataclass
@@ -139,6 +140,16 @@ def step_generator(seed: int, step: int, process: int, device: torch.device) -> 
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 1_009 + process)
 
 
+def host_generator(g: torch.Generator) -> torch.Generator:
+    """A CPU generator for draws the host needs as numbers (loop lengths, choices).
+
+    Reading a number drawn on a CUDA generator would stall the GPU's queue every step; the
+    CPU twin is seeded from ``g``'s seed (a host value), so runs stay reproducible. On the
+    CPU it is ``g`` itself.
+    """
+    return g if g.device.type == "cpu" else torch.Generator().manual_seed(g.initial_seed())
+
+
 def _lr_factor(step: int, s: LoopSettings) -> float:
     if step < s.warmup_steps:
         return (step + 1) / s.warmup_steps
@@ -207,6 +218,10 @@ def train(
     bar = tqdm(total=settings.steps, initial=start, desc=settings.desc, disable=not accelerator.is_main_process)
     model.train()
     tracker = _tracker_run(accelerator, folder, settings, constraint_mask, start)
+    # The loss is checked for NaN/inf on the device and read back only on logged steps and
+    # before checkpoints: reading it every step would stall the GPU's queue once per step.
+    # A bad step is still never saved, since every checkpoint and the final save come after a check.
+    finite = FiniteLosses(start)
     with _StopRequests() as stop, tracker:
         for step in range(start, settings.steps):
             for group in optimizer.param_groups:
@@ -214,8 +229,7 @@ def train(
             g = step_generator(settings.seed, step, accelerator.process_index, accelerator.device)
             with accelerator.autocast():
                 loss, logs = step_loss(model, g, step)
-            if not torch.isfinite(loss):
-                raise ErasureError(f"the loss became {loss.item()} at step {step}; lower the learning rate.")
+            finite.add(loss)
             accelerator.backward(loss)
             logging = step % settings.log_every == 0 or step == settings.steps - 1
             grad_norm = accelerator.clip_grad_norm_(params, settings.grad_clip) if settings.grad_clip else None
@@ -228,18 +242,25 @@ def train(
             if ema is not None:
                 ema.step(params)
             bar.update(1)
+            stopping = stop.agreed(accelerator)
+            every = settings.checkpoint_every
+            saving = stopping or (bool(every) and (step + 1) % every == 0 and step + 1 < settings.steps)
+            if logging or saving or step == settings.steps - 1:
+                finite.check(step)
             if logging:
+                # Methods may log tensors (no host sync inside the step); they become numbers here.
+                logs = {k: float(v) for k, v in logs.items()}
                 row = {"step": step, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"], **logs}
                 row["grad_norm"] = float(grad_norm)  # before clipping
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
                 if accelerator.is_main_process:
                     _append_log(log_path, row)
                     tracker.log({k: v for k, v in row.items() if k != "step"}, step)
-            if stop.agreed(accelerator):
+            if stopping:
                 checkpoint(step + 1)
                 bar.close()
                 raise KeyboardInterrupt(f"stopped after step {step + 1}; rerun the same command to resume")
-            if settings.checkpoint_every and (step + 1) % settings.checkpoint_every == 0 and step + 1 < settings.steps:
+            if saving:
                 checkpoint(step + 1)
     bar.close()
     if constraint is not None:
@@ -247,6 +268,28 @@ def train(
     check_weights(accelerator.unwrap_model(model), settings.steps, settings.lr)
     accelerator.wait_for_everyone()
     return accelerator.unwrap_model(model), ema
+
+
+class FiniteLosses:
+    """Whether every loss since the last check was finite, kept on the device until checked."""
+
+    def __init__(self, start: int) -> None:
+        self.since = start  # first step not yet checked
+        self.bad: torch.Tensor | None = None  # a device-side flag: some loss since `since` was NaN or inf
+
+    def add(self, loss: torch.Tensor) -> None:
+        bad = ~torch.isfinite(loss.detach())
+        self.bad = bad if self.bad is None else self.bad | bad
+
+    def check(self, step: int) -> None:
+        """Raise if a loss of steps ``since..step`` was not finite (one host read for all of them)."""
+        if self.bad is not None and bool(self.bad):
+            where = f"at step {step}" if self.since == step else f"between steps {self.since} and {step}"
+            raise ErasureError(
+                f"the loss became NaN or inf {where}; nothing after the last checkpoint was saved. "
+                "Lower the learning rate (or turn on gradient clipping) and rerun."
+            )
+        self.since, self.bad = step + 1, None
 
 
 MAX_WEIGHT = 1e4  # healthy weights are O(1); this is far past any trained net and far below a diverged one

@@ -62,7 +62,7 @@ class Method:
     def prepare(self, model: torch.nn.Module) -> None:
         """One-off setup before training (e.g. a frozen teacher)."""
 
-    def loss(self, model: torch.nn.Module, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model: torch.nn.Module, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         """The loss of one step, and numbers worth logging."""
         raise NotImplementedError
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
+from erasure.core.loop import host_generator
 from erasure.ddpm.methods.base import Method, register
 from erasure.ddpm.model import eps, guided_eps
 
@@ -30,12 +31,12 @@ class ESD(Method):
         self.ddim = DDIMScheduler(num_train_timesteps=self.ctx.scheduler.config.num_train_timesteps, clip_sample=False)
         self.ddim.set_timesteps(self.ctx.config.esd_ddim_steps)
 
-    def loss(self, model: torch.nn.Module, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model: torch.nn.Module, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         ctx = self.ctx
         n = ctx.config.batch_size
         device = ctx.forget_images.device
         c = ctx.labels(ctx.forget_class, n)
-        stop = int(torch.randint(0, len(self.ddim.timesteps), (1,), generator=g, device=device))
+        stop = int(torch.randint(0, len(self.ddim.timesteps), (1,), generator=host_generator(g)))
         with torch.no_grad():
             x = torch.randn((n, *ctx.forget_images.shape[1:]), generator=g, device=device)
             sampler = model if ctx.config.esd_trajectory == "trained" else self.frozen

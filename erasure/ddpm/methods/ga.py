@@ -18,10 +18,10 @@ from erasure.ddpm.model import denoising_loss
 class GA(RL):
     """Gradient ascent on the forget class plus alpha times the retain loss."""
 
-    def loss(self, model: torch.nn.Module, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model: torch.nn.Module, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         ctx, cfg = self.ctx, self.ctx.config
         x0 = ctx.forget_images[ctx.draw(ctx.forget_images, g)]
         labels = ctx.drop(ctx.labels(ctx.forget_class, len(x0)), cfg.forget_cond_drop, g)
         forget = -denoising_loss(model, ctx.scheduler, x0, labels, g)
         retain = self.retain_loss(model, g)
-        return forget + cfg.alpha * retain, {"forget": forget.item(), "retain": retain.item()}
+        return forget + cfg.alpha * retain, {"forget": forget.detach(), "retain": retain.detach()}

@@ -23,7 +23,7 @@ from erasure.ddpm.model import add_noise, denoising_loss, eps
 class RL(Method):
     """Misaligned-target forgetting plus alpha times the retain loss, on all weights."""
 
-    def loss(self, model: torch.nn.Module, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model: torch.nn.Module, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         ctx, cfg = self.ctx, self.ctx.config
         x0 = ctx.forget_images[ctx.draw(ctx.forget_images, g)]
         x_t, _, t = add_noise(ctx.scheduler, x0, g)
@@ -33,7 +33,7 @@ class RL(Method):
             target = eps(model, x_t, t, ctx.drop(ctx.labels(ctx.target_class, n), cfg.forget_cond_drop, g))
         forget = F.mse_loss(eps(model, x_t, t, ctx.drop(ctx.labels(ctx.forget_class, n), cfg.forget_cond_drop, g)), target)
         retain = self.retain_loss(model, g)
-        return forget + cfg.alpha * retain, {"forget": forget.item(), "retain": retain.item()}
+        return forget + cfg.alpha * retain, {"forget": forget.detach(), "retain": retain.detach()}
 
     def retain_loss(self, model: torch.nn.Module, g: torch.Generator) -> torch.Tensor:
         """The standard DDPM loss on a retain batch, labels dropped at ``retain_cond_drop``."""

@@ -105,8 +105,8 @@ class SDMethod:
     def prepare(self, model: torch.nn.Module) -> None:
         """One-off setup before training (e.g. a frozen teacher)."""
 
-    def loss(self, model: torch.nn.Module, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        """The loss of one step, and numbers worth logging."""
+    def loss(self, model: torch.nn.Module, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
+        """The loss of one step, and numbers worth logging (tensors are read only on logged steps)."""
         raise NotImplementedError
 
     def edit(self, model: torch.nn.Module) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
+from erasure.core.loop import host_generator
 from erasure.sd.methods.base import SD_METHODS, SDMethod, eps
 from erasure.sd.model import ddim_scheduler, frozen_dtype
 
@@ -72,12 +73,13 @@ class ESD(SDMethod):
             x = self.sampler.step(uncond + w * (cond - uncond), t, x).prev_sample
         return x
 
-    def loss(self, model: torch.nn.Module, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model: torch.nn.Module, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         ctx, n = self.ctx, self.ctx.config.train.batch_size
         # One concept per step; with a single concept nothing is drawn, so its runs are unchanged.
-        k = int(torch.randint(0, len(self.concepts), (1,), generator=g, device=g.device)) if len(self.concepts) > 1 else 0
+        host = host_generator(g)
+        k = int(torch.randint(0, len(self.concepts), (1,), generator=host)) if len(self.concepts) > 1 else 0
         concept = self.concepts[k : k + 1]
-        stop = int(torch.randint(0, ctx.config.esd.ddim_steps, (1,), generator=g, device=g.device))
+        stop = int(torch.randint(0, ctx.config.esd.ddim_steps, (1,), generator=host))
         x_t = self._trajectory(model if ctx.config.esd.trajectory == "trained" else self.teacher, concept, stop, n, g)
         t = self.sampler.timesteps[stop].expand(n)
         with torch.no_grad():

@@ -106,7 +106,7 @@ class FMN(SDMethod):
         self.positions = torch.stack(rows).to(ctx.device)
         self.probe = AttentionProbe(model)
 
-    def loss(self, model: torch.nn.Module, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model: torch.nn.Module, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         ctx = self.ctx
         latents, emb, p = ctx.sets["forget"].batch(g, ctx.config.train.batch_size)
         x_t, _, t = ctx.noisy(latents, g)
@@ -114,4 +114,4 @@ class FMN(SDMethod):
         model(x_t, t, encoder_hidden_states=emb)
         loss = attention_loss(self.probe.maps, self.positions[p], ctx.config.fmn.reduction)
         self.probe.maps.clear()
-        return loss, {"positions": float(self.positions[p].sum(1).float().mean())}
+        return loss, {"positions": self.positions[p].sum(1).float().mean()}

@@ -63,7 +63,7 @@ class SalUnSD(SDMethod):
         parts = self.part_of_forget[prompt_index.to(self.target.device)]
         return torch.stack([self.targets_of[k][d % len(self.targets_of[k])] for k, d in zip(parts.tolist(), draw)])
 
-    def loss(self, model: torch.nn.Module, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model: torch.nn.Module, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         ctx, n = self.ctx, self.ctx.config.train.batch_size
         latents, emb, p = ctx.sets["forget"].batch(g, n)
         x_t, _, t = ctx.noisy(latents, g)
@@ -73,4 +73,4 @@ class SalUnSD(SDMethod):
         forget = F.mse_loss(eps(model, x_t, t, emb).float(), target.float())
         retain_latents, retain_emb, _ = ctx.sets["retain"].batch(g, n)
         retain = denoising_loss(model, ctx, retain_latents, retain_emb, g)
-        return forget + ctx.config.train.alpha * retain, {"forget": forget.item(), "retain": retain.item()}
+        return forget + ctx.config.train.alpha * retain, {"forget": forget.detach(), "retain": retain.detach()}
