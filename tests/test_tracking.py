@@ -68,3 +68,25 @@ def test_ddpm_classifier_stage_logs_to_tensorboard(tmp_path):
     logged = scalars(folder / "tensorboard")
     assert [s for s, _ in logged["loss"]] == [0, 10, 11]
     assert torch.isfinite(torch.tensor([v for _, v in logged["grad_norm"]])).all()
+
+
+def test_wandb_offline_gets_the_loop_s_scalars(tmp_path, monkeypatch):
+    """W&B (when installed) in offline mode: the run folder holds the logged loss, with no network."""
+    pytest.importorskip("wandb")
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    settings = LoopSettings(steps=4, lr=1e-2, log_every=2)
+    train(net(), make_step_loss(), settings, tmp_path, make_accelerator(DEVICE, log_with="wandb"))
+    import wandb
+
+    wandb.teardown()  # W&B's service writes asynchronously; this waits for it (at exit it happens by itself)
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1  # one offline run, in the stage folder (upload later with `wandb sync`)
+    # The offline record stores each value as JSON text: every logged loss and grad norm is in it.
+    record = runs[0].read_bytes()
+    rows = list(csv.DictReader((tmp_path / "log.csv").open()))
+    assert [int(r["step"]) for r in rows] == [0, 2, 3]
+    for row in rows:
+        for key in ("loss", "grad_norm"):
+            assert repr(float(row[key])).encode() in record, (key, row["step"])
