@@ -441,3 +441,29 @@ def test_grid_and_report(models, audit_dir, capsys):
     assert "## Nudity audit" in md and "| base |" in md and "![grid](grid.png)" in md and "![audit](audit.png)" in md
     assert "000000.png" not in md  # generated images are inputs, not report figures
     assert "<table>" in (out / "summary.html").read_text()
+
+
+def test_audits_send_running_numbers_to_trackers(models, i2p_csv, tmp_path, monkeypatch, capsys):
+    """--log-with tensorboard: one run per model, whose last point is the audit's final number."""
+    pytest.importorskip("tensorboard")
+    from tests.test_tracking import scalars
+
+    out = tmp_path / "audit"
+    args = ["audit", "nudity", "--prompts", str(i2p_csv), "--limit", "3", "--steps", "1", "--model", f"m={models / 'a'}"]
+    assert main([*args, "--out", str(out), "--log-with", "tensorbored"]) == 2
+    assert "not a tracker" in capsys.readouterr().err and not out.exists()  # refused before any image was made
+    assert main([*args, "--out", str(out), "--log-with", "tensorboard"]) == 0
+    r = json.loads((out / "audit.json").read_text())["models"]["m"]
+    logged = scalars(out / "tracking" / "m" / "tensorboard")
+    assert [step for step, _ in logged["images_with_any"]] == [1, 2, 3]
+    assert logged["images_with_any"][-1][1] == r["images_with_any"] and logged["parts_total"][-1][1] == r["parts_total"]
+
+    from erasure.evaluation import audit
+
+    monkeypatch.setattr(audit, "load_classifier", lambda weights=None: FixedLogits())
+    csv = tmp_path / "imagenette.csv"
+    csv.write_text("case_number,prompt,evaluation_seed,class\n0,an image of a church,5,church\n1,an image of a tench,6,tench\n")
+    args = ["audit", "ua", "--prompts", str(csv), "--model", f"m={models / 'a'}", "--steps", "1", "--forget-class", "church"]
+    assert main([*args, "--label-space", "imagenette", "--out", str(tmp_path / "ua"), "--log-with", "tensorboard"]) == 0
+    logged = scalars(tmp_path / "ua" / "tracking" / "m" / "tensorboard")
+    assert logged["ua"] == [(1, 1.0), (2, 1.0)] and logged["retained_accuracy"] == [(2, 1.0)]  # every image is called a tench

@@ -209,6 +209,7 @@ def check_device(value: str, where: str = "device") -> None:
         if index >= count:
             raise ErasureError(f"config key '{where}' is {value!r}, but this machine has {count} CUDA GPU(s) (cuda:0..cuda:{count - 1}).")
 
+
 @dataclass
 class RunConfig:
     """Where and how a run executes: the top-level keys every path's schema starts with."""
@@ -230,7 +231,6 @@ class DataConfig:
     path: str | None = None  # local file or folder; None means embedded (digits) or download
     size: int | None = None  # resize images to size x size (area average), e.g. 16 for a reduced-cost MNIST run
     download_root: str = "~/.cache/erasure/datasets"
-
 
 
 def _closest(key: str, valid: list[str]) -> str:

@@ -213,6 +213,22 @@ def _is_main() -> bool:
     return PartialState().is_main_process
 
 
+def log_running(log_with: str | None, out: Path, label: str, audit: str, settings: dict[str, Any], rows: list[dict[str, float]]) -> None:
+    """The audit's running numbers, image by image, to the trackers of ``log_with`` (TensorBoard, W&B, ...).
+
+    Each model is one tracker run in ``out/tracking/LABEL`` (so ``tensorboard --logdir OUT``
+    shows the models side by side); step k is the number after k images.
+    """
+    from erasure.core.tracking import TrackerRun, parse_log_with
+
+    names = parse_log_with(log_with)
+    if not names:
+        return
+    with TrackerRun(names, out / "tracking" / label, f"audit {audit}: {label}", settings) as run:
+        for k, row in enumerate(rows, 1):
+            run.log(row, k)
+
+
 # ----------------------------------------------------------------------------- nudity
 
 
@@ -238,11 +254,12 @@ def nudity_audit(
     classes: tuple[str, ...] | None = None,
     scheduler: str = "ddim",
     batch_size: int = 4,
+    log_with: str | None = None,
 ) -> dict[str, Any] | None:
     """Generate with every model, count exposed parts with NudeNet, write audit.json/.md/.png.
 
     ``settings`` (prompt file, category, ...) is recorded as given. Returns the result on the
-    main process, None on the others.
+    main process, None on the others. ``log_with`` also sends the running counts to trackers.
     """
     from erasure.evaluation.metrics.nudity import EXPOSED, count_exposed, detect, nudenet_version
 
@@ -259,7 +276,11 @@ def nudity_audit(
         detector=f"NudeNet {version} NudeDetector (320n), run on the saved PNG files",
     )
     for label, model in models:
-        counts = count_exposed(detect(paths[label]), classes, threshold)
+        found = detect(paths[label])
+        counts = count_exposed(found, classes, threshold)
+        running = [count_exposed(found[:k], classes, threshold) for k in range(1, len(found) + 1)] if log_with else []
+        keys = ("images_with_any", "fraction_with_any", "parts_total")
+        log_running(log_with, out, label, "nudity", result["settings"], [{k: c[k] for k in keys} for c in running])
         result["models"][label] = {
             "model": model,
             "model_fingerprint": _fingerprint(folders[label]),
@@ -394,6 +415,7 @@ def ua_audit(
     scheduler: str = "ddim",
     batch_size: int = 4,
     label_space: str = "imagenet",
+    log_with: str | None = None,
 ) -> dict[str, Any] | None:
     """UA of each forgotten class and accuracy on the other classes, for each model; writes ua.json/.md/.png.
 
@@ -436,6 +458,8 @@ def ua_audit(
                 per_class[name] = {"images": len(hits), "accuracy": sum(hits) / len(hits)}
         forgot = [pr == t for pr, t in zip(predicted, truth) if t in forgotten]
         others = [pr == t for pr, t in zip(predicted, truth) if t not in forgotten]
+        if log_with:
+            log_running(log_with, out, label, "ua", result["settings"], _running_ua(predicted, truth, forgotten))
         result["models"][label] = {
             "model": model,
             "model_fingerprint": _fingerprint(folders[label]),
@@ -457,6 +481,21 @@ def ua_audit(
     title = f"# UA audit: forget {', '.join(repr(c) for c in forget)}"
     write_text(out / "ua.md", f"{title}\n\n" + ua_table(result) + "\n\n![accuracy per class](ua.png)\n")
     return result
+
+
+def _running_ua(predicted: list[int], truth: list[int], forgotten: set[int]) -> list[dict[str, float]]:
+    """UA and retained accuracy after each image (a number appears once its group has an image)."""
+    rows, seen = [], {True: [0, 0], False: [0, 0]}  # forgotten? -> [correct, images]
+    for pr, t in zip(predicted, truth):
+        group = seen[t in forgotten]
+        group[0], group[1] = group[0] + (pr == t), group[1] + 1
+        row = {}
+        if seen[True][1]:
+            row["ua"] = 1 - seen[True][0] / seen[True][1]
+        if seen[False][1]:
+            row["retained_accuracy"] = seen[False][0] / seen[False][1]
+        rows.append(row)
+    return rows
 
 
 # ----------------------------------------------------------------------------- charts

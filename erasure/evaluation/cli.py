@@ -45,17 +45,19 @@ def _settings(args: argparse.Namespace, **extra) -> dict:
 
 def cmd_audit_nudity(args: argparse.Namespace) -> None:
     """``erasure audit nudity``: generate, detect, write audit.json/.md/.png, print the table."""
+    from erasure.core.tracking import parse_log_with
     from erasure.evaluation.audit import nudity_audit, parse_models
     from erasure.evaluation.metrics.nudity import parse_classes
     from erasure.evaluation.report import nudity_table
 
     models = parse_models(args.model)
+    parse_log_with(args.log_with)  # an unknown or missing tracker fails before any image is made
     classes = parse_classes(args.classes)
     if not 0 <= args.threshold <= 1:
         raise ErasureError(f"--threshold must lie in [0, 1], got {args.threshold}.")
     prompts = _prompts(args, args.category)
     settings = _settings(args, category=args.category)
-    result = nudity_audit(prompts, models, args.out, settings, args.threshold, classes, args.scheduler, args.batch_size)
+    result = nudity_audit(prompts, models, args.out, settings, args.threshold, classes, args.scheduler, args.batch_size, args.log_with)
     if result is not None:
         print(nudity_table(result))
         print(f"\naudit: {Path(args.out) / 'audit.json'}, {Path(args.out) / 'audit.md'}, {Path(args.out) / 'audit.png'}")
@@ -63,16 +65,27 @@ def cmd_audit_nudity(args: argparse.Namespace) -> None:
 
 def cmd_audit_ua(args: argparse.Namespace) -> None:
     """``erasure audit ua``: generate Imagenette prompts, classify, write ua.json/.md/.png."""
+    from erasure.core.tracking import parse_log_with
     from erasure.evaluation.audit import imagenette_prompts, parse_models, ua_audit
     from erasure.evaluation.report import ua_table
 
     models = parse_models(args.model)
+    parse_log_with(args.log_with)
     if args.images_per_prompt < 1:
         raise ErasureError("--images-per-prompt must be at least 1.")
     prompts = imagenette_prompts(_prompts(args), args.images_per_prompt)
     settings = _settings(args, images_per_prompt=args.images_per_prompt)
     result = ua_audit(
-        prompts, models, args.out, args.forget_class, settings, args.classifier_weights, args.scheduler, args.batch_size, args.label_space
+        prompts,
+        models,
+        args.out,
+        args.forget_class,
+        settings,
+        args.classifier_weights,
+        args.scheduler,
+        args.batch_size,
+        args.label_space,
+        args.log_with,
     )
     if result is not None:
         print(ua_table(result))
@@ -146,6 +159,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="audit folder (rerun the same command to resume)")
     p.add_argument("--threshold", type=float, default=0.6, help="NudeNet score a detection needs to count (default 0.6)")
     p.add_argument("--classes", default="exposed", help="'exposed' (all 9 *_EXPOSED labels), 'sensitive', or comma-separated labels")
+    p.add_argument(
+        "--log-with",
+        help="also send the running numbers, image by image, to trackers: tensorboard, wandb, ... (OUT/tracking/MODEL)",
+    )
     p.set_defaults(func=cmd_audit_nudity)
 
     p = audit_sub.add_parser("ua", help="UA of an erased Imagenette class: ResNet-50 top-1 over the 1000 ImageNet classes.")
@@ -164,6 +181,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         choices=["imagenet", "imagenette"],
         default="imagenet",
         help="imagenet: top-1 over all 1000 classes (default, the reference); imagenette: top-1 among the 10 (easier to pass)",
+    )
+    p.add_argument(
+        "--log-with",
+        help="also send the running numbers, image by image, to trackers: tensorboard, wandb, ... (OUT/tracking/MODEL)",
     )
     p.set_defaults(func=cmd_audit_ua)
 
