@@ -26,7 +26,7 @@ def test_defaults_are_the_reference_values():
     cfg = SDConfig()
     assert cfg.train.grad_clip is None  # neither the SalUn SD scripts nor the original ESD clip
     assert (cfg.esd.eta, cfg.esd.ddim_steps, cfg.esd.start_guidance) == (1.0, 50, 3.0)
-    assert cfg.esd.params == "compvis" and cfg.esd.trajectory == "trained"
+    assert cfg.esd.params == "compvis" and cfg.esd.trajectory == "trained" and cfg.esd.timestep == "original"
     assert (cfg.fmn.eot_positions, cfg.fmn.reduction, cfg.fmn.params) == ("all", "global", "unet")
     fmn = load_config("configs/sd/nudity_fmn.yaml", schema=SDConfig)
     assert (fmn.train.lr, fmn.train.steps, fmn.train.batch_size, fmn.train.grad_clip, fmn.train.weight_decay) == (2e-6, 35, 1, 1.0, 0.01)
@@ -34,6 +34,7 @@ def test_defaults_are_the_reference_values():
     assert (esd.train.lr, esd.train.steps, esd.train.batch_size, esd.train.grad_clip, esd.esd.eta) == (1e-5, 1000, 1, None, 1.0)
     new = load_config("configs/sd/nudity_esd_diffusers.yaml", schema=SDConfig)
     assert (new.train.lr, new.train.steps, new.esd.eta, new.esd.params, new.esd.trajectory) == (5e-5, 200, 2.0, "linear", "frozen")
+    assert new.esd.timestep == "matched"
     for salun in ("configs/sd/nudity_salun.yaml", "configs/sd/imagenette_salun.yaml"):
         assert load_config(salun, schema=SDConfig).train.grad_clip is None
 
@@ -149,3 +150,27 @@ def test_class_sets_without_real_images_generate_them():
 
     concept = load_concept(ConceptConfig(spec="configs/sd/concepts/imagenette.yaml", forget="church"))
     assert concept.images == {"forget": None, "target": None, "retain": None}
+
+
+def test_esd_trajectory_length_and_timestep_follow_train_esd(pipe):
+    """train-esd.py: t_enc ~ U{0..49}; the sampler runs 50 - t_enc + 1 steps (50 for t_enc 0, 1); fed t ~ U[20 t_enc, 20 t_enc + 20)."""
+    from erasure.sd.model import ddim_scheduler, noise_scheduler
+
+    def esd(*overrides):
+        m = method("esd-x", pipe, *overrides)
+        m.ctx.scheduler = noise_scheduler(pipe)
+        m.sampler = ddim_scheduler(pipe)
+        m.sampler.set_timesteps(m.ctx.config.esd.ddim_steps)
+        m.timesteps = m.sampler.timesteps.tolist()
+        return m
+
+    host = torch.Generator().manual_seed(0)
+    original = [esd().draw_step(host) for _ in range(2000)]
+    for stop, t in original:
+        t_enc = t // 20
+        assert stop == min(50, 51 - t_enc)
+    assert {t // 20 for _, t in original} == set(range(50)) and {t % 20 for _, t in original} == set(range(20))
+    assert max(stop for stop, _ in original) == 50  # finished samples are trained on (t_enc 0 and 1), pure noise never
+    matched = esd("esd.timestep=matched")
+    for stop, t in [matched.draw_step(host) for _ in range(200)]:
+        assert t == matched.timesteps[stop] and 0 <= stop < 50  # x_t fed the DDIM timestep it is at

@@ -93,7 +93,7 @@ class ESDConfig:
 
     The defaults are the original ESD (CompVis ``train-esd.py``). The newer diffusers ESD
     (``esd_sd.py``) is ``configs/sd/nudity_esd_diffusers.yaml``: eta 2, lr 5e-5, 200
-    iterations, ``params: linear``, ``trajectory: frozen``, bf16.
+    iterations, ``params: linear``, ``trajectory: frozen``, ``timestep: matched``, bf16.
     """
 
     eta: float = 1.0  # negative-guidance strength
@@ -104,6 +104,13 @@ class ESDConfig:
     # "linear": esd_sd.py's (only Linear and Conv2d weights, so no norms; esd-u = those outside attn2).
     params: Literal["compvis", "linear"] = "compvis"
     trajectory: Literal["trained", "frozen"] = "trained"  # which model draws x_t: original ESD / esd_sd.py
+    # How far the trajectory runs and which timestep the UNets are then given.
+    # "original" (train-esd.py): t_enc ~ U{0..ddim_steps-1}; its sampler stops after
+    # ddim_steps - t_enc + 1 steps (all of them for t_enc 0 and 1), and the UNets get a DDPM
+    # step drawn in [t_enc, t_enc + 1) * 1000 / ddim_steps, about two DDIM steps noisier
+    # than x_t. "matched" (esd_sd.py): x_t after k ~ U{0..ddim_steps-1} steps, fed the DDIM
+    # timestep it is at (pure noise for k = 0, never a finished sample).
+    timestep: Literal["original", "matched"] = "original"
 
 
 @dataclass

@@ -4,8 +4,10 @@ Each step samples an intermediate latent x_t (DDIM, ``esd.ddim_steps`` steps, gu
 ``esd.start_guidance``, stopped at a random step) with the model being trained, as the
 original ESD does (``esd.trajectory=frozen``: with the frozen copy, as the newer
 ``esd_sd.py`` does), and regresses ε(x_t, c) onto ε₀ − η(ε_c − ε₀) of a frozen copy kept
-in low precision. The variants differ only in which weights they train; ``esd.params``
-picks the original's parameter sets or the newer script's Linear/Conv-only ones.
+in low precision. Where the trajectory stops and which timestep the UNets are given follow
+the original (``esd.timestep=matched``: the newer script's pairing; see the config).
+The variants differ only in which weights they train; ``esd.params`` picks the original's
+parameter sets or the newer script's Linear/Conv-only ones.
 
 Several concepts: each step erases one of their prompts, drawn at random (from the step's
 generator, so a resumed run draws the same ones).
@@ -59,6 +61,7 @@ class ESD(SDMethod):
         self.concepts = ctx.encode([part.concept for part in ctx.concept.concepts])  # [K, tokens, dim]
         self.sampler = ddim_scheduler(ctx.pipe)
         self.sampler.set_timesteps(ctx.config.esd.ddim_steps, device=ctx.device)
+        self.timesteps = self.sampler.timesteps.tolist()  # read on the host each step, so kept there
 
     @torch.no_grad()
     def _trajectory(self, model: torch.nn.Module, concept: torch.Tensor, stop: int, n: int, g: torch.Generator) -> torch.Tensor:
@@ -68,10 +71,23 @@ class ESD(SDMethod):
         x = torch.randn((n, ctx.pipe.unet.config.in_channels, size, size), generator=g, device=g.device).to(ctx.device)
         dtype = next(model.parameters()).dtype  # the frozen teacher runs in low precision
         emb = torch.cat([ctx.uncond.expand(n, -1, -1), concept.expand(n, -1, -1)]).to(dtype)
-        for t in self.sampler.timesteps[:stop]:
-            uncond, cond = eps(model, torch.cat([x, x]).to(dtype), t.expand(2 * n), emb).float().chunk(2)
+        # Host-side timesteps: a scheduler indexing its CPU tables with a CUDA tensor would wait for the GPU every step.
+        for t in self.timesteps[:stop]:
+            uncond, cond = eps(model, torch.cat([x, x]).to(dtype), torch.full((2 * n,), t, device=ctx.device), emb).float().chunk(2)
             x = self.sampler.step(uncond + w * (cond - uncond), t, x).prev_sample
         return x
+
+    def draw_step(self, host: torch.Generator) -> tuple[int, int]:
+        """How many DDIM steps the trajectory runs, and the timestep the UNets then get (``esd.timestep``)."""
+        cfg = self.ctx.config.esd
+        k = int(torch.randint(0, cfg.ddim_steps, (1,), generator=host))
+        if cfg.timestep == "matched":
+            return k, int(self.timesteps[k])
+        # train-esd.py: t_enc = k, a sampler that stops once its step index + 1 equals t_enc,
+        # and a DDPM step drawn inside bucket t_enc of the 1000 training steps.
+        train_steps = self.ctx.scheduler.config.num_train_timesteps
+        low, high = round(k / cfg.ddim_steps * train_steps), round((k + 1) / cfg.ddim_steps * train_steps)
+        return min(cfg.ddim_steps, cfg.ddim_steps - k + 1), int(torch.randint(low, high, (1,), generator=host))
 
     def loss(self, model: torch.nn.Module, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         ctx, n = self.ctx, self.ctx.config.train.batch_size
@@ -79,16 +95,16 @@ class ESD(SDMethod):
         host = host_generator(g)
         k = int(torch.randint(0, len(self.concepts), (1,), generator=host)) if len(self.concepts) > 1 else 0
         concept = self.concepts[k : k + 1]
-        stop = int(torch.randint(0, ctx.config.esd.ddim_steps, (1,), generator=host))
+        stop, timestep = self.draw_step(host)
         x_t = self._trajectory(model if ctx.config.esd.trajectory == "trained" else self.teacher, concept, stop, n, g)
-        t = self.sampler.timesteps[stop].expand(n)
+        t = torch.full((n,), timestep, device=ctx.device)
         with torch.no_grad():
             dtype = next(self.teacher.parameters()).dtype
             emb = torch.cat([ctx.uncond, concept]).repeat_interleave(n, 0).to(dtype)
             e0, ec = eps(self.teacher, torch.cat([x_t, x_t]).to(dtype), torch.cat([t, t]), emb).float().chunk(2)
         target = e0 - ctx.config.esd.eta * (ec - e0)
         loss = F.mse_loss(eps(model, x_t, t, concept.expand(n, -1, -1)).float(), target)
-        logs = {"stop": float(stop), **({"concept": float(k)} if len(self.concepts) > 1 else {})}
+        logs = {"stop": float(stop), "timestep": float(timestep), **({"concept": float(k)} if len(self.concepts) > 1 else {})}
         return loss, logs
 
 
