@@ -161,3 +161,18 @@ def test_esd_draws_its_trajectory_with_the_trained_model_by_default():
     # the frozen copy gives only the two targets per step; the trained model also draws x_t
     assert len(frozen_calls) == 2 * 8 and len(trained.calls) > 8
     assert all(set(c.unique().tolist()) <= {0, NULL} for c in trained.calls)  # no condition dropout in ESD
+
+
+def test_timesteps_are_antithetic_as_the_reference_trains():
+    """Half the batch drawn, the other half mirrored (T - 1 - t); an odd batch keeps the first n; iid is a named option."""
+    from erasure.ddpm.config import Config
+    from erasure.ddpm.model import draw_timesteps
+
+    assert Config().train.timesteps == "antithetic" and Config().unlearn.timesteps == "antithetic"
+    g = torch.Generator().manual_seed(0)
+    t = draw_timesteps(7, 1000, g, torch.device("cpu"))
+    assert len(t) == 7 and torch.equal(t[4:], 999 - t[:3])  # n // 2 + 1 = 4 drawn, then 3 mirrors
+    t = draw_timesteps(8, 1000, g, torch.device("cpu"))
+    assert torch.equal(t[5:], 999 - t[:3]) and t.min() >= 0 and t.max() <= 999
+    iid = draw_timesteps(4000, 1000, torch.Generator().manual_seed(1), torch.device("cpu"), antithetic=False)
+    assert not torch.equal(iid[2001:4000], 999 - iid[:1999])

@@ -41,6 +41,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     checkpoint_every: int = 200
     seed: int = 0
+    # A batch's timesteps: half drawn, half mirrored (T - 1 - t), as the reference trains; iid: all drawn.
+    timesteps: Literal["antithetic", "iid"] = "antithetic"
 
 
 @dataclass
@@ -117,6 +119,9 @@ class UnlearnConfig:
     # Which model draws ESD's intermediate x_t: the model being trained (original ESD and the
     # SalUn DDPM script) or the frozen base (the newer diffusers ESD).
     esd_trajectory: Literal["trained", "frozen"] = "trained"
+    # Timesteps of the forget, retain and mask batches: antithetic as the reference's
+    # saliency_unlearn and generate_mask (each batch its own draw); iid: all drawn.
+    timesteps: Literal["antithetic", "iid"] = "antithetic"
     mask: MaskConfig = field(default_factory=MaskConfig)
 
 

@@ -52,10 +52,25 @@ def noise_scheduler(num_train_timesteps: int = 1000) -> DDPMScheduler:
     return DDPMScheduler(num_train_timesteps=num_train_timesteps)
 
 
-def add_noise(scheduler: DDPMScheduler, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Draw (t, noise) with ``generator`` and return (x_t, noise, t)."""
+def draw_timesteps(n: int, steps: int, generator: torch.Generator, device: torch.device, antithetic: bool = True) -> torch.Tensor:
+    """``n`` training timesteps in ``[0, steps)``.
+
+    Antithetic (the SalUn DDPM code, after the DDIM code base): half are drawn uniformly and
+    the other half are their mirror images ``steps - 1 - t``, which lowers the variance of a
+    batch's loss; ``antithetic=False`` draws all ``n`` independently.
+    """
+    if not antithetic:
+        return torch.randint(0, steps, (n,), generator=generator, device=device)
+    t = torch.randint(0, steps, (n // 2 + 1,), generator=generator, device=device)
+    return torch.cat([t, steps - 1 - t])[:n]
+
+
+def add_noise(
+    scheduler: DDPMScheduler, x0: torch.Tensor, generator: torch.Generator, antithetic: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw (t, noise) with ``generator`` and return (x_t, noise, t); timesteps as :func:`draw_timesteps`."""
     noise = torch.randn(x0.shape, generator=generator, device=x0.device)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=generator, device=x0.device)
+    t = draw_timesteps(len(x0), scheduler.config.num_train_timesteps, generator, x0.device, antithetic)
     return scheduler.add_noise(x0, noise, t), noise, t
 
 
@@ -73,10 +88,10 @@ def guided_eps(unet: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, labels
 
 
 def denoising_loss(
-    unet: torch.nn.Module, scheduler: DDPMScheduler, x0: torch.Tensor, labels: torch.Tensor, g: torch.Generator
+    unet: torch.nn.Module, scheduler: DDPMScheduler, x0: torch.Tensor, labels: torch.Tensor, g: torch.Generator, antithetic: bool = True
 ) -> torch.Tensor:
     """The standard DDPM loss, a per-element mean of (eps_pred - noise)^2."""
-    x_t, noise, t = add_noise(scheduler, x0, g)
+    x_t, noise, t = add_noise(scheduler, x0, g, antithetic)
     return F.mse_loss(eps(unet, x_t, t, labels), noise)
 
 

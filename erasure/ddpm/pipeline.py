@@ -77,7 +77,7 @@ def train_base(config: Config) -> Path:
             idx = torch.randint(0, len(labels), (cfg.batch_size,), generator=g, device=g.device)
             drop = torch.rand(cfg.batch_size, generator=g, device=g.device) < cfg.class_dropout
             c = torch.where(drop, null, labels[idx])
-            return denoising_loss(model, scheduler, to_model_range(images[idx]), c, g), {}
+            return denoising_loss(model, scheduler, to_model_range(images[idx]), c, g, cfg.timesteps == "antithetic"), {}
 
         settings = LoopSettings.from_config(cfg, cosine=True, desc="base DDPM")
         unet, ema = train(unet, step_loss, settings, stage.folder, accelerator, fingerprint=stage.fingerprint)

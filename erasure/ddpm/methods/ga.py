@@ -22,6 +22,6 @@ class GA(RL):
         ctx, cfg = self.ctx, self.ctx.config
         x0 = ctx.forget_images[ctx.draw(ctx.forget_images, g)]
         labels = ctx.drop(ctx.labels(ctx.forget_class, len(x0)), cfg.forget_cond_drop, g)
-        forget = -denoising_loss(model, ctx.scheduler, x0, labels, g)
+        forget = -denoising_loss(model, ctx.scheduler, x0, labels, g, cfg.timesteps == "antithetic")
         retain = self.retain_loss(model, g)
         return forget + cfg.alpha * retain, {"forget": forget.detach(), "retain": retain.detach()}

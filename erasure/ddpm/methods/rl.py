@@ -26,7 +26,7 @@ class RL(Method):
     def loss(self, model: torch.nn.Module, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         ctx, cfg = self.ctx, self.ctx.config
         x0 = ctx.forget_images[ctx.draw(ctx.forget_images, g)]
-        x_t, _, t = add_noise(ctx.scheduler, x0, g)
+        x_t, _, t = add_noise(ctx.scheduler, x0, g, cfg.timesteps == "antithetic")
         n = len(x0)
         # The reference draws the dropout separately for the target and the prediction.
         with torch.no_grad():
@@ -40,4 +40,4 @@ class RL(Method):
         ctx = self.ctx
         idx = ctx.draw(ctx.retain_images, g)
         labels = ctx.drop(ctx.retain_labels[idx], ctx.config.retain_cond_drop, g)
-        return denoising_loss(model, ctx.scheduler, ctx.retain_images[idx], labels, g)
+        return denoising_loss(model, ctx.scheduler, ctx.retain_images[idx], labels, g, ctx.config.timesteps == "antithetic")

@@ -28,7 +28,7 @@ class SalUn(RL):
 
         def forget_loss(m: torch.nn.Module, _: int) -> torch.Tensor:
             x0 = ctx.forget_images[ctx.draw(ctx.forget_images, g, cfg.batch_size)]
-            x_t, noise, t = add_noise(ctx.scheduler, x0, g)
+            x_t, noise, t = add_noise(ctx.scheduler, x0, g, ctx.config.timesteps == "antithetic")
             guided = guided_eps(m, x_t, t, ctx.labels(ctx.forget_class, len(x0)), cfg.guidance, ctx.null_class)
             return F.mse_loss(guided, noise)
 
