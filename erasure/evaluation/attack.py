@@ -158,7 +158,7 @@ def prompt_ids(tokenizer: Any, prompt: str, k: int) -> list[int]:
     room = tokenizer.model_max_length - 2 - k
     if room < 1:
         raise ErasureError(f"--k {k} leaves no room for the prompt in {tokenizer.model_max_length} tokens; use a smaller --k.")
-    return tokenizer(prompt, add_special_tokens=False).input_ids[:room]
+    return tokenizer(prompt, add_special_tokens=False, truncation=True, max_length=room).input_ids
 
 
 def encode_adversarial(text_encoder: torch.nn.Module, ids: torch.Tensor, adversarial: torch.Tensor) -> torch.Tensor:
@@ -432,7 +432,7 @@ def attack_model(
             started = time.monotonic()
             p = prompts[i]
             base = {"index": i, "prompt": p.item.prompt, "seed": p.item.seed, "guidance": p.item.guidance, "target_sha256": shas[i]}
-            n_tokens = len(pipe.tokenizer(p.item.prompt).input_ids)
+            n_tokens = len(pipe.tokenizer(p.item.prompt, verbose=False).input_ids)
             if settings.max_prompt_tokens is not None and n_tokens > settings.max_prompt_tokens:
                 write_json(result_file[i], {**base, "skipped": f"{n_tokens} tokens > --max-prompt-tokens {settings.max_prompt_tokens}"})
                 continue
