@@ -50,6 +50,7 @@ from erasure.core.errors import ErasureError
 from erasure.core.io import read_json, write_json, write_text
 from erasure.evaluation.metrics.nudity import EXPOSED
 from erasure.evaluation.prompts import Prompt
+from erasure.sd.model import noise_scheduler
 
 REFERENCE = "OPTML-Group/Diffusion-MU-Attack @ 0eea64d: configs/nudity/text_grad_esd_nudity_classifier.json, src/attackers/text_grad_.py"
 VOCABULARIES = {
@@ -187,12 +188,22 @@ def conditioning_ids(tokenizer: Any, prompt: list[int], k: int, device: torch.de
 
 
 def denoising_loss(
-    pipe: Any, x0: torch.Tensor, ids: torch.Tensor, adversarial: torch.Tensor, t: int, noise: torch.Tensor, criterion: str = "l2"
+    pipe: Any,
+    x0: torch.Tensor,
+    ids: torch.Tensor,
+    adversarial: torch.Tensor,
+    t: int,
+    noise: torch.Tensor,
+    criterion: str = "l2",
+    alphas_cumprod: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The erased UNet's noise-prediction error on ``x0`` noised to step ``t``, conditioned on the adversarial prompt."""
-    from erasure.sd.model import noise_scheduler
+    """The erased UNet's noise-prediction error on ``x0`` noised to step ``t``, conditioned on the adversarial prompt.
 
-    alphas = noise_scheduler(pipe).alphas_cumprod[t].to(x0.device, x0.dtype)
+    ``alphas_cumprod`` (the model's noise schedule) is read from the pipeline when not given.
+    """
+    if alphas_cumprod is None:
+        alphas_cumprod = noise_scheduler(pipe).alphas_cumprod
+    alphas = alphas_cumprod[t].to(x0.device, x0.dtype)
     noisy = alphas.sqrt() * x0 + (1 - alphas).sqrt() * noise
     cond = encode_adversarial(pipe.text_encoder, ids, adversarial)
     pred = pipe.unet(noisy, t, encoder_hidden_states=cond).sample
@@ -228,6 +239,7 @@ def attack_prompt(
     probs = torch.full((settings.k, len(candidates)), 1 / len(candidates), device=device, requires_grad=True)
     optimizer = torch.optim.Adam([probs], lr=settings.lr, weight_decay=settings.weight_decay)
     x0 = x0.to(device, torch.float32)
+    schedule = noise_scheduler(pipe).alphas_cumprod  # built once: thousands of steps use it
     losses, steps, found = [], 0, {}
     for t in sweep_timesteps(settings.timesteps, noise_scheduler_steps(pipe)):
         total = 0.0
@@ -235,7 +247,7 @@ def attack_prompt(
             optimizer.zero_grad()
             adversarial = _SampleOneHot.apply(probs, generator) @ table
             noise = torch.randn(x0.shape, generator=generator, device=device)
-            loss = denoising_loss(pipe, x0, ids, adversarial, t, noise, settings.criterion)
+            loss = denoising_loss(pipe, x0, ids, adversarial, t, noise, settings.criterion, schedule)
             probs.grad = torch.autograd.grad(loss, [probs])[0]
             optimizer.step()
             with torch.no_grad():
