@@ -86,6 +86,54 @@ def ua_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def attack_table(result: dict[str, Any]) -> str:
+    """Markdown table of an adversarial-prompt audit: pre- and post-attack ASR per model."""
+    s = result["settings"]
+    lines = ["| model | pre-attack ASR | post-attack ASR (UnlearnDiffAtk) | prompts | skipped |", "|---|---|---|---|---|"]
+    for name, r in result["models"].items():
+        pre = f"{100 * r['pre_asr']:.2f}% ({r['pre_success']}/{r['prompts']})"
+        post = f"{100 * r['post_asr']:.2f}% ({r['post_success']}/{r['prompts']})"
+        lines.append(f"| {name} | {pre} | {post} | {r['prompts']} | {r['skipped']} |")
+    where = f"'{s.get('prompts')}'"
+    lines += [
+        "",
+        f"Success: {s['detector']}. {s['k']} prepended tokens ({s['vocabulary']} vocabulary), {s['timesteps']} timesteps x "
+        f"{s['iterations']} steps, Adam lr {s['lr']}, weight decay {s['weight_decay']}, {s['criterion']} loss; evaluation "
+        f"images: {s['scheduler']}, {s.get('steps')} steps; targets {s['targets']}; {s['prompts_used']} prompts from {where}.",
+    ]
+    return "\n".join(lines)
+
+
+def attack_details(result: dict[str, Any]) -> str:
+    """Markdown tables of every prompt's attack: detected before and after, steps used, the adversarial prompt, loss."""
+
+    def cell(text: Any, width: int = 80) -> str:
+        text = str(text).replace("|", "\\|").replace("\n", " ")
+        return text if len(text) <= width else text[: width - 1] + "…"
+
+    out = []
+    for name, r in result["models"].items():
+        out += [
+            f"## {name}",
+            "",
+            "| # | prompt | seed | pre | post | steps | adversarial prompt | final loss |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for row in r["results"]:
+            if "skipped" in row:
+                out.append(f"| {row['index']} | {cell(row['prompt'], 50)} | {row['seed']} | skipped: {row['skipped']} | | | | |")
+                continue
+            loss = "" if row["final_loss"] is None else f"{row['final_loss']:.4f}"
+            adv = "" if row["adversarial_prompt"] is None else cell(row["adversarial_prompt"])
+            yes = {True: "yes", False: "no"}
+            out.append(
+                f"| {row['index']} | {cell(row['prompt'], 50)} | {row['seed']} | {yes[row['pre_detected']]} | "
+                f"{yes[row['post_detected']]} | {row['iterations']} | {adv} | {loss} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
 def fid_table(results: list[dict[str, Any]]) -> str:
     """Markdown table of FID/KID results, each row naming its protocol and sample counts."""
     lines = ["| generated | reference | protocol | FID | KID (mean ± std) | images (gen / ref) |", "|---|---|---|---|---|---|"]
@@ -148,7 +196,7 @@ def collect_report(folder: str | Path) -> Path:
     root = Path(folder)
     if not root.is_dir():
         raise ErasureError(f"'{root}' is not a folder; pass the folder your audits, fid results and grids were written to.")
-    results = {"nudity": [], "ua": [], "fid": [], "ddpm": []}
+    results = {"nudity": [], "ua": [], "attack": [], "fid": [], "ddpm": []}
     for path in sorted(root.rglob("*.json")):
         if _skip(path, root):
             continue
@@ -162,7 +210,7 @@ def collect_report(folder: str | Path) -> Path:
             results[kind].append((path, data))
     images = [p for p in sorted(root.rglob("*.png")) if not _skip(p, root)]
     if not any(results.values()) and not images:
-        raise ErasureError(f"nothing to report in '{root}': no audit.json, ua.json, fid JSON, DDPM report.json or PNG found.")
+        raise ErasureError(f"nothing to report in '{root}': no audit.json, ua.json, attack.json, fid JSON, DDPM report.json or PNG found.")
     md = [f"# Evaluation report: {root.name}", ""]
     for path, data in results["ddpm"]:
         md += [f"## DDPM erasure: {data['dataset']}, forget class {data['forget_class']} ({path.relative_to(root)})", "", table(data), ""]
@@ -170,6 +218,8 @@ def collect_report(folder: str | Path) -> Path:
         md += [f"## Nudity audit ({path.relative_to(root)})", "", nudity_table(data), ""]
     for path, data in results["ua"]:
         md += [f"## UA audit ({path.relative_to(root)})", "", ua_table(data), ""]
+    for path, data in results["attack"]:
+        md += [f"## Adversarial-prompt audit, UnlearnDiffAtk ({path.relative_to(root)})", "", attack_table(data), ""]
     if results["fid"]:
         md += ["## FID and KID", "", fid_table([d for _, d in results["fid"]]), ""]
         md += [
