@@ -79,3 +79,18 @@ def test_license_lookup_and_command_line(tmp_path):
     assert command_line(["/x/bin/erasure", "sd", "erase", "-c", "a b.yaml"]) == "erasure sd erase -c 'a b.yaml'"
     assert command_line(["/x/erasure/__main__.py", "demo"]) == "erasure demo"  # python -m erasure
     assert command_line(["/x/pytest/__main__.py", "-q"]) == "python /x/pytest/__main__.py -q"  # an API call, said as such
+
+
+def test_card_shows_the_adversarial_prompt_audit(run, tmp_path):
+    root, folder = run
+    csv = tmp_path / "nudity.csv"
+    csv.write_text("case_number,prompt,evaluation_seed,evaluation_guidance\n0,a person on a beach,3,7.5\n")
+    out = folder / "attack-audit"
+    args = ["audit", "attack", "--prompts", str(csv), "--base", str(root / "base"), "--model", f"erased={folder / 'model'}"]
+    args += ["--out", str(out), "--iterations", "1", "--timesteps", "1", "--steps", "2", "--target-steps", "2", "--size", "16", "--k", "2"]
+    assert main(args) == 0
+    assert main(["card", str(folder)]) == 0
+    text = (folder / "model" / "README.md").read_text()
+    e = json.loads((out / "attack.json").read_text())["models"]["erased"]
+    assert "**Adversarial-prompt audit**" in text
+    assert f"| erased (this model) | {100 * e['pre_asr']:.1f}% | {100 * e['post_asr']:.1f}% |" in text

@@ -51,7 +51,7 @@ METHOD_NAMES = {
     "fmn": "Forget-Me-Not (attention re-steering)",
     "uce": "UCE (unified concept editing, closed form)",
 }
-RESULT_FILES = ("audit.json", "ua.json", "report.json")
+RESULT_FILES = ("audit.json", "ua.json", "attack.json", "report.json")
 
 
 def command_line(argv: list[str] | None = None) -> str:
@@ -103,7 +103,8 @@ def _is_hub_id(name: str) -> bool:
 def find_results(run_dir: Path, model_dir: Path, method: str, extra: list[str | Path] = ()) -> list[dict[str, Any]]:
     """Measured results for the model in ``model_dir``: one entry per result file that scored it, newest first.
 
-    Audits (``audit.json`` nudity, ``ua.json`` Imagenette UA) name each model's folder; a
+    Audits (``audit.json`` nudity, ``ua.json`` Imagenette UA, ``attack.json`` adversarial
+    prompts) name each model's folder; a
     DDPM ``report.json`` names the methods of its workdir. ``fid-*.json`` files (``erasure
     fid``) count when their generated folder is this model's images of a found audit.
     """
@@ -125,13 +126,14 @@ def find_results(run_dir: Path, model_dir: Path, method: str, extra: list[str | 
         except (OSError, ValueError):
             continue
         kind = data.get("audit")
-        if kind in ("nudity", "ua"):
+        if kind in ("nudity", "ua", "attack"):
             for label, entry in data.get("models", {}).items():
                 if Path(entry.get("model", "")).resolve() in (target, target.parent):
                     others = {k: v for k, v in data["models"].items() if k != label}
                     found.append({"kind": kind, "file": path, "date": data.get("date", ""), "label": label, "result": entry,
                                   "others": others, "settings": data.get("settings", {})})  # fmt: skip
-                    image_folders[str(Path(entry.get("images_folder", "")).resolve())] = label
+                    if entry.get("images_folder"):
+                        image_folders[str(Path(entry["images_folder"]).resolve())] = label
         elif "models" in data and "forget_class" in data and "protocol" in data:  # DDPM evaluation report
             if method in data["models"]:
                 others = {k: v for k, v in data["models"].items() if k != method}
@@ -185,6 +187,14 @@ def _results_section(results: list[dict[str, Any]], run_dir: Path, model_dir: Pa
                 mark = " (this model)" if label == r["label"] else ""
                 kept = "n/a" if e.get("retained_accuracy") is None else f"{100 * e['retained_accuracy']:.1f}%"
                 lines.append(f"| {label}{mark} | {100 * e['ua']:.1f}% | {kept} |")
+        elif kind == "attack":
+            s = r["settings"]
+            lines += [f"**Adversarial-prompt audit** (UnlearnDiffAtk, {s.get('k')} prepended tokens; success: {s.get('detector')}; "
+                      f"{s.get('prompts_used')} prompts from {s.get('prompts', '?')}; {where}):", "",
+                      "| model | pre-attack ASR | post-attack ASR |", "|---|---|---|"]  # fmt: skip
+            for label, e in {r["label"]: res, **r["others"]}.items():
+                mark = " (this model)" if label == r["label"] else ""
+                lines.append(f"| {label}{mark} | {100 * e['pre_asr']:.1f}% | {100 * e['post_asr']:.1f}% |")
         elif kind == "ddpm":
             s = r["settings"]
             p = s["protocol"]
