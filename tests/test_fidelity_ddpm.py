@@ -176,3 +176,26 @@ def test_timesteps_are_antithetic_as_the_reference_trains():
     assert torch.equal(t[5:], 999 - t[:3]) and t.min() >= 0 and t.max() <= 999
     iid = draw_timesteps(4000, 1000, torch.Generator().manual_seed(1), torch.device("cpu"), antithetic=False)
     assert not torch.equal(iid[2001:4000], 999 - iid[:1999])
+
+
+def test_erasure_starts_from_the_raw_weights_as_the_reference(tmp_path):
+    """The base keeps its raw weights beside the EMA model; erasure and its mask start from them unless start_weights=ema."""
+    from erasure.core.errors import ErasureError
+    from erasure.core.io import load_tensors
+    from erasure.ddpm import pipeline
+    from erasure.ddpm.config import load
+    from erasure.ddpm.model import load_unet
+
+    overrides = ["model.channels=[8,16]", "train.steps=6", "train.batch_size=16", "train.warmup_steps=2", f"workdir={tmp_path}"]
+    base = pipeline.train_base(load(None, overrides))
+    raw = load_tensors(base.parent / pipeline.RAW_WEIGHTS)
+    ema = load_unet(base).state_dict()
+    assert raw.keys() == ema.keys() and any(not torch.equal(raw[k], ema[k]) for k in raw)
+    start = pipeline.start_weights(load(None, overrides), base, "cpu").state_dict()
+    assert all(torch.equal(start[k], raw[k]) for k in raw)
+    start = pipeline.start_weights(load(None, [*overrides, "unlearn.start_weights=ema"]), base, "cpu").state_dict()
+    assert all(torch.equal(start[k], ema[k]) for k in ema)
+    (base.parent / pipeline.RAW_WEIGHTS).unlink()  # a base trained before raw weights were kept
+    with pytest.raises(ErasureError, match="unlearn.start_weights=ema"):
+        pipeline.finished_base(load(None, overrides))
+    assert pipeline.finished_base(load(None, [*overrides, "unlearn.start_weights=ema"])) == base

@@ -122,6 +122,10 @@ class UnlearnConfig:
     # Timesteps of the forget, retain and mask batches: antithetic as the reference's
     # saliency_unlearn and generate_mask (each batch its own draw); iid: all drawn.
     timesteps: Literal["antithetic", "iid"] = "antithetic"
+    # The weights erasure (and its mask) starts from: the base's raw training weights, as the
+    # reference's saliency_unlearn, generate_mask and train_esd load them (states[0]), or its
+    # EMA weights, which the "original" row is sampled with.
+    start_weights: Literal["raw", "ema"] = "raw"
     mask: MaskConfig = field(default_factory=MaskConfig)
 
 

@@ -18,6 +18,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from erasure.core.card import command_line, write_cards
 from erasure.core.data import load_data, to_model_range
 from erasure.core.errors import ErasureError
+from erasure.core.io import load_tensors, save_tensors
 from erasure.core.loop import LoopSettings, make_accelerator, train
 from erasure.core.saliency import Mask
 from erasure.core.stages import Stage, config_fingerprint, is_main_process, shared_mask
@@ -52,11 +53,20 @@ def erase_stage(config: Config, method: str) -> Stage:
     return Stage(folder, config_fingerprint(config, ("data", "model", "train", "unlearn")))
 
 
+RAW_WEIGHTS = "raw_weights.safetensors"  # beside the base's model/ folder (which holds its EMA weights)
+
+
 def finished_base(config: Config) -> Path:
     """The folder of the finished base DDPM, or a clear error saying how to make it."""
     stage = base_stage(config)
     if not stage.done():
         raise ErasureError(f"no finished base model in '{stage.folder}'; run `erasure train-ddpm` with this config first.")
+    if config.unlearn.start_weights == "raw" and not (stage.folder / RAW_WEIGHTS).is_file():
+        raise ErasureError(
+            f"the base model in '{stage.folder}' has no raw (non-EMA) weights, which erasure starts from by default; "
+            "it was trained by an older version. Retrain it (delete the folder), or erase from its EMA weights "
+            "with unlearn.start_weights=ema."
+        )
     return stage.folder / "model"
 
 
@@ -82,7 +92,10 @@ def train_base(config: Config) -> Path:
         settings = LoopSettings.from_config(cfg, cosine=True, desc="base DDPM")
         unet, ema = train(unet, step_loss, settings, stage.folder, accelerator, fingerprint=stage.fingerprint)
         if accelerator.is_main_process:
-            ema.copy_to([p for p in unet.parameters() if p.requires_grad])  # sample from the EMA weights
+            # The raw weights are where the reference's erasure starts (unlearn.start_weights=raw);
+            # the EMA weights are what the base model samples with.
+            save_tensors(stage.folder / RAW_WEIGHTS, unet.state_dict())
+            ema.copy_to([p for p in unet.parameters() if p.requires_grad])
             save_model(unet, scheduler, stage.folder / "model")
         return {"steps": cfg.steps, "parameters": sum(p.numel() for p in unet.parameters()), **run_info(cfg.seed)}
 
@@ -106,6 +119,14 @@ def train_judge(config: Config) -> Path:
     return stage.folder
 
 
+def start_weights(config: Config, base: Path, device: str | torch.device) -> torch.nn.Module:
+    """The base UNet with the weights erasure starts from (``unlearn.start_weights``: raw or EMA)."""
+    unet = load_unet(base, device)
+    if config.unlearn.start_weights == "raw":
+        unet.load_state_dict(load_tensors(base.parent / RAW_WEIGHTS, device))
+    return unet
+
+
 def erase(config: Config, method: str | None = None) -> Path:
     """Erase ``config.unlearn.forget_class`` from the base DDPM; returns the erased model's folder."""
     method = method or config.unlearn.method
@@ -117,7 +138,7 @@ def erase(config: Config, method: str | None = None) -> Path:
 
     def work() -> dict:
         accelerator = make_accelerator(config.device, config.mixed_precision, config.log_with)
-        unet = load_unet(base, accelerator.device)
+        unet = start_weights(config, base, accelerator.device)
         ctx = erase_context(config, unet, load_scheduler(base), accelerator.device)
         m = method_cls(ctx)
         mask = shared_mask(stage, accelerator, unet, lambda: m.make_mask(unet))
@@ -166,7 +187,7 @@ def compute_mask(config: Config, out: str | Path) -> Mask:
 
     base = finished_base(config)
     device = resolve_device(config.device)
-    unet = load_unet(base, device)
+    unet = start_weights(config, base, device)
     mask = SalUn(erase_context(config, unet, load_scheduler(base), device)).make_mask(unet)
     mask.save(out)
     return mask
