@@ -28,6 +28,43 @@ UNET_CONFIG = {
     "downsample_padding": 1,
     "mid_block_scale_factor": 1,
 }
+# Stable Diffusion XL base 1.0's published UNet config (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json).
+SDXL_UNET_CONFIG = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "transformer_layers_per_block": (1, 2, 10),
+    "cross_attention_dim": 2048,
+    "attention_head_dim": (5, 10, 20),
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "act_fn": "silu",
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+}
+# Its second text encoder (text_encoder_2/config.json, a CLIPTextModelWithProjection); the first is TEXT_CONFIG.
+SDXL_TEXT_2_CONFIG = {
+    "vocab_size": 49408,
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+    "projection_dim": 1280,
+}
 VAE_CONFIG = {
     "in_channels": 3,
     "out_channels": 3,

@@ -54,7 +54,7 @@ from erasure.core.saliency import accumulate_gradients
 from erasure.sd.config import SDConfig, load_concept
 from erasure.sd.methods import SD_METHODS, SDContext
 from erasure.sd.methods.base import LatentSet
-from erasure.sd.model import encode_prompts, noise_scheduler
+from erasure.sd.model import encode_conditioning, noise_scheduler
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -66,8 +66,8 @@ def context(pipe: StableDiffusionPipeline, config: SDConfig, latent: int, device
     for name in ("forget", "retain"):
         prompts = getattr(concept, name)
         latents = torch.randn(64, 4, latent, latent, generator=g).to(device)
-        sets[name] = LatentSet(latents, torch.arange(64, device=device) % len(prompts), encode_prompts(pipe, prompts).float(), prompts)
-    uncond = encode_prompts(pipe, [""]).float()
+        sets[name] = LatentSet(latents, torch.arange(64, device=device) % len(prompts), encode_conditioning(pipe, prompts).float(), prompts)
+    uncond = encode_conditioning(pipe, [""]).float()
     return SDContext(config, concept, pipe, noise_scheduler(pipe), sets, uncond, device)
 
 

@@ -153,6 +153,12 @@ def find_results(run_dir: Path, model_dir: Path, method: str, extra: list[str | 
 # ----------------------------------------------------------------------------- writing a card
 
 
+def _pipeline_class(model_dir: Path) -> str:
+    """The diffusers pipeline class that loads ``model_dir`` (StableDiffusionXLPipeline for SDXL), from its model_index.json."""
+    index = model_dir / "model_index.json"
+    return str(read_json(index).get("_class_name", "StableDiffusionPipeline")) if index.is_file() else "StableDiffusionPipeline"
+
+
 def _results_section(results: list[dict[str, Any]], run_dir: Path, model_dir: Path) -> list[str]:
     lines = ["## Results", ""]
     if not results:
@@ -304,8 +310,9 @@ def model_card(run_dir: str | Path, results: list[str | Path] = ()) -> str:
     body += [f"The full resolved config is `config.yaml` in the run folder (`{run_dir}`).", ""]
     body += ["## Use", "", "```python"]
     if sd:
-        body += ["from diffusers import StableDiffusionPipeline", "", "# this folder, or the Hub repo it was pushed to",
-                 f'pipe = StableDiffusionPipeline.from_pretrained("{model_dir}")']  # fmt: skip
+        cls = _pipeline_class(model_dir)
+        body += [f"from diffusers import {cls}", "", "# this folder, or the Hub repo it was pushed to",
+                 f'pipe = {cls}.from_pretrained("{model_dir}")']  # fmt: skip
     else:
         body += ["from diffusers import UNet2DModel", "", "# this folder, or the Hub repo it was pushed to",
                  f'unet = UNet2DModel.from_pretrained("{model_dir}")']  # fmt: skip

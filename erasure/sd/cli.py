@@ -57,11 +57,12 @@ def cmd_apply_delta(args: argparse.Namespace) -> None:
 def cmd_tiny_pipeline(args: argparse.Namespace) -> None:
     import tempfile
 
-    from erasure.sd.tiny import tiny_pipeline
+    from erasure.sd.tiny import tiny_pipeline, tiny_xl_pipeline
 
+    build = tiny_xl_pipeline if args.xl else tiny_pipeline
     with tempfile.TemporaryDirectory() as tokenizer_folder:
-        tiny_pipeline(tokenizer_folder, seed=args.seed).save_pretrained(args.out, safe_serialization=True)
-    print(f"tiny random Stable Diffusion pipeline: {args.out}")
+        build(tokenizer_folder, seed=args.seed).save_pretrained(args.out, safe_serialization=True)
+    print(f"tiny random Stable Diffusion{' XL' if args.xl else ''} pipeline: {args.out}")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -84,10 +85,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sd_sub.add_parser("apply-delta", help="Merge a delta onto its base model into a full pipeline folder.")
     p.add_argument("--base", required=True, help="the base pipeline (hub id or folder) the delta was made from")
     p.add_argument("--delta", required=True, help="delta.safetensors of an erasure run")
-    p.add_argument("--out", required=True, help="output folder (StableDiffusionPipeline.from_pretrained loads it)")
+    p.add_argument("--out", required=True, help="output folder (the base's pipeline class, e.g. StableDiffusionPipeline, loads it)")
     p.set_defaults(func=cmd_apply_delta)
 
     p = sd_sub.add_parser("tiny-pipeline", help="Write a tiny random SD pipeline, to try every command offline in seconds.")
     p.add_argument("out", help="output folder")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--xl", action="store_true", help="an SDXL pipeline (two text encoders, size conditioning)")
     p.set_defaults(func=cmd_tiny_pipeline)

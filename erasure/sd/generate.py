@@ -24,11 +24,11 @@ import torch
 from accelerate import PartialState
 from diffusers import (
     DDIMScheduler,
+    DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
-    StableDiffusionPipeline,
 )
 from tqdm.auto import tqdm
 
@@ -65,7 +65,7 @@ def image_path(folder: str | Path, index: int) -> Path:
     return Path(folder) / f"{index:06d}.png"
 
 
-def set_scheduler(pipe: StableDiffusionPipeline, name: str) -> None:
+def set_scheduler(pipe: DiffusionPipeline, name: str) -> None:
     """Swap the pipeline's sampler for ``name`` (same noise schedule)."""
     if name not in SCHEDULERS:
         from erasure.core.errors import ErasureError
@@ -76,7 +76,7 @@ def set_scheduler(pipe: StableDiffusionPipeline, name: str) -> None:
 
 @torch.no_grad()
 def generate(
-    pipe: StableDiffusionPipeline,
+    pipe: DiffusionPipeline,
     items: list[Item],
     folder: str | Path,
     model_name: str,

@@ -1,18 +1,33 @@
 """Loading and saving Stable Diffusion pipelines, and the frozen parts used in training.
 
-Any diffusers ``StableDiffusionPipeline`` works: a hub id (users online) or a local folder
-(air-gapped clusters). The safety checker is always off: this is a research tool whose job
-is to measure what the model itself generates, and every run's config says so.
+Any diffusers ``StableDiffusionPipeline`` (SD 1.x / 2.x) or ``StableDiffusionXLPipeline``
+works: a hub id (users online) or a local folder (air-gapped clusters). The safety checker
+is always off: this is a research tool whose job is to measure what the model itself
+generates, and every run's config says so.
+
+What differs between model families sits in one *family adapter* (:class:`ModelFamily`),
+picked by the pipeline folder's ``model_index.json`` ``_class_name``: which pipeline class
+loads it, and how prompts become the denoiser's :class:`Conditioning` (one text encoder's
+hidden states for SD 1.x/2.x; two encoders, a pooled embedding and size ids for SDXL,
+see :mod:`erasure.sd.sdxl`). Methods only ever see a :class:`Conditioning` and call
+:func:`erasure.sd.methods.base.eps`, so another family (an SD3 / FLUX transformer) is one
+more adapter module.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
 
 from erasure.core.errors import ErasureError
+from erasure.core.registry import Registry
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -24,26 +39,160 @@ def frozen_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_pipeline(pretrained: str, revision: str | None = None, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
-    """A Stable Diffusion pipeline from a hub id, a local pipeline folder or an erasure run folder; safety checker off."""
+@dataclass
+class Conditioning:
+    """What the denoiser reads besides ``x_t`` and ``t``, for a batch of prompts (one row each).
+
+    ``hidden`` is the cross-attention input ``[N, tokens, dim]`` (``encoder_hidden_states``);
+    ``added`` holds a family's extra per-row tensors (SDXL: ``text_embeds``, the pooled
+    embedding, and ``time_ids``, the size and crop ids), passed as ``added_cond_kwargs``.
+    It indexes, expands, concatenates and casts like a tensor, row-wise, so the methods'
+    arithmetic on prompt embeddings is the same for every family.
+    """
+
+    hidden: torch.Tensor
+    added: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def map(self, f: Callable[[torch.Tensor], torch.Tensor]) -> Conditioning:
+        """The same conditioning with ``f`` applied to every tensor."""
+        return dataclasses.replace(self, hidden=f(self.hidden), added={k: f(v) for k, v in self.added.items()})
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+    def __getitem__(self, index: Any) -> Conditioning:
+        return self.map(lambda x: x[index])
+
+    @property
+    def device(self) -> torch.device:
+        return self.hidden.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.hidden.dtype
+
+    def expand(self, n: int) -> Conditioning:
+        """A one-row conditioning broadcast to ``n`` rows (a view, as ``Tensor.expand``)."""
+        return self.map(lambda x: x.expand(n, *x.shape[1:]))
+
+    def repeat_interleave(self, n: int) -> Conditioning:
+        """Every row repeated ``n`` times in place (row i becomes rows i*n .. i*n+n-1)."""
+        return self.map(lambda x: x.repeat_interleave(n, 0))
+
+    def to(self, *args: Any, **kwargs: Any) -> Conditioning:
+        """Every tensor moved or cast, as ``Tensor.to``."""
+        return self.map(lambda x: x.to(*args, **kwargs))
+
+    def float(self) -> Conditioning:
+        return self.to(torch.float32)
+
+    @staticmethod
+    def cat(parts: list[Conditioning]) -> Conditioning:
+        """The rows of ``parts`` in order (as ``torch.cat`` of tensors)."""
+        first = parts[0]
+        added = {k: torch.cat([p.added[k] for p in parts]) for k in first.added}
+        return dataclasses.replace(first, hidden=torch.cat([p.hidden for p in parts]), added=added)
+
+    def model_inputs(self) -> dict[str, Any]:
+        """Keyword arguments of the denoiser's forward (a UNet's; a transformer family would override this)."""
+        if not self.added:
+            return {"encoder_hidden_states": self.hidden}
+        return {"encoder_hidden_states": self.hidden, "added_cond_kwargs": self.added}
+
+
+class ModelFamily:
+    """How one family of pipelines is loaded and conditioned; registered under its pipeline class name."""
+
+    name: ClassVar[str]
+    pipeline_class: ClassVar[type[DiffusionPipeline]] = StableDiffusionPipeline
+    load_kwargs: ClassVar[dict[str, Any]] = {"safety_checker": None, "requires_safety_checker": False}
+
+    @classmethod
+    def load(cls, source: str, revision: str | None, dtype: torch.dtype) -> DiffusionPipeline:
+        """The pipeline at ``source`` (hub id or folder), safety checker off where it has one."""
+        return cls.pipeline_class.from_pretrained(source, revision=revision, torch_dtype=dtype, **cls.load_kwargs)
+
+    @classmethod
+    def text_encoders(cls, pipe: DiffusionPipeline) -> list[torch.nn.Module]:
+        """The frozen text encoders whose outputs make :attr:`Conditioning.hidden`."""
+        return [pipe.text_encoder]
+
+    @classmethod
+    def hidden_states(cls, pipe: DiffusionPipeline, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(hidden, extras)`` of one batch of prompts: the cross-attention input and per-prompt tensors :meth:`added` needs."""
+        raise NotImplementedError
+
+    @classmethod
+    def added(cls, pipe: DiffusionPipeline, extras: dict[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:
+        """The ``added_cond_kwargs`` of prompts encoded with ``extras``, for images of ``size`` px (none for SD 1.x)."""
+        return {}
+
+
+FAMILIES: Registry[type[ModelFamily]] = Registry("pipeline class (model family)")
+
+
+@FAMILIES.register("StableDiffusionPipeline")
+class StableDiffusion(ModelFamily):
+    """SD 1.x and 2.x: one CLIP text encoder, its last hidden states."""
+
+    @classmethod
+    def hidden_states(cls, pipe: DiffusionPipeline, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ids = pipe.tokenizer(
+            prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(pipe.text_encoder.device)
+        return pipe.text_encoder(ids)[0], {}
+
+
+def family_of(pipe: DiffusionPipeline) -> type[ModelFamily]:
+    """The family adapter of a loaded pipeline."""
+    return FAMILIES.get(type(pipe).__name__)
+
+
+def pipeline_folder(pretrained: str) -> Path | None:
+    """The local pipeline folder ``pretrained`` names (an erasure run folder: its ``model/``), or None for a hub id."""
     local = Path(pretrained).expanduser()
     looks_local = local.exists() or pretrained.startswith((".", "/", "~")) or pretrained.count("/") > 1
-    if looks_local and not (local / "model_index.json").is_file() and (local / "model" / "model_index.json").is_file():
+    if not looks_local:
+        return None
+    if not (local / "model_index.json").is_file() and (local / "model" / "model_index.json").is_file():
         local = local / "model"  # an erasure run folder: its exported pipeline
-    if looks_local and not (local / "model_index.json").is_file():
+    if not (local / "model_index.json").is_file():
         raise ErasureError(
             f"'{pretrained}' is not a diffusers pipeline folder (no model_index.json). "
             "Give a folder written by save_pretrained, an erasure run folder, or a hub id such as CompVis/stable-diffusion-v1-4."
         )
+    return local
+
+
+def pipeline_class_name(pretrained: str, revision: str | None = None) -> str:
+    """The ``_class_name`` in the pipeline's ``model_index.json`` (a hub id's is fetched, or read from the cache offline)."""
+    local = pipeline_folder(pretrained)
+    if local is not None:
+        index = local / "model_index.json"
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            index = Path(hf_hub_download(pretrained, "model_index.json", revision=revision))
+        except Exception as e:  # noqa: BLE001 - any hub failure is the same problem for the user
+            raise ErasureError(
+                f"could not load the Stable Diffusion pipeline '{pretrained}' (its model_index.json): {str(e).splitlines()[0]} "
+                "Check the hub id (and your network or HF_HUB_OFFLINE), or pass a local folder."
+            ) from None
+    return str(json.loads(index.read_text()).get("_class_name", "StableDiffusionPipeline"))
+
+
+def load_pipeline(pretrained: str, revision: str | None = None, dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
+    """A Stable Diffusion (1.x, 2.x or XL) pipeline from a hub id, a local pipeline folder or an erasure run folder; safety checker off."""
+    local = pipeline_folder(pretrained)
+    class_name = pipeline_class_name(pretrained, revision)
+    if class_name not in FAMILIES:
+        raise ErasureError(
+            f"'{pretrained}' is a {class_name}; erasure sd supports {', '.join(FAMILIES)}. Give a Stable Diffusion 1.x, 2.x or XL pipeline."
+        )
     quiet_loading()
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            str(local) if looks_local else pretrained,
-            revision=revision,
-            torch_dtype=dtype,
-            safety_checker=None,
-            requires_safety_checker=False,
-        )
+        pipe = FAMILIES.get(class_name).load(str(local) if local is not None else pretrained, revision, dtype)
     except (OSError, ValueError) as e:
         raise ErasureError(
             f"could not load the Stable Diffusion pipeline '{pretrained}': {str(e).splitlines()[0]} "
@@ -62,33 +211,40 @@ def quiet_loading() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def noise_scheduler(pipe: StableDiffusionPipeline) -> DDPMScheduler:
+def noise_scheduler(pipe: DiffusionPipeline) -> DDPMScheduler:
     """The training-time noise schedule of the pipeline (same betas as its sampler)."""
     return DDPMScheduler.from_config(pipe.scheduler.config)
 
 
-def ddim_scheduler(pipe: StableDiffusionPipeline) -> DDIMScheduler:
+def ddim_scheduler(pipe: DiffusionPipeline) -> DDIMScheduler:
     """A DDIM sampler on the pipeline's schedule (ESD draws its intermediate latents with it)."""
     return DDIMScheduler.from_config(pipe.scheduler.config)
 
 
+def native_size(pipe: DiffusionPipeline) -> int:
+    """The image size the model was trained at (512 for SD 1.x, 1024 for SDXL)."""
+    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
 @torch.no_grad()
-def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str], batch_size: int = 32) -> torch.Tensor:
-    """CLIP text embeddings ``[len(prompts), tokens, dim]`` on the text encoder's device."""
-    out = []
+def encode_conditioning(pipe: DiffusionPipeline, prompts: list[str], size: int | None = None, batch_size: int = 32) -> Conditioning:
+    """The denoiser's conditioning for ``prompts`` (one row each) and images of ``size`` px (None: native), on the text encoder's device."""
+    family = family_of(pipe)
+    hidden, extras = [], []
     for i in range(0, len(prompts), batch_size):
-        ids = pipe.tokenizer(
-            prompts[i : i + batch_size],
-            padding="max_length",
-            max_length=pipe.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(pipe.text_encoder.device)
-        out.append(pipe.text_encoder(ids)[0])
-    return torch.cat(out)
+        h, e = family.hidden_states(pipe, prompts[i : i + batch_size])
+        hidden.append(h)
+        extras.append(e)
+    joined = {k: torch.cat([e[k] for e in extras]) for k in extras[0]}
+    return Conditioning(torch.cat(hidden), family.added(pipe, joined, size or native_size(pipe)))
 
 
-def token_positions(pipe: StableDiffusionPipeline, prompt: str, words: str) -> list[int]:
+def encode_prompts(pipe: DiffusionPipeline, prompts: list[str], batch_size: int = 32) -> torch.Tensor:
+    """Text embeddings ``[len(prompts), tokens, dim]`` (the cross-attention input) on the text encoder's device."""
+    return encode_conditioning(pipe, prompts, batch_size=batch_size).hidden
+
+
+def token_positions(pipe: DiffusionPipeline, prompt: str, words: str) -> list[int]:
     """Positions of the tokens of ``words`` inside the tokenized ``prompt`` (FMN needs them)."""
     ids = pipe.tokenizer(prompt, truncation=True, max_length=pipe.tokenizer.model_max_length).input_ids
     target = pipe.tokenizer(words, add_special_tokens=False).input_ids
@@ -99,7 +255,7 @@ def token_positions(pipe: StableDiffusionPipeline, prompt: str, words: str) -> l
 
 
 @torch.no_grad()
-def encode_images(pipe: StableDiffusionPipeline, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+def encode_images(pipe: DiffusionPipeline, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
     """VAE latents (posterior mean, scaled) of uint8 images ``[N, 3, H, W]``."""
     vae = pipe.vae
     out = []
@@ -120,3 +276,7 @@ def load_unet(pretrained: str, revision: str | None = None) -> UNet2DConditionMo
         return UNet2DConditionModel.from_pretrained(source, subfolder="unet", revision=revision)
     except (OSError, ValueError) as e:
         raise ErasureError(f"could not load the UNet of '{pretrained}': {str(e).splitlines()[0]}") from None
+
+
+# The SDXL adapter registers itself; imported last because it builds on the classes above.
+from erasure.sd import sdxl  # noqa: E402, F401

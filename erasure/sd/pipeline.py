@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 from PIL import Image
 
 from erasure.core.card import command_line, write_cards
@@ -28,14 +28,14 @@ from erasure.sd.config import Concept, SDConfig, SDTrainConfig, load_concept
 from erasure.sd.generate import Item, generate
 from erasure.sd.methods import SD_METHODS, SDContext
 from erasure.sd.methods.base import LatentSet
-from erasure.sd.model import encode_images, encode_prompts, frozen_dtype, load_pipeline, load_unet, noise_scheduler
+from erasure.sd.model import encode_conditioning, encode_images, frozen_dtype, load_pipeline, load_unet, native_size, noise_scheduler
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
-def resolution(config: SDConfig, pipe: StableDiffusionPipeline) -> int:
-    """Training image size: configured, or the model's native one (512 for SD 1.x)."""
-    return config.generation.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+def resolution(config: SDConfig, pipe: DiffusionPipeline) -> int:
+    """Training image size: configured, or the model's native one (512 for SD 1.x, 1024 for SDXL)."""
+    return config.generation.resolution or native_size(pipe)
 
 
 def load_image_folder(folder: str | Path, size: int) -> torch.Tensor:
@@ -57,9 +57,9 @@ def load_image_folder(folder: str | Path, size: int) -> torch.Tensor:
 
 
 def training_sets(
-    config: SDConfig, concept: Concept, pipe: StableDiffusionPipeline, names: tuple[str, ...], device: torch.device
+    config: SDConfig, concept: Concept, pipe: DiffusionPipeline, names: tuple[str, ...], device: torch.device
 ) -> dict[str, LatentSet]:
-    """The image sets ``names`` as latents with prompt embeddings; images are made or read once and cached."""
+    """The image sets ``names`` as latents with their prompts' conditioning; images are made or read once and cached."""
     size = resolution(config, pipe)
     out = {}
     for name in names:
@@ -68,13 +68,13 @@ def training_sets(
         stage = Stage(Path(config.workdir) / "data" / name, config_fingerprint(config, ("model", "generation"), prompts=prompts, real=real))
         stage.run(config, functools.partial(_make_set, config, pipe, stage.folder, name, prompts, real, size))
         cached = load_tensors(stage.folder / "latents.safetensors", device)
-        embeddings = encode_prompts(pipe, prompts).float().to(device)
+        embeddings = encode_conditioning(pipe, prompts, size).float().to(device)
         out[name] = LatentSet(cached["latents"], cached["prompt_index"].long(), embeddings, prompts)
     return out
 
 
 def _make_set(
-    config: SDConfig, pipe: StableDiffusionPipeline, folder: Path, name: str, prompts: list[str], real: str | list[str] | None, size: int
+    config: SDConfig, pipe: DiffusionPipeline, folder: Path, name: str, prompts: list[str], real: str | list[str] | None, size: int
 ) -> dict:
     """Generate (on every process) a set's images unless real ones are given, then encode them (main process)."""
     gen = config.generation
@@ -121,9 +121,10 @@ def erase(config: SDConfig) -> Path:
         # Frozen parts (and data generation) run in low precision; the trained UNet is a separate fp32 copy.
         pipe = load_pipeline(config.model.pretrained, config.model.revision, frozen_dtype(config.model.frozen_dtype, device)).to(device)
         sets = training_sets(config, concept, pipe, method_cls.needs, device)
-        uncond = encode_prompts(pipe, [""]).float().to(device)
+        size = resolution(config, pipe)
+        uncond = encode_conditioning(pipe, [""], size).float().to(device)
         unet = pipe.unet = load_unet(config.model.pretrained, config.model.revision).to(device)
-        method = method_cls(SDContext(config, concept, pipe, noise_scheduler(pipe), sets, uncond, device))
+        method = method_cls(SDContext(config, concept, pipe, noise_scheduler(pipe), sets, uncond, device, size))
         if method_cls.closed_form:
             # Every process makes the same deterministic edit; only the main one writes it.
             with torch.no_grad():

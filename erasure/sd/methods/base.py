@@ -15,11 +15,12 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers import DDPMScheduler, DiffusionPipeline
 
 from erasure.core.registry import Registry
 from erasure.core.saliency import Mask
 from erasure.sd.config import Concept, SDConfig
+from erasure.sd.model import Conditioning
 
 
 @dataclass
@@ -28,11 +29,11 @@ class LatentSet:
 
     latents: torch.Tensor  # [N, 4, h, w]
     prompt_index: torch.Tensor  # [N] long
-    embeddings: torch.Tensor  # [P, tokens, dim]
+    embeddings: Conditioning  # P rows: each prompt's conditioning
     prompts: list[str]
 
-    def batch(self, g: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A random batch: latents, their prompt embeddings, and the prompt indices."""
+    def batch(self, g: torch.Generator, n: int) -> tuple[torch.Tensor, Conditioning, torch.Tensor]:
+        """A random batch: latents, their prompts' conditioning, and the prompt indices."""
         idx = torch.randint(0, len(self.latents), (n,), generator=g, device=g.device).to(self.latents.device)
         p = self.prompt_index[idx]
         return self.latents[idx], self.embeddings[p], p
@@ -44,11 +45,12 @@ class SDContext:
 
     config: SDConfig
     concept: Concept
-    pipe: StableDiffusionPipeline  # frozen VAE and text encoder (its UNet is the model being trained)
+    pipe: DiffusionPipeline  # frozen VAE and text encoder(s) (its UNet is the model being trained)
     scheduler: DDPMScheduler
     sets: dict[str, LatentSet]  # 'forget' / 'retain', as the method asked for
-    uncond: torch.Tensor  # [1, tokens, dim] embedding of the empty prompt
+    uncond: Conditioning  # one row: the empty prompt's conditioning
     device: torch.device
+    size: int | None = None  # training image size in px (SDXL's size conditioning); None: the model's native size
 
     def noisy(self, latents: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(x_t, target, t)`` for random timesteps; the target is what the UNet should predict.
@@ -65,19 +67,19 @@ class SDContext:
             target = noise
         return self.scheduler.add_noise(latents, noise, t), target, t
 
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        """Text embeddings of ``prompts`` (fp32, on the training device)."""
-        from erasure.sd.model import encode_prompts
+    def encode(self, prompts: list[str]) -> Conditioning:
+        """The conditioning of ``prompts`` (fp32, on the training device)."""
+        from erasure.sd.model import encode_conditioning
 
-        return encode_prompts(self.pipe, prompts).float().to(self.device)
-
-
-def eps(model: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-    """The UNet's prediction (noise, or velocity for v-prediction models)."""
-    return model(x_t, t, encoder_hidden_states=emb).sample
+        return encode_conditioning(self.pipe, prompts, self.size).float().to(self.device)
 
 
-def denoising_loss(model: torch.nn.Module, ctx: SDContext, latents: torch.Tensor, emb: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def eps(model: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    """The denoiser's prediction (noise, or velocity for v-prediction models) under ``cond``."""
+    return model(x_t, t, **cond.model_inputs()).sample
+
+
+def denoising_loss(model: torch.nn.Module, ctx: SDContext, latents: torch.Tensor, emb: Conditioning, g: torch.Generator) -> torch.Tensor:
     """The standard latent-diffusion loss (per-element mean)."""
     x_t, target, t = ctx.noisy(latents, g)
     return F.mse_loss(eps(model, x_t, t, emb).float(), target.float())

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from erasure.core.loop import host_generator
 from erasure.sd.methods.base import SD_METHODS, SDMethod, eps
-from erasure.sd.model import ddim_scheduler, frozen_dtype
+from erasure.sd.model import Conditioning, ddim_scheduler, frozen_dtype
 
 # Outside cross-attention, the original ESD-u ("noxattn") also leaves out the time
 # embedding and the output layers (CompVis names time_embed.* and out.*).
@@ -58,19 +58,19 @@ class ESD(SDMethod):
         ctx = self.ctx
         self.teacher = copy.deepcopy(model).requires_grad_(False).eval()
         self.teacher.to(dtype=frozen_dtype(ctx.config.model.frozen_dtype, ctx.device))
-        self.concepts = ctx.encode([part.concept for part in ctx.concept.concepts])  # [K, tokens, dim]
+        self.concepts = ctx.encode([part.concept for part in ctx.concept.concepts])  # K rows
         self.sampler = ddim_scheduler(ctx.pipe)
         self.sampler.set_timesteps(ctx.config.esd.ddim_steps, device=ctx.device)
         self.timesteps = self.sampler.timesteps.tolist()  # read on the host each step, so kept there
 
     @torch.no_grad()
-    def _trajectory(self, model: torch.nn.Module, concept: torch.Tensor, stop: int, n: int, g: torch.Generator) -> torch.Tensor:
-        """x_t after ``stop`` DDIM steps from pure noise, guided towards ``concept`` (its embedding)."""
+    def _trajectory(self, model: torch.nn.Module, concept: Conditioning, stop: int, n: int, g: torch.Generator) -> torch.Tensor:
+        """x_t after ``stop`` DDIM steps from pure noise, guided towards ``concept`` (its conditioning)."""
         ctx, w = self.ctx, self.ctx.config.esd.start_guidance
         size = ctx.pipe.unet.config.sample_size
         x = torch.randn((n, ctx.pipe.unet.config.in_channels, size, size), generator=g, device=g.device).to(ctx.device)
         dtype = next(model.parameters()).dtype  # the frozen teacher runs in low precision
-        emb = torch.cat([ctx.uncond.expand(n, -1, -1), concept.expand(n, -1, -1)]).to(dtype)
+        emb = Conditioning.cat([ctx.uncond.expand(n), concept.expand(n)]).to(dtype)
         # Host-side timesteps: a scheduler indexing its CPU tables with a CUDA tensor would wait for the GPU every step.
         for t in self.timesteps[:stop]:
             uncond, cond = eps(model, torch.cat([x, x]).to(dtype), torch.full((2 * n,), t, device=ctx.device), emb).float().chunk(2)
@@ -100,10 +100,10 @@ class ESD(SDMethod):
         t = torch.full((n,), timestep, device=ctx.device)
         with torch.no_grad():
             dtype = next(self.teacher.parameters()).dtype
-            emb = torch.cat([ctx.uncond, concept]).repeat_interleave(n, 0).to(dtype)
+            emb = Conditioning.cat([ctx.uncond, concept]).repeat_interleave(n).to(dtype)
             e0, ec = eps(self.teacher, torch.cat([x_t, x_t]).to(dtype), torch.cat([t, t]), emb).float().chunk(2)
         target = e0 - ctx.config.esd.eta * (ec - e0)
-        loss = F.mse_loss(eps(model, x_t, t, concept.expand(n, -1, -1)).float(), target)
+        loss = F.mse_loss(eps(model, x_t, t, concept.expand(n)).float(), target)
         logs = {"stop": float(stop), "timestep": float(timestep), **({"concept": float(k)} if len(self.concepts) > 1 else {})}
         return loss, logs
 

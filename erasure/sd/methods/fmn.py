@@ -24,7 +24,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor
 
 from erasure.core.errors import ErasureError
-from erasure.sd.methods.base import SD_METHODS, SDMethod
+from erasure.sd.methods.base import SD_METHODS, SDMethod, eps
 
 
 class AttentionProbe:
@@ -111,7 +111,7 @@ class FMN(SDMethod):
         latents, emb, p = ctx.sets["forget"].batch(g, ctx.config.train.batch_size)
         x_t, _, t = ctx.noisy(latents, g)
         self.probe.maps.clear()
-        model(x_t, t, encoder_hidden_states=emb)
+        eps(model, x_t, t, emb)  # only the attention maps it leaves in the probe are used
         loss = attention_loss(self.probe.maps, self.positions[p], ctx.config.fmn.reduction)
         self.probe.maps.clear()
         return loss, {"positions": self.positions[p].sum(1).float().mean()}

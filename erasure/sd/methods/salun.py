@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from erasure.core.saliency import Mask, accumulate_gradients
 from erasure.sd.methods.base import SD_METHODS, SDMethod, denoising_loss, eps
+from erasure.sd.model import Conditioning
 
 
 @SD_METHODS.register("salun")
@@ -42,13 +43,13 @@ class SalUnSD(SDMethod):
         ctx, w = self.ctx, self.ctx.config.mask.guidance
         latents, emb, _ = ctx.sets["forget"].batch(g, ctx.config.mask.batch_size)
         x_t, target, t = ctx.noisy(latents, g)
-        both = eps(model, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([emb, ctx.uncond.expand_as(emb)]))
+        both = eps(model, torch.cat([x_t, x_t]), torch.cat([t, t]), Conditioning.cat([emb, ctx.uncond.expand(len(emb))]))
         cond, uncond = both.chunk(2)
         return -F.mse_loss(target.float(), ((1 + w) * cond - w * uncond).float())
 
     def prepare(self, model: torch.nn.Module) -> None:
         concept = self.ctx.concept
-        self.target = self.ctx.encode(concept.target)  # [T, tokens, dim]
+        self.target = self.ctx.encode(concept.target)  # T rows
         # Target prompts of each concept, and the concept of each forget prompt.
         parts = torch.tensor(concept.part_of("target"))
         self.targets_of = [torch.nonzero(parts == k).flatten().to(self.ctx.device) for k in range(len(concept.concepts))]

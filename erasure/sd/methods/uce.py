@@ -28,11 +28,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 
 from erasure.core.errors import ErasureError
 from erasure.sd.methods.base import SD_METHODS, SDMethod
-from erasure.sd.model import encode_prompts
+from erasure.sd.model import encode_prompts, family_of
 
 
 def is_uce_weight(name: str, with_to_k: bool = True) -> bool:
@@ -42,7 +42,7 @@ def is_uce_weight(name: str, with_to_k: bool = True) -> bool:
 
 
 @torch.no_grad()
-def last_token_embeddings(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
+def last_token_embeddings(pipe: DiffusionPipeline, prompts: list[str]) -> torch.Tensor:
     """``[len(prompts), dim]``: each prompt's text embedding at its last token before end-of-text.
 
     The reference's index ``attention_mask.sum() - 2``: the tokenized prompt holds
@@ -114,15 +114,17 @@ class UCE(SDMethod):
     def edit(self, model: torch.nn.Module) -> dict[str, Any]:
         ctx, cfg = self.ctx, self.ctx.config.uce
         erase, guide, preserve = self.edit_prompts()
-        encoder = ctx.pipe.text_encoder
-        frozen = encoder.dtype
-        encoder.float()  # the reference encodes in fp32; the text encoder is small next to the UNet
+        encoders = family_of(ctx.pipe).text_encoders(ctx.pipe)
+        frozen = [encoder.dtype for encoder in encoders]
+        for encoder in encoders:
+            encoder.float()  # the reference encodes in fp32; the text encoders are small next to the UNet
         try:
             c = last_token_embeddings(ctx.pipe, erase).float()
             g = last_token_embeddings(ctx.pipe, guide).float()
             p = last_token_embeddings(ctx.pipe, preserve).float() if preserve else c.new_zeros(0, c.shape[1])
         finally:
-            encoder.to(frozen)
+            for encoder, dtype in zip(encoders, frozen):
+                encoder.to(dtype)
         edited, erase_error, preserve_drift = 0, [], []
         for name, param in model.named_parameters():
             if not self.trainable(name):
