@@ -125,6 +125,7 @@ class Experiment:
         """A finished stage's metrics; re-scored from its saved model if they were taken at another eval precision."""
         done = read_json(stage.folder / "done.json")
         if done.get("eval_precision", "autocast") != self.config.eval_precision:
+            wait_for_everyone()  # every process has read the old record, so all take this branch, before it is rewritten
             if self.accelerator.is_main_process:
                 model = load_weights(self.fresh_model(0), stage.folder / "model.safetensors").to(self.accelerator.device)
                 done.update(metrics=self.evaluate(model), eval_precision=self.config.eval_precision)
