@@ -11,6 +11,7 @@ from erasure.classification.data import EpochSampler, Split, augment, make_split
 from erasure.classification.methods import METHODS, UnlearnContext, get_method
 from erasure.classification.metrics import make_table, markdown, mia_efficacy
 from erasure.classification.model import resnet18
+from erasure.classification.train import Pass, PassSchedule, shard
 from erasure.cli import main
 from erasure.core.config import load_config
 from erasure.core.errors import ErasureError
@@ -182,3 +183,19 @@ def test_a_diverging_iu_step_is_a_clear_error(tmp_path):
     ctx, model = tiny_context(tmp_path, **{"unlearn.iu.alpha": 1e300})
     with pytest.raises(ErasureError, match="IU step is not finite"):
         get_method("iu")(ctx).run(model)
+
+
+def test_shards_split_every_global_batch_once():
+    for n, processes in [(30, 2), (31, 2), (18, 4), (5, 5)]:
+        parts = [shard(n, rank, processes) for rank in range(processes)]
+        assert [p.start for p in parts[1:]] == [p.stop for p in parts[:-1]] and parts[0].start == 0 and parts[-1].stop == n
+        assert max(p.stop - p.start for p in parts) - min(p.stop - p.start for p in parts) <= 1
+
+
+def test_a_batch_smaller_than_the_process_count_is_a_clear_error():
+    forget = Pass(torch.zeros(33, 3, 8, 8, dtype=torch.uint8), torch.zeros(33, dtype=torch.long), name="forget")
+    schedule = PassSchedule([forget], batch_size=16, seed=0)  # 16, 16, 1
+    schedule.check_shardable(1, "salun")
+    with pytest.raises(ErasureError, match="forget pass ends each epoch with a batch of 1 image.*drop_last=true"):
+        schedule.check_shardable(2, "salun")
+    PassSchedule([forget], batch_size=16, seed=0, drop_last=True).check_shardable(2, "salun")

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from erasure.classification.model import resnet18
 from erasure.cli import main
+from erasure.core.io import load_tensors
 from erasure.core.saliency import Mask
 from erasure.ddpm.model import load_unet
 from erasure.sd.model import load_unet as load_sd_unet
@@ -79,3 +81,71 @@ def test_two_process_stable_diffusion_salun(tmp_path):
     assert len(list((workdir / "data" / "forget" / "images").glob("*.png"))) == 6
     base, erased = load_sd_unet(str(tmp_path / "tiny")), load_sd_unet(str(workdir / "salun" / "model"))
     assert_mask_held(base, erased, Mask.load(workdir / "salun" / "mask.safetensors", base))
+
+
+def _read_log(path: Path) -> list[tuple[int, float]]:
+    rows = path.read_text().splitlines()[1:]
+    return [(int(r.split(",")[0]), float(r.split(",")[1])) for r in rows]
+
+
+@needs_accelerate
+def test_two_process_classification_matches_one_process(tmp_path, one_thread):
+    """``erasure unlearn-classifier`` on two gloo processes trains what one process trains.
+
+    The two-process job trains the original model, Retrain, RL and SalUn; a one-process run
+    then reuses that original model (and split) and trains the same methods. Each step's
+    global batch (indices, crops, flips, random labels) is the one-process batch, split
+    between the processes (unevenly where it is odd), and BatchNorm normalizes with the
+    global batch's statistics, so the recipe is the same. "The same" here means: the same
+    optimizer steps (the logs list the same step numbers, with the whole batch's loss), the
+    same SalUn mask bit for bit (made by one process from the same model), and every weight
+    and BatchNorm statistic within 1e-3 of the one-process run's.
+
+    Not bit for bit: the gradient all-reduce and the global BatchNorm sums add two shards'
+    partial sums, which rounds differently from one batch's sum. Training amplifies such
+    rounding: one process with 1 thread and with 2 threads ends 2 epochs of this Retrain
+    ~1e-3 apart, so the test keeps to 1 epoch, where the two-process differences seen are
+    ~1e-6. With per-process BatchNorm statistics (``sync_batchnorm=false``) they differ by
+    ~0.1 (weights and statistics), so the tolerance does catch a changed recipe.
+    """
+    config = [
+        "device=cpu",
+        "model.width=4",
+        "train.epochs=2",
+        "retrain.epochs=1",
+        "retrain.batch_size=127",  # 270 retain images: 127, 127, 16 (shards of 64 and 63, 8 and 8)
+        "unlearn.rl.epochs=1",
+        "unlearn.salun.epochs=1",
+        "unlearn.batch_size=63",  # forget pass: one batch of 30; retain pass: 4 x 63 + 18 (shards of 32 and 31, 9 and 9)
+        "unlearn.augment=true",
+        "unlearn.methods=[retrain,rl,salun]",
+        "split.train_limit=300",
+        "split.test_limit=100",
+    ]
+    two, one = tmp_path / "two", tmp_path / "one"
+    result = launch_two_processes("unlearn-classifier", *config, f"workdir={two}")
+    assert result.stdout.count("| salun |") == 1 and result.stdout.count("[salun] unlearning") == 1, result.stdout
+    assert (two / "results.md").is_file() and not list(two.rglob("checkpoint"))
+
+    one.mkdir()
+    shutil.copy(two / "split.safetensors", one)
+    shutil.copytree(two / "original", one / "original")
+    assert main(["unlearn-classifier", *config, f"workdir={one}"]) == 0
+
+    original = resnet18(10, 1, width=4)
+    original.load_state_dict(load_tensors(two / "original" / "model.safetensors"))
+    for name in ("retrain", "rl", "salun"):
+        a, b = load_tensors(one / name / "model.safetensors"), load_tensors(two / name / "model.safetensors")
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.allclose(a[key].double(), b[key].double(), rtol=0, atol=1e-3), (name, key)
+        log_one, log_two = _read_log(one / name / "log.csv"), _read_log(two / name / "log.csv")
+        assert [s for s, _ in log_one] == [s for s, _ in log_two] and log_two
+        assert [loss for _, loss in log_two] == pytest.approx([loss for _, loss in log_one], rel=1e-4)  # the whole batch's loss
+
+    mask_one = Mask.load(one / "salun" / "mask.safetensors", original)
+    mask = Mask.load(two / "salun" / "mask.safetensors", original)
+    assert all(torch.equal(mask.tensors[n], mask_one.tensors[n]) for n in mask.tensors)
+    erased = resnet18(10, 1, width=4)
+    erased.load_state_dict(load_tensors(two / "salun" / "model.safetensors"))
+    assert_mask_held(original, erased, mask)

@@ -22,17 +22,23 @@ def cmd_unlearn_classifier(args: argparse.Namespace) -> None:
         return
     from erasure.classification.metrics import markdown
     from erasure.classification.pipeline import run_table
+    from erasure.core.stages import is_main_process
 
     start = time.time()
+    main = is_main_process()  # under accelerate launch every process runs this; the main one prints
     if config.sweep.grid:
         from erasure.classification.sweep import run_sweep
 
         report = run_sweep(config)
+        if not main:
+            return
         print("\n" + (Path(config.workdir) / "sweep.md").read_text(), end="")
         print(f"sweep: {Path(config.workdir) / 'sweep.md'} (+ sweep.json), {len(report['table'])} rows")
         print(f"done in {time.time() - start:.0f} s")
         return
     table = run_table(config)
+    if not main:
+        return
     print("\n" + markdown(table))
     print(f"results: {Path(config.workdir) / 'results.md'} (+ results.json)")
     print(f"done in {time.time() - start:.0f} s")

@@ -185,6 +185,10 @@ class ClassificationConfig(RunConfig):
     # fp32: metrics (and the MIA's confidences) from fp32 forward passes, as in the reference;
     # autocast: under the training precision (bf16 confidences near 1 are coarse and move the MIA).
     eval_precision: Literal["fp32", "autocast"] = "fp32"
+    # Several processes (accelerate launch): BatchNorm normalizes each step with the statistics of
+    # the whole global batch, as the reference's one-GPU run does (SyncBatchNorm on GPUs). false:
+    # each process's shard only (plain DDP). No effect on one process.
+    sync_batchnorm: bool = True
     data: DataConfig = field(default_factory=DataConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     forget: ForgetConfig = field(default_factory=ForgetConfig)

@@ -99,6 +99,11 @@ class EpochSampler:
         self.steps_per_epoch = n // batch_size if drop_last and n >= batch_size else math.ceil(n / batch_size)
         self._epoch, self.seeded_perm = -1, torch.empty(0)
 
+    @property
+    def smallest_batch(self) -> int:
+        """The size of an epoch's last (smallest) batch."""
+        return min(self.batch_size, self.n - (self.steps_per_epoch - 1) * self.batch_size)
+
     def epoch(self, step: int) -> int:
         """The epoch that ``step`` belongs to."""
         return step // self.steps_per_epoch

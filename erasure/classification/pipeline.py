@@ -11,6 +11,10 @@ Layout of ``{workdir}``:
 Every folder is a :class:`erasure.core.stages.Stage`: a finished one with the same settings is
 reused, an interrupted one resumes from its checkpoint, and one finished with other
 settings is an error rather than an overwrite.
+
+Under ``accelerate launch`` every process trains (each on its shard of every batch, see
+:mod:`erasure.classification.train`); the main process alone writes files, scores the
+models and logs, while the others wait for it at each stage's end.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from erasure.core.config import fingerprint, to_dict
 from erasure.core.data import load_data
 from erasure.core.io import read_json, write_json, write_text
 from erasure.core.loop import make_accelerator
-from erasure.core.stages import Stage, config_fingerprint
+from erasure.core.stages import Stage, config_fingerprint, is_main_process, wait_for_everyone
 
 
 def original_stage(config: ClassificationConfig) -> Stage:
@@ -55,14 +59,13 @@ def method_stage(config: ClassificationConfig, method: str, root: str | Path | N
 
 
 def load_split(config: ClassificationConfig, train_labels: torch.Tensor, test_labels: torch.Tensor) -> Split:
-    """The run's split: made once (seeded) and saved, then read back on every rerun."""
+    """The run's split: made once (seeded) and saved by the main process, then read back (by every process, on every rerun)."""
     path = Path(config.workdir) / "split.safetensors"
     fp = fingerprint(config.data, config.split, config.forget)
-    if path.is_file():
-        return Split.load(path, fp)
-    split = make_split(train_labels, test_labels, config.split, config.forget)
-    split.save(path, fp)
-    return split
+    if is_main_process() and not path.is_file():
+        make_split(train_labels, test_labels, config.split, config.forget).save(path, fp)
+    wait_for_everyone()
+    return Split.load(path, fp)
 
 
 class Experiment:
@@ -74,8 +77,8 @@ class Experiment:
     """
 
     def __init__(self, config: ClassificationConfig, log: Callable[[str], None] = print) -> None:
-        self.config, self.log = config, log
         self.accelerator = make_accelerator(config.device, config.mixed_precision, config.log_with)
+        self.config, self.log = config, log if self.accelerator.is_main_process else _quiet
         dev = self.accelerator.device
         train_data, test_data = load_data(config.data, "train"), load_data(config.data, "test")
         split = load_split(config, train_data.labels, test_data.labels)
@@ -97,8 +100,11 @@ class Experiment:
             start = time.time()
             model = self.fresh_model(config.train.seed).to(dev)
             images, labels = train_data.images[split.train].to(dev), train_data.labels[split.train].to(dev)
-            model = fit(model, images, labels, config.train, stage.folder, self.accelerator, stage.fingerprint, desc="original")
+            recipe, sync_bn = config.train, config.sync_batchnorm
+            model = fit(model, images, labels, recipe, stage.folder, self.accelerator, stage.fingerprint, desc="original", sync_bn=sync_bn)
             minutes = (time.time() - start) / 60
+            if not self.accelerator.is_main_process:
+                return {}  # only the main process's summary is written
             save_model(model, stage.folder / "model.safetensors")
             return {"train_minutes": minutes, "metrics": self.evaluate(model), "eval_precision": config.eval_precision}
 
@@ -119,10 +125,13 @@ class Experiment:
         """A finished stage's metrics; re-scored from its saved model if they were taken at another eval precision."""
         done = read_json(stage.folder / "done.json")
         if done.get("eval_precision", "autocast") != self.config.eval_precision:
-            model = load_weights(self.fresh_model(0), stage.folder / "model.safetensors").to(self.accelerator.device)
-            done.update(metrics=self.evaluate(model), eval_precision=self.config.eval_precision)
+            wait_for_everyone()  # every process has read the old record, so all take this branch, before it is rewritten
             if self.accelerator.is_main_process:
+                model = load_weights(self.fresh_model(0), stage.folder / "model.safetensors").to(self.accelerator.device)
+                done.update(metrics=self.evaluate(model), eval_precision=self.config.eval_precision)
                 write_json(stage.folder / "done.json", done)
+            wait_for_everyone()
+            done = read_json(stage.folder / "done.json")
         return done["metrics"]
 
     def run_method(self, config: ClassificationConfig, name: str, root: str | Path | None = None) -> dict[str, float]:
@@ -145,6 +154,8 @@ class Experiment:
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             rte = (time.time() - start) / 60
+            if not self.accelerator.is_main_process:
+                return {}  # only the main process's summary is written
             save_model(model, stage.folder / "model.safetensors")
             summary = {"method": name, "rte_minutes": rte, "resumed": resumed, "metrics": self.evaluate(model), **method.info}
             return {**summary, "eval_precision": config.eval_precision}
@@ -164,6 +175,12 @@ def run_table(config: ClassificationConfig, log: Callable[[str], None] = print) 
         rows[name] = experiment.run_method(config, name)
     table = make_table(rows)
     report = {"workdir": str(workdir), "forget": to_dict(config.forget), "sizes": experiment.sizes, "table": table}
-    write_json(workdir / "results.json", report)
-    write_text(workdir / "results.md", markdown(table))
+    if is_main_process():
+        write_json(workdir / "results.json", report)
+        write_text(workdir / "results.md", markdown(table))
+    wait_for_everyone()  # the files exist once any process returns
     return table
+
+
+def _quiet(message: str) -> None:
+    """The log of a process other than the main one: the main process speaks for the job."""

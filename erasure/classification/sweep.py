@@ -24,6 +24,7 @@ from erasure.classification.metrics import METRICS, make_table
 from erasure.core.config import with_overrides
 from erasure.core.errors import ErasureError
 from erasure.core.io import write_json, write_text
+from erasure.core.stages import is_main_process, wait_for_everyone
 
 # Settings under unlearn. that every training method reads (they change every method's run).
 COMMON = ("batch_size", "momentum", "weight_decay", "augment", "seed")
@@ -132,6 +133,8 @@ def run_sweep(config: ClassificationConfig, log: Callable[[str], None] = print) 
         "table": table,
         "selected": {m: {"point": r["point"], "avg_gap": r["avg_gap"]} for m, r in selected.items()},
     }
-    write_json(workdir / "sweep.json", report)
-    write_text(workdir / "sweep.md", sweep_markdown(table, selected))
+    if is_main_process():  # under accelerate launch, one process writes; the others wait for the files
+        write_json(workdir / "sweep.json", report)
+        write_text(workdir / "sweep.md", sweep_markdown(table, selected))
+    wait_for_everyone()
     return report

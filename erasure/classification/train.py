@@ -1,12 +1,21 @@
-"""Training a classifier through the shared loop: epochs become steps, batches come from the device."""
+"""Training a classifier through the shared loop: epochs become steps, batches come from the device.
+
+Under ``accelerate launch`` with N processes every step draws the single-process run's
+global batch (same indices, augmentation and random labels on every process) and each
+process trains on its contiguous shard of it; DDP averages the gradients, each shard's loss
+weighted by its share of the batch, so one step is the single-process step whatever N.
+BatchNorm normalizes with the global batch's statistics (``sync_batchnorm``).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -105,6 +114,16 @@ class PassSchedule:
             self.offsets.append(self.offsets[-1] + sampler.steps_per_epoch)
         self.steps_per_epoch = self.offsets[-1]
 
+    def check_shardable(self, processes: int, desc: str) -> None:
+        """Refuse a schedule with a batch too small to give each of ``processes`` processes at least one image."""
+        for part, sampler in zip(self.passes, self.samplers):
+            if sampler.smallest_batch < processes:
+                raise ErasureError(
+                    f"{desc}: the {part.name or 'training'} pass ends each epoch with a batch of {sampler.smallest_batch} image(s), "
+                    f"fewer than the {processes} processes, so a process would get none. Set drop_last=true for this recipe "
+                    "(train., retrain. or unlearn.drop_last), change its batch_size, or launch fewer processes."
+                )
+
     def locate(self, step: int) -> tuple[int, int, int]:
         """(epoch, pass index, step within that pass's epoch) of a global step."""
         epoch, within = divmod(step, self.steps_per_epoch)
@@ -134,15 +153,16 @@ def fit(
     loss_fn: LossFn | None = None,
     constraint_mask: Mask | None = None,
     desc: str = "training",
+    sync_bn: bool = True,
 ) -> nn.Module:
     """Train ``model`` on uint8 ``images`` (already on the device) for ``recipe.epochs`` epochs.
 
     The loss defaults to cross-entropy with the recipe's label smoothing (the original model
     and Retrain). Resumes from ``folder/checkpoint``; ``constraint_mask`` freezes its False
-    entries bit for bit.
+    entries bit for bit; ``sync_bn`` as in :func:`fit_passes`.
     """
     loss_fn = loss_fn if loss_fn is not None else smoothed_cross_entropy(recipe.label_smoothing)
-    return fit_passes(model, [Pass(images, labels, loss_fn)], recipe, folder, accelerator, fingerprint, constraint_mask, desc)
+    return fit_passes(model, [Pass(images, labels, loss_fn)], recipe, folder, accelerator, fingerprint, constraint_mask, desc, sync_bn)
 
 
 def fit_passes(
@@ -154,19 +174,30 @@ def fit_passes(
     fingerprint: str,
     constraint_mask: Mask | None = None,
     desc: str = "training",
+    sync_bn: bool = True,
 ) -> nn.Module:
     """Train ``model`` for ``recipe.epochs`` epochs, each running ``passes`` in order (see :class:`PassSchedule`).
 
     One optimizer and one lr schedule span all passes, as in the reference's RL. Resumes
     from ``folder/checkpoint``; ``constraint_mask`` freezes its False entries bit for bit
-    (and zeroes their optimizer state) after every step.
+    (and zeroes their optimizer state) after every step. With several processes each trains
+    on its shard of every global batch (see the module's docstring); ``sync_bn`` (the
+    config's ``sync_batchnorm``) normalizes with the global batch's statistics.
     """
     schedule = PassSchedule(passes, recipe.batch_size, recipe.seed, recipe.augment, recipe.drop_last)
     spe = schedule.steps_per_epoch
+    processes, rank = accelerator.num_processes, accelerator.process_index
+    if processes > 1:
+        schedule.check_shardable(processes, desc)
 
     def step_loss(model: nn.Module, g: torch.Generator, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        b = schedule.batch(step, g)
-        return passes[b.pass_index].loss_fn(model, to_input(b.images), b.labels, b.epoch)
+        b = schedule.batch(step, g)  # the global batch: g is the same on every process (global_batches)
+        part = shard(len(b.labels), rank, processes)
+        loss, logs = passes[b.pass_index].loss_fn(model, to_input(b.images[part]), b.labels[part], b.epoch)
+        # DDP averages the processes' gradients; weighting each shard's mean loss by its share
+        # of the batch makes that average the gradient of the whole batch's mean loss, also
+        # for a last batch that does not split evenly. With one process the weight is exactly 1.
+        return loss * ((part.stop - part.start) * processes / len(b.labels)), logs
 
     settings = LoopSettings(
         steps=recipe.epochs * spe,
@@ -183,9 +214,95 @@ def fit_passes(
         nesterov=recipe.nesterov,
         checkpoint_every=recipe.checkpoint_every * spe,
         log_every=max(1, spe // 4),
+        global_batches=True,
         desc=desc,
     )
     if accelerator.device.type == "cuda":
         model = model.to(accelerator.device, memory_format=torch.channels_last)
-    model, _ = train(model, step_loss, settings, folder, accelerator, constraint_mask=constraint_mask, fingerprint=fingerprint)
+    with synced_batchnorm(model, accelerator, sync_bn):
+        model, _ = train(model, step_loss, settings, folder, accelerator, constraint_mask=constraint_mask, fingerprint=fingerprint)
     return model
+
+
+def shard(n: int, rank: int, processes: int) -> slice:
+    """Process ``rank``'s contiguous share of a global batch of ``n`` images (the first ``n % processes`` get one more)."""
+    size, extra = divmod(n, processes)
+    start = rank * size + min(rank, extra)
+    return slice(start, start + size + (rank < extra))
+
+
+class _SumOverProcesses(torch.autograd.Function):
+    """All-reduce (sum) whose gradient is the all-reduced (summed) gradient: every process's loss reaches every shard."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """The sum of ``x`` over the job's processes, differentiable (torch's own differentiable all_reduce is deprecated)."""
+    return _SumOverProcesses.apply(x)
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that, in training mode, normalizes with the statistics of the batch of all processes together.
+
+    torch's ``SyncBatchNorm`` does this on GPUs only; this is the same computation in plain
+    ops for CPU (gloo) jobs. Its all-reduces are autograd-aware: the backward pass sums each
+    statistic's gradient over processes, as ``SyncBatchNorm``'s does. Mean and variance are
+    taken in two passes (mean, then centred squares), in fp32, like BatchNorm's own.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not dist.is_initialized():
+            return super().forward(x)
+        dims, shape = (0, 2, 3), (1, -1, 1, 1)
+        x32 = x.float()
+        count = torch.full((1,), x.numel() / x.shape[1], device=x.device)
+        totals = all_reduce(torch.cat([x32.sum(dims), count]))
+        n = totals[-1].detach()
+        mean = totals[:-1] / n
+        centred = x32 - mean.view(shape)
+        var = all_reduce(centred.square().sum(dims)) / n  # biased, for normalizing (as BatchNorm)
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.detach(), factor)
+                self.running_var.lerp_(var.detach() * n / (n - 1).clamp(min=1), factor)  # unbiased, as BatchNorm keeps
+        y = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+@contextmanager
+def synced_batchnorm(model: nn.Module, accelerator: Accelerator, enabled: bool = True) -> Iterator[None]:
+    """While training with several processes, make ``model``'s BatchNorm layers use the whole global batch's statistics.
+
+    A one-GPU run (the reference) normalizes each step with the statistics of its whole
+    batch; plain DDP would use each process's shard instead, so the same recipe would train
+    differently with N. The layers are switched in place (``SyncBatchNorm`` on CUDA,
+    :class:`GlobalBatchNorm2d` elsewhere) and switched back on exit: parameters, buffers and
+    state-dict keys stay the model's own, so the optimizer, the mask constraint and the
+    checkpoints see the same tensors. No-op for one process or when not ``enabled``.
+    """
+    layers = [m for m in model.modules() if type(m) is nn.BatchNorm2d] if enabled and accelerator.num_processes > 1 else []
+    synced = nn.SyncBatchNorm if accelerator.device.type == "cuda" else GlobalBatchNorm2d
+    for m in layers:
+        m.__class__ = synced
+        if synced is nn.SyncBatchNorm:
+            m.process_group = None  # the default (world) group; SyncBatchNorm's __init__ would set it
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.__class__ = nn.BatchNorm2d

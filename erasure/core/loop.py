@@ -55,6 +55,10 @@ class LoopSettings:
     checkpoint_every: int = 0  # 0: only on interruption
     log_every: int = 10
     compile: bool = False  # torch.compile the model in place (state-dict keys unchanged); pays on GPUs for long runs
+    # True: every process gets the step generator of process 0, for callers that draw one global
+    # batch per step and train on their process's shard of it (classification); the global batch
+    # is then the single-process run's, whatever the number of processes.
+    global_batches: bool = False
     desc: str = "training"
 
     def __post_init__(self) -> None:
@@ -226,7 +230,8 @@ def train(
         for step in range(start, settings.steps):
             for group in optimizer.param_groups:
                 group["lr"] = settings.lr * _lr_factor(step, settings)
-            g = step_generator(settings.seed, step, accelerator.process_index, accelerator.device)
+            stream = 0 if settings.global_batches else accelerator.process_index
+            g = step_generator(settings.seed, step, stream, accelerator.device)
             with accelerator.autocast():
                 loss, logs = step_loss(model, g, step)
             finite.add(loss)
@@ -250,7 +255,9 @@ def train(
             if logging:
                 # Methods may log tensors (no host sync inside the step); they become numbers here.
                 logs = {k: float(v) for k, v in logs.items()}
-                row = {"step": step, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"], **logs}
+                # The mean over processes: the loss of the whole step's batch, not the main process's share.
+                value = accelerator.reduce(loss.detach(), reduction="mean") if accelerator.num_processes > 1 else loss
+                row = {"step": step, "loss": value.item(), "lr": optimizer.param_groups[0]["lr"], **logs}
                 row["grad_norm"] = float(grad_norm)  # before clipping
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
                 if accelerator.is_main_process:

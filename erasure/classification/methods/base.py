@@ -64,7 +64,8 @@ class UnlearnContext:
         self, model: nn.Module, passes: list[Pass], epochs: int, lr: float, mask: Mask | None = None, desc: str = "unlearning"
     ) -> nn.Module:
         """Train ``model`` with every epoch running ``passes`` in order (e.g. RL's forget pass, then its retain pass)."""
-        return fit_passes(model, passes, self.recipe(epochs, lr), self.folder, self.accelerator, self.fingerprint, mask, desc)
+        recipe, sync_bn = self.recipe(epochs, lr), self.config.sync_batchnorm
+        return fit_passes(model, passes, recipe, self.folder, self.accelerator, self.fingerprint, mask, desc, sync_bn)
 
     def random_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """A seeded random label for each image, never its true one (RL's ``mixed_fixed`` schedule only)."""

@@ -11,4 +11,5 @@ class Retrain(Method):
     def run(self, model: nn.Module) -> nn.Module:
         ctx, recipe = self.ctx, self.ctx.config.retrain
         fresh = build_model(ctx.config, ctx.retain_images.shape[1], ctx.num_classes, recipe.seed).to(ctx.accelerator.device)
-        return fit(fresh, ctx.retain_images, ctx.retain_labels, recipe, ctx.folder, ctx.accelerator, ctx.fingerprint, desc="retrain")
+        data = (ctx.retain_images, ctx.retain_labels)
+        return fit(fresh, *data, recipe, ctx.folder, ctx.accelerator, ctx.fingerprint, desc="retrain", sync_bn=ctx.config.sync_batchnorm)
