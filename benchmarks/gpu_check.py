@@ -109,7 +109,7 @@ def main() -> None:
             py, "benchmarks/generation_throughput.py", "--tokenizer", str(args.tokenizer), "--label", "gpu-check",
             "--images", "16", "--batch-size", "8", "--steps", "50", "--nudenet-images", "16",
         ]]
-    limits = {"tests": 240, "demo": 120, "ddpm-bf16": 60, "sd-tiny": 120, "classification": 120, "sd-step": 360, "generation": 150}
+    limits = {"tests": 240, "demo": 120, "ddpm-bf16": 150, "sd-tiny": 120, "classification": 120, "sd-step": 360, "generation": 150}
 
     summary: dict = {"benchmark": "gpu_check", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     try:

@@ -186,14 +186,16 @@ def fit_passes(
     """
     schedule = PassSchedule(passes, recipe.batch_size, recipe.seed, recipe.augment, recipe.drop_last)
     spe = schedule.steps_per_epoch
-    processes, rank = accelerator.num_processes, accelerator.process_index
+    processes, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     if processes > 1:
         schedule.check_shardable(processes, desc)
 
     def step_loss(model: nn.Module, g: torch.Generator, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         b = schedule.batch(step, g)  # the global batch: g is the same on every process (global_batches)
         part = shard(len(b.labels), rank, processes)
-        loss, logs = passes[b.pass_index].loss_fn(model, to_input(b.images[part]), b.labels[part], b.epoch)
+        # The images may live on the CPU (a caller's tensors); a batch on the device already stays put.
+        images, labels = b.images[part].to(device, non_blocking=True), b.labels[part].to(device, non_blocking=True)
+        loss, logs = passes[b.pass_index].loss_fn(model, to_input(images), labels, b.epoch)
         # DDP averages the processes' gradients; weighting each shard's mean loss by its share
         # of the batch makes that average the gradient of the whole batch's mean loss, also
         # for a last batch that does not split evenly. With one process the weight is exactly 1.
