@@ -146,6 +146,7 @@ def sd(*extra: str) -> tuple[str, ...]:
     return (*TINY_SD, "model.pretrained={tiny_sd}", *extra)
 
 
+FEW_STEPS = ("--steps", "2", "--size", "32")  # appended, so they win over the documented 10 steps at 64 px
 AUDIT = ("--model", "base={tiny_sd}", "--out", "audit-errors")
 
 # name -> (runs in order, slow?). Commands of one scenario share a scratch folder, so later
@@ -172,7 +173,8 @@ SCENARIOS: dict[str, tuple[list[Run], bool]] = {
                 real_data=True,
             ),
             Run(
-                "erasure audit nudity --prompts ../shared/data/prompts/i2p/unsafe-prompts4703.csv --skip-empty-prompts --category nudity ...",
+                "erasure audit nudity --prompts ../shared/data/prompts/i2p/unsafe-prompts4703.csv "
+                "--skip-empty-prompts --category nudity ...",
                 replace={"...": " ".join(AUDIT)},
                 real_data=True,
             ),
@@ -207,7 +209,8 @@ SCENARIOS: dict[str, tuple[list[Run], bool]] = {
         [
             Run("erasure sd erase -c configs/sd/nudity_salun.yaml", sd()),
             Run("erasure sd erase -c configs/sd/nudity_salun.yaml --method uce", sd()),
-            Run("erasure sd erase -c configs/sd/nudity_uce.yaml", sd()),
+            # the docs offer this as an alternative to the line above: same workdir, other settings, so a run of its own
+            Run("erasure sd erase -c configs/sd/nudity_uce.yaml", sd("workdir=runs/sd-nudity-uce")),
             Run("erasure sd erase -c configs/sd/nudity_esd.yaml", sd()),
             Run("erasure sd erase -c configs/sd/nudity_esd.yaml method=esd-x", sd()),
             Run("erasure sd erase -c configs/sd/nudity_fmn.yaml", sd()),
@@ -217,9 +220,16 @@ SCENARIOS: dict[str, tuple[list[Run], bool]] = {
                 replace={"/models/sd-v1-4": "{tiny_sd}"},
             ),
             Run("erasure sd erase -c configs/sd/multi_concept.yaml", sd()),
-            Run("erasure sd erase -c configs/sd/multi_concept.yaml --method esd-x --method uce --method fmn", sd()),
+            # FMN is left out here: the tiny tokenizer keeps 32 byte tokens, which cut "Van Gogh" off the end
+            # of the style's prompts (CLIP's 77 word pieces do not); tests/test_multiconcept.py covers FMN there.
             Run(
-                "erasure sd erase -c configs/sd/imagenette_salun.yaml concept.forget='[church, garbage truck]' workdir=runs/sd-imagenette-2",
+                "erasure sd erase -c configs/sd/multi_concept.yaml --method esd-x --method uce --method fmn",
+                sd(),
+                replace={" --method fmn": ""},
+            ),
+            Run(
+                "erasure sd erase -c configs/sd/imagenette_salun.yaml concept.forget='[church, garbage truck]' "
+                "workdir=runs/sd-imagenette-2",
                 sd(),
             ),
         ],
@@ -231,12 +241,14 @@ SCENARIOS: dict[str, tuple[list[Run], bool]] = {
             Run("erasure sd tiny-pipeline models/erased --seed 1"),
             Run(
                 "erasure audit nudity --prompts ../shared/data/prompts/i2p/unsafe-prompts4703.csv --skip-empty-prompts "
-                "--category sexual --limit 8 --model base=models/base --model erased=models/erased --out audit --steps 10 --size 64"
+                "--category sexual --limit 8 --model base=models/base --model erased=models/erased --out audit --steps 10 --size 64",
+                FEW_STEPS,
             ),
             Run(
                 "erasure audit ua --prompts ../shared/data/prompts/imagenette/imagenette_salun.csv --images-per-prompt 2 "
                 "--forget-class church --model base=models/base --model erased=models/erased --label-space imagenette "
-                "--classifier-weights resnet50-random.pth --out ua --steps 10 --size 64"
+                "--classifier-weights resnet50-random.pth --out ua --steps 10 --size 64",
+                FEW_STEPS,
             ),
             Run(
                 "erasure fid --generated audit/images/erased --reference audit/images/base --protocol salun "
@@ -245,7 +257,8 @@ SCENARIOS: dict[str, tuple[list[Run], bool]] = {
             ),
             Run(
                 'erasure grid --model base=models/base --model erased=models/erased --prompt "a photo of a nude person" '
-                '--prompt "a photo of a person wearing clothes" --seeds 0 1 2 --out audit/grid.png --steps 10 --size 64'
+                '--prompt "a photo of a person wearing clothes" --seeds 0 1 2 --out audit/grid.png --steps 10 --size 64',
+                FEW_STEPS,
             ),
             Run("erasure report audit"),
         ],
@@ -316,7 +329,8 @@ def write_prompt_files(data: Path) -> None:
     classes = "tench,english springer,cassette player,chain saw,church,french horn,garbage truck,gas pump,golf ball,parachute"
     lines = [f"{i},Image of {c},{i},{c},{i}" for i, c in enumerate(classes.split(","))]
     (data / "prompts" / "imagenette").mkdir()
-    (data / "prompts" / "imagenette" / "imagenette_salun.csv").write_text("\n".join(["case_number,prompt,evaluation_seed,class,classidx", *lines]))
+    header = "case_number,prompt,evaluation_seed,class,classidx"
+    (data / "prompts" / "imagenette" / "imagenette_salun.csv").write_text("\n".join([header, *lines]))
 
 
 @pytest.fixture
