@@ -376,7 +376,8 @@ def run_scenario(name: str, tiny_sd: Path, capsys) -> None:
         torch.save(resnet50().state_dict(), "resnet50-random.pth")
     for run in SCENARIOS[name][0]:
         if run.real_data and not (SHARED / "data").is_dir():
-            print(f"skipped (needs ../shared/data): {run.command}")
+            with capsys.disabled():
+                print(f"\nnot run (needs ../shared/data): {run.command}")
             continue
         doc = docs.get(run.command)
         errors = [line for line in (doc.output if doc else []) if line.startswith("error:")]
