@@ -31,6 +31,7 @@ import pytest
 from tests.conftest import TINY
 from tests.test_classification import TINY_TABLE
 from tests.test_sd import TINY_SD
+from tests.test_sdxl import TINY_XL
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"  # ../shared/data in the docs: the build machine's data, absent in CI
@@ -260,14 +261,42 @@ SCENARIOS: dict[str, tuple[list[Run], bool]] = {
                 '--prompt "a photo of a person wearing clothes" --seeds 0 1 2 --out audit/grid.png --steps 10 --size 64',
                 FEW_STEPS,
             ),
+            Run(
+                "erasure audit ua --prompts imagenette.csv --model erased=runs/sd-imagenette-2/salun --forget-class church "
+                '--forget-class "garbage truck" --out runs/sd-imagenette-2/ua',
+                ("--classifier-weights", "resnet50-random.pth", *FEW_STEPS),
+                replace={
+                    "imagenette.csv": "../shared/data/prompts/imagenette/imagenette_salun.csv",
+                    "runs/sd-imagenette-2/salun": "models/erased",
+                },
+            ),
             Run("erasure report audit"),
+        ],
+        True,
+    ),
+    "sdxl": (
+        [
+            Run("erasure sd tiny-pipeline tiny-xl --xl"),
+            Run("erasure sd erase -c configs/sd/nudity_salun_sdxl.yaml", (*TINY_XL, "model.pretrained=tiny-xl")),
+            Run("erasure sd erase -c configs/sd/nudity_salun_sdxl.yaml --method esd-x", (*TINY_XL, "model.pretrained=tiny-xl")),
+            Run(
+                "erasure audit nudity --model base=stabilityai/stable-diffusion-xl-base-1.0 --model erased=runs/sdxl-nudity/salun "
+                "--prompts i2p --category sexual --out runs/sdxl-nudity/audit",
+                ("--limit", "2", *FEW_STEPS),
+                # i2p downloads the prompt file; here the repository's copy (or its stand-in) is read instead
+                replace={
+                    "stabilityai/stable-diffusion-xl-base-1.0": "tiny-xl",
+                    "--prompts i2p": "--prompts ../shared/data/prompts/i2p/unsafe-prompts4703.csv --skip-empty-prompts",
+                },
+            ),
         ],
         True,
     ),
 }
 
 # Commands the scenarios run as setup although no page shows them on their own.
-SETUP_ONLY = {"erasure train-ddpm", "erasure train-classifier", "erasure erase"}
+# (`erasure sd tiny-pipeline tiny-xl --xl` is shown inline in docs/sd-methods.md, not in a code block.)
+SETUP_ONLY = {"erasure train-ddpm", "erasure train-classifier", "erasure erase", "erasure sd tiny-pipeline tiny-xl --xl"}
 
 
 def fix_hint(cmd: DocCommand) -> str:
