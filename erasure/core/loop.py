@@ -251,7 +251,7 @@ def train(
             every = settings.checkpoint_every
             saving = stopping or (bool(every) and (step + 1) % every == 0 and step + 1 < settings.steps)
             if logging or saving or step == settings.steps - 1:
-                finite.check(step)
+                finite.check(step, accelerator)
             if logging:
                 # Methods may log tensors (no host sync inside the step); they become numbers here.
                 logs = {k: float(v) for k, v in logs.items()}
@@ -288,9 +288,16 @@ class FiniteLosses:
         bad = ~torch.isfinite(loss.detach())
         self.bad = bad if self.bad is None else self.bad | bad
 
-    def check(self, step: int) -> None:
-        """Raise if a loss of steps ``since..step`` was not finite (one host read for all of them)."""
-        if self.bad is not None and bool(self.bad):
+    def check(self, step: int, accelerator: Accelerator) -> None:
+        """Raise if a loss of steps ``since..step`` was not finite on any process (one host read for all of them).
+
+        Every process checks at the same steps, so with several the flags are combined and
+        all of them stop together instead of the others waiting for the one that raised.
+        """
+        bad = self.bad if self.bad is not None else torch.zeros((), dtype=torch.bool, device=accelerator.device)
+        if accelerator.num_processes > 1:
+            bad = accelerator.reduce(bad.float().reshape(1), reduction="sum") > 0
+        if bool(bad):
             where = f"at step {step}" if self.since == step else f"between steps {self.since} and {step}"
             raise ErasureError(
                 f"the loss became NaN or inf {where}; nothing after the last checkpoint was saved. "
