@@ -42,7 +42,9 @@ test-fast: install
 # .whl/ and .gpu-data/ come from benchmarks/gpu_wheels.sh when the image lacks diffusers & co.
 gpu-check:
 	$(PYTHON) benchmarks/gpu_check.py $(if $(wildcard .whl/*.whl),--wheels .whl) \
-		$(if $(wildcard .gpu-data/clip_tokenizer),--tokenizer .gpu-data/clip_tokenizer) --out $${OUT:-benchmarks/results}/gpu_check.json
+		$(if $(wildcard .gpu-data/clip_tokenizer),--tokenizer .gpu-data/clip_tokenizer) \
+		$(if $(wildcard .gpu-data/cifar10_full_jpeg_q75.npz),--cifar10 .gpu-data/cifar10_full_jpeg_q75.npz) \
+		--out $${OUT:-benchmarks/results}/gpu_check.json
 
 clean:
 	rm -rf $(VENV) runs

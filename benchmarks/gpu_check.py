@@ -11,6 +11,7 @@ Runs, each part in its own process with its own time limit, and writes one JSON 
 6. ``sd-step``    - the SD v1.4 SalUn step at batch 8 / 512 px: fp32 eager (the reference regime),
                     bf16 eager and bf16 compiled, in the same run (``benchmarks/sd_training.py``)
 7. ``generation`` - SD v1.4 images/s at 512 px through the audit engine (``benchmarks/generation_throughput.py``)
+8. ``cifar10-fast`` - with ``--cifar10 FILE``: the CIFAR-10 fast-recipe table (original, Retrain, RL, SalUn)
 
 The SD benchmarks need the SD v1.x CLIP tokenizer (``--tokenizer``; the run skips them
 without one). On a machine whose image lacks diffusers, torch-fidelity or nudenet, pass
@@ -33,7 +34,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ["tests", "demo", "ddpm-bf16", "sd-tiny", "classification", "sd-step", "generation"]
+PARTS = ["tests", "demo", "ddpm-bf16", "sd-tiny", "classification", "sd-step", "generation", "cifar10-fast"]
 
 
 def run(cmd: list[str], env: dict[str, str], timeout: int, log: Path) -> tuple[bool, float, str]:
@@ -65,6 +66,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu_check.json")
     parser.add_argument("--skip", nargs="*", default=[], choices=PARTS)
     parser.add_argument("--compile", action="store_true", help="also time the compiled SD step (about 2 minutes of compiling)")
+    parser.add_argument(
+        "--cifar10",
+        type=Path,
+        help="CIFAR-10 .npz (e.g. .gpu-data/cifar10_full_jpeg_q75.npz): also run the fast-recipe table (retrain, rl, salun; ~5 min)",
+    )
     args = parser.parse_args()
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -109,7 +115,16 @@ def main() -> None:
             py, "benchmarks/generation_throughput.py", "--tokenizer", str(args.tokenizer), "--label", "gpu-check",
             "--images", "16", "--batch-size", "8", "--steps", "50", "--nudenet-images", "16",
         ]]
-    limits = {"tests": 240, "demo": 120, "ddpm-bf16": 150, "sd-tiny": 120, "classification": 120, "sd-step": 360, "generation": 150}
+    if args.cifar10:
+        parts["cifar10-fast"] = [[
+            py, "benchmarks/classification.py", "--config", "configs/classification/cifar10_random10_fast.yaml",
+            "--data-path", str(args.cifar10), "--label", "gpu-check", "unlearn.methods=[retrain,rl,salun]",
+            f"workdir={work / 'cifar10-fast'}",
+        ]]
+    limits = {
+        "tests": 240, "demo": 120, "ddpm-bf16": 150, "sd-tiny": 120, "classification": 120,
+        "sd-step": 360, "generation": 150, "cifar10-fast": 420,
+    }  # fmt: skip
 
     summary: dict = {"benchmark": "gpu_check", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     try:
@@ -154,6 +169,9 @@ def figures(name: str, work: Path) -> dict:
             return {"report": report.get("models", report)}
         if name == "classification":
             return {"table": json.loads((work / "classification" / "results.json").read_text())["table"]}
+        if name == "cifar10-fast":
+            result = json.loads((ROOT / "benchmarks" / "results" / "classification_cifar10_random10_fast_gpu-check.json").read_text())
+            return {"table": result["table"], "total_seconds": result["total_seconds"]}
         if name == "sd-step":
             rows = json.loads((ROOT / "benchmarks" / "results" / "sd_training_gpu-check.json").read_text())["results"]
             return {"rows": rows}
