@@ -8,8 +8,10 @@ import torch
 from PIL import Image
 
 from erasure.cli import main
+from erasure.core.io import load_tensors
 from erasure.core.saliency import Mask
 from erasure.ddpm.model import load_unet
+from erasure.ddpm.pipeline import RAW_WEIGHTS
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.slow  # trains a base model and five erasures through the CLI (`make test-fast` skips it)
@@ -44,6 +46,7 @@ def test_stage_outputs(run):
 def test_masked_methods_leave_masked_out_weights_bit_identical(run, method):
     workdir, _ = run
     base = load_unet(workdir / "ddpm" / "model")
+    base.load_state_dict(load_tensors(workdir / "ddpm" / RAW_WEIGHTS))  # erasure starts from the raw weights, as the reference
     erased = load_unet(workdir / "erase" / f"{method}-forget0" / "model")
     mask = Mask.load(workdir / "erase" / f"{method}-forget0" / "mask.safetensors", base)
     assert mask.kept_fraction == pytest.approx(0.5, abs=1 / sum(t.numel() for t in mask.tensors.values()))

@@ -14,6 +14,7 @@ from erasure.cli import main
 from erasure.core.io import load_tensors
 from erasure.core.saliency import Mask
 from erasure.ddpm.model import load_unet
+from erasure.ddpm.pipeline import RAW_WEIGHTS
 from erasure.sd.model import load_unet as load_sd_unet
 from erasure.sd.tiny import tiny_pipeline
 from tests.conftest import TINY
@@ -68,6 +69,7 @@ def test_two_process_erase_keeps_the_mask(tmp_path):
     assert result.stdout.count("salun: ") == 1, result.stdout  # results are printed once, by the main process
     folder = tmp_path / "run" / "erase" / "salun-forget0"
     base, erased = load_unet(tmp_path / "run" / "ddpm" / "model"), load_unet(folder / "model")
+    base.load_state_dict(load_tensors(tmp_path / "run" / "ddpm" / RAW_WEIGHTS))  # the weights erasure starts from
     assert_mask_held(base, erased, Mask.load(folder / "mask.safetensors", base))
 
 
