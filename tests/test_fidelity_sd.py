@@ -165,7 +165,8 @@ def test_esd_trajectory_length_and_timestep_follow_train_esd(pipe):
         return m
 
     host = torch.Generator().manual_seed(0)
-    original = [esd().draw_step(host) for _ in range(2000)]
+    reference = esd()
+    original = [reference.draw_step(host) for _ in range(2000)]
     for stop, t in original:
         t_enc = t // 20
         assert stop == min(50, 51 - t_enc)
