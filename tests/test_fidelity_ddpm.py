@@ -199,3 +199,17 @@ def test_erasure_starts_from_the_raw_weights_as_the_reference(tmp_path):
     with pytest.raises(ErasureError, match="unlearn.start_weights=ema"):
         pipeline.finished_base(load(None, overrides))
     assert pipeline.finished_base(load(None, [*overrides, "unlearn.start_weights=ema"])) == base
+
+
+def test_ddpm_esd_pairs_trajectory_and_timestep_as_the_original():
+    """The DDPM ESD shares SD's draw (erasure.core.esd): 51 - t_enc DDIM steps, a training step in t_enc's bucket."""
+    from erasure.core.esd import draw_esd_step
+
+    assert UnlearnConfig().esd_timestep == "original"
+    host = torch.Generator().manual_seed(3)
+    timesteps = list(range(980, -1, -20))  # diffusers DDIM, 50 steps, no offset
+    for _ in range(300):
+        stop, t = draw_esd_step(host, 50, 1000, timesteps, "original")
+        assert stop == min(50, 51 - t // 20)
+        stop, t = draw_esd_step(host, 50, 1000, timesteps, "matched")
+        assert t == timesteps[stop]

@@ -119,6 +119,9 @@ class UnlearnConfig:
     # Which model draws ESD's intermediate x_t: the model being trained (original ESD and the
     # SalUn DDPM script) or the frozen base (the newer diffusers ESD).
     esd_trajectory: Literal["trained", "frozen"] = "trained"
+    # How far ESD's trajectory runs and the timestep then fed, as SD's esd.timestep:
+    # "original" (train-esd.py's pairing) or "matched" (esd_sd.py's; x_t's own DDIM timestep).
+    esd_timestep: Literal["original", "matched"] = "original"
     # Timesteps of the forget, retain and mask batches: antithetic as the reference's
     # saliency_unlearn and generate_mask (each batch its own draw); iid: all drawn.
     timesteps: Literal["antithetic", "iid"] = "antithetic"

@@ -5,8 +5,10 @@ A frozen copy of the base model gives the target
 ``eps(x_t, c)`` regresses onto it. As in ESD, no data is used: x_t comes from a guided
 DDIM trajectory for class c, stopped at a random step, drawn by the model being trained
 (as in the original ESD and the SalUn DDPM script; ``unlearn.esd_trajectory=frozen`` draws
-it with the frozen base instead, as the newer diffusers ESD does). The prediction and the
-targets use the plain class and null labels: ESD takes no condition dropout.
+it with the frozen base instead, as the newer diffusers ESD does). Where it stops and the
+timestep the models get pair as in the original ESD (``unlearn.esd_timestep=matched``: as
+``esd_sd.py``; see :mod:`erasure.core.esd`). The prediction and the targets use the plain
+class and null labels: ESD takes no condition dropout.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
+from erasure.core.esd import draw_esd_step
 from erasure.core.loop import host_generator
 from erasure.ddpm.methods.base import Method, register
 from erasure.ddpm.model import eps, guided_eps
@@ -30,21 +33,24 @@ class ESD(Method):
         self.frozen = copy.deepcopy(model).eval().requires_grad_(False)
         self.ddim = DDIMScheduler(num_train_timesteps=self.ctx.scheduler.config.num_train_timesteps, clip_sample=False)
         self.ddim.set_timesteps(self.ctx.config.esd_ddim_steps)
+        self.timesteps = self.ddim.timesteps.tolist()  # read on the host each step, so kept there
 
     def loss(self, model: torch.nn.Module, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         ctx = self.ctx
         n = ctx.config.batch_size
         device = ctx.forget_images.device
         c = ctx.labels(ctx.forget_class, n)
-        stop = int(torch.randint(0, len(self.ddim.timesteps), (1,), generator=host_generator(g)))
+        train_steps = ctx.scheduler.config.num_train_timesteps
+        stop, timestep = draw_esd_step(host_generator(g), len(self.timesteps), train_steps, self.timesteps, ctx.config.esd_timestep)
         with torch.no_grad():
             x = torch.randn((n, *ctx.forget_images.shape[1:]), generator=g, device=device)
             sampler = model if ctx.config.esd_trajectory == "trained" else self.frozen
-            for t in self.ddim.timesteps[:stop]:
-                x = self.ddim.step(guided_eps(sampler, x, t.to(device), c, ctx.config.esd_guidance, ctx.null_class), t, x).prev_sample
-            t = self.ddim.timesteps[stop].to(device).expand(n)
+            for t in self.timesteps[:stop]:
+                tt = torch.tensor(t, device=device)
+                x = self.ddim.step(guided_eps(sampler, x, tt, c, ctx.config.esd_guidance, ctx.null_class), t, x).prev_sample
+            t = torch.full((n,), timestep, device=device)
             e_null = eps(self.frozen, x, t, ctx.labels(ctx.null_class, n))
             e_cond = eps(self.frozen, x, t, c)
             target = e_null - ctx.config.esd_eta * (e_cond - e_null)
         loss = F.mse_loss(eps(model, x, t, c), target)
-        return loss, {"stop_step": float(stop)}
+        return loss, {"stop_step": float(stop), "timestep": float(timestep)}

@@ -21,6 +21,7 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
+from erasure.core.esd import draw_esd_step
 from erasure.core.loop import host_generator
 from erasure.sd.methods.base import SD_METHODS, SDMethod, eps
 from erasure.sd.model import Conditioning, ddim_scheduler, frozen_dtype
@@ -80,14 +81,8 @@ class ESD(SDMethod):
     def draw_step(self, host: torch.Generator) -> tuple[int, int]:
         """How many DDIM steps the trajectory runs, and the timestep the UNets then get (``esd.timestep``)."""
         cfg = self.ctx.config.esd
-        k = int(torch.randint(0, cfg.ddim_steps, (1,), generator=host))
-        if cfg.timestep == "matched":
-            return k, int(self.timesteps[k])
-        # train-esd.py: t_enc = k, a sampler that stops once its step index + 1 equals t_enc,
-        # and a DDPM step drawn inside bucket t_enc of the 1000 training steps.
         train_steps = self.ctx.scheduler.config.num_train_timesteps
-        low, high = round(k / cfg.ddim_steps * train_steps), round((k + 1) / cfg.ddim_steps * train_steps)
-        return min(cfg.ddim_steps, cfg.ddim_steps - k + 1), int(torch.randint(low, high, (1,), generator=host))
+        return draw_esd_step(host, cfg.ddim_steps, train_steps, self.timesteps, cfg.timestep)
 
     def loss(self, model: torch.nn.Module, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         ctx, n = self.ctx, self.ctx.config.train.batch_size
