@@ -10,8 +10,9 @@ Runs, each part in its own process with its own time limit, and writes one JSON 
 5. ``classification`` - ``erasure unlearn-classifier`` on its embedded default
 6. ``sd-step``    - the SD v1.4 SalUn step at batch 8 / 512 px: fp32 eager (the reference regime),
                     bf16 eager and bf16 compiled, in the same run (``benchmarks/sd_training.py``)
-7. ``generation`` - SD v1.4 images/s at 512 px through the audit engine (``benchmarks/generation_throughput.py``)
-8. ``cifar10-fast`` - with ``--cifar10 FILE``: the CIFAR-10 fast-recipe table (original, Retrain, RL, SalUn)
+7. ``esd-step``   - the SD v1.4 ESD-x step at batch 1 (the reference's), trajectory included: fp32 and bf16 eager
+8. ``generation`` - SD v1.4 images/s at 512 px through the audit engine (``benchmarks/generation_throughput.py``)
+9. ``cifar10-fast`` - with ``--cifar10 FILE``: the CIFAR-10 fast-recipe table (original, Retrain, RL, SalUn)
 
 The SD benchmarks need the SD v1.x CLIP tokenizer (``--tokenizer``; the run skips them
 without one). On a machine whose image lacks diffusers, torch-fidelity or nudenet, pass
@@ -34,7 +35,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ["tests", "demo", "ddpm-bf16", "sd-tiny", "classification", "sd-step", "generation", "cifar10-fast"]
+PARTS = ["tests", "demo", "ddpm-bf16", "sd-tiny", "classification", "sd-step", "esd-step", "generation", "cifar10-fast"]
 
 
 def run(cmd: list[str], env: dict[str, str], timeout: int, log: Path) -> tuple[bool, float, str]:
@@ -111,6 +112,12 @@ def main() -> None:
             "--batch-sizes", "8", "--precisions", "no", "bf16", "--checkpointing", "off", *compile_flags,
             "--warmup-steps", "2", "--measure-steps", "5",
         ]]
+        # ESD at the reference's batch 1; its step includes the sampled DDIM trajectory (25 of 50 steps on average).
+        parts["esd-step"] = [[
+            py, "benchmarks/sd_training.py", "--tokenizer", str(args.tokenizer), "--label", "gpu-check-esd", "--phases", "esd-x",
+            "--batch-sizes", "1", "--precisions", "no", "bf16", "--checkpointing", "off", *compile_flags,
+            "--warmup-steps", "2", "--measure-steps", "6", "--no-flops",
+        ]]
         parts["generation"] = [[
             py, "benchmarks/generation_throughput.py", "--tokenizer", str(args.tokenizer), "--label", "gpu-check",
             "--images", "16", "--batch-size", "8", "--steps", "50", "--nudenet-images", "16",
@@ -123,7 +130,7 @@ def main() -> None:
         ]]
     limits = {
         "tests": 240, "demo": 120, "ddpm-bf16": 150, "sd-tiny": 120, "classification": 120,
-        "sd-step": 360, "generation": 150, "cifar10-fast": 420,
+        "sd-step": 360, "esd-step": 240, "generation": 150, "cifar10-fast": 420,
     }  # fmt: skip
 
     summary: dict = {"benchmark": "gpu_check", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -172,8 +179,9 @@ def figures(name: str, work: Path) -> dict:
         if name == "cifar10-fast":
             result = json.loads((ROOT / "benchmarks" / "results" / "classification_cifar10_random10_fast_gpu-check.json").read_text())
             return {"table": result["table"], "total_seconds": result["total_seconds"]}
-        if name == "sd-step":
-            rows = json.loads((ROOT / "benchmarks" / "results" / "sd_training_gpu-check.json").read_text())["results"]
+        if name in ("sd-step", "esd-step"):
+            label = "gpu-check" if name == "sd-step" else "gpu-check-esd"
+            rows = json.loads((ROOT / "benchmarks" / "results" / f"sd_training_{label}.json").read_text())["results"]
             return {"rows": rows}
         if name == "generation":
             result = json.loads((ROOT / "benchmarks" / "results" / "generation_throughput_gpu-check.json").read_text())
