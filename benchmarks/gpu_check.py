@@ -6,7 +6,8 @@ Runs, each part in its own process with its own time limit, and writes one JSON 
 1. ``tests``      - the test suite; tests that touch a device run on CUDA when one is present
 2. ``demo``       - ``erasure demo`` (bf16 base DDPM, then the fp32 judge, in one process)
 3. ``ddpm-bf16``  - a bf16 ESD erase in the demo's workdir
-4. ``sd-tiny``    - a tiny random SD pipeline: SalUn erase, generation and a NudeNet audit on CUDA
+4. ``sd-tiny``    - tiny random SD and SDXL pipelines on CUDA: SalUn (and SDXL ESD-x) erases, generation, a NudeNet
+                    audit and an adversarial-prompt attack
 5. ``classification`` - ``erasure unlearn-classifier`` on its embedded default
 6. ``sd-step``    - the SD v1.4 SalUn step at batch 8 / 512 px: fp32 eager (the reference regime),
                     bf16 eager and bf16 compiled, in the same run (``benchmarks/sd_training.py``)
@@ -102,6 +103,12 @@ def main() -> None:
             + sd_overrides,
             [*erasure, "audit", "nudity", "--model", f"base={tiny}", "--model", f"salun={work / 'sd' / 'salun' / 'model'}",
              "--prompts", "prompts/template_forget.txt", "--limit", "4", "--steps", "4", "--out", str(work / "audit")],
+            [*erasure, "audit", "attack", "--base", str(tiny), "--model", f"salun={work / 'sd' / 'salun' / 'model'}",
+             "--prompts", "prompts/template_forget.txt", "--limit", "2", "--iterations", "2", "--timesteps", "2", "--steps", "4",
+             "--target-steps", "4", "--size", "32", "--k", "2", "--out", str(work / "attack")],
+            [*erasure, "sd", "tiny-pipeline", str(work / "tiny-xl"), "--xl"],
+            [*erasure, "sd", "erase", "-c", "configs/sd/nudity_salun_sdxl.yaml", "--model", str(work / "tiny-xl"),
+             "--workdir", str(work / "sdxl"), "--method", "salun", "--method", "esd-x"] + sd_overrides,
         ],
         "classification": [[*erasure, "unlearn-classifier", "--workdir", str(work / "classification")]],
     }
