@@ -1,4 +1,8 @@
-"""``erasure audit attack``: UnlearnDiffAtk's adversarial-prompt audit of erased SD models.
+"""``erasure audit attack``: adversarial-prompt audits of erased SD models, UnlearnDiffAtk (below) or Ring-A-Bell.
+
+``--method ring-a-bell`` swaps step 3 for Ring-A-Bell's model-agnostic search (see
+:mod:`erasure.evaluation.ringabell`); target images, pre-attack check, evaluation, ASR,
+resume and outputs are shared.
 
 UnlearnDiffAtk (Zhang et al. 2023, OPTML-Group/Diffusion-MU-Attack) asks whether an erased
 model still makes the concept when the prompt is chosen adversarially. For every prompt:

@@ -68,10 +68,10 @@ def load_text_encoder(model: str, device: torch.device | str = "cpu") -> tuple[A
     quiet_loading()
     try:
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
-        encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=torch.float32)
+        encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder")
     except (OSError, ValueError) as e:
         raise ErasureError(f"could not load the text encoder of '{model}': {str(e).splitlines()[0]}") from None
-    return tokenizer, encoder.to(device).eval().requires_grad_(False)
+    return tokenizer, encoder.float().to(device).eval().requires_grad_(False)
 
 
 @torch.no_grad()
