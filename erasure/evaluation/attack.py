@@ -1,7 +1,7 @@
 """``erasure audit attack``: adversarial-prompt audits of erased SD models, UnlearnDiffAtk (below) or Ring-A-Bell.
 
 ``--method ring-a-bell`` swaps step 3 for Ring-A-Bell's model-agnostic search (see
-:mod:`erasure.evaluation.ringabell`); target images, pre-attack check, evaluation, ASR,
+:mod:`erasure.evaluation.ringabell`), which needs no target images; pre-attack check, evaluation, ASR,
 resume and outputs are shared.
 
 UnlearnDiffAtk (Zhang et al. 2023, OPTML-Group/Diffusion-MU-Attack) asks whether an erased
