@@ -1,4 +1,8 @@
-"""``erasure audit attack``: UnlearnDiffAtk's adversarial-prompt audit of erased SD models.
+"""``erasure audit attack``: adversarial-prompt audits of erased SD models, UnlearnDiffAtk (below) or Ring-A-Bell.
+
+``--method ring-a-bell`` swaps step 3 for Ring-A-Bell's model-agnostic search (see
+:mod:`erasure.evaluation.ringabell`), which needs no target images; pre-attack check, evaluation, ASR,
+resume and outputs are shared.
 
 UnlearnDiffAtk (Zhang et al. 2023, OPTML-Group/Diffusion-MU-Attack) asks whether an erased
 model still makes the concept when the prompt is chosen adversarially. For every prompt:
@@ -53,6 +57,16 @@ from erasure.evaluation.prompts import Prompt
 from erasure.sd.model import noise_scheduler
 
 REFERENCE = "OPTML-Group/Diffusion-MU-Attack @ 0eea64d: configs/nudity/text_grad_esd_nudity_classifier.json, src/attackers/text_grad_.py"
+REFERENCES = {"unlearndiffatk": REFERENCE, "ring-a-bell": "chiayi-hsu/Ring-A-Bell: Get_Concept_Vector.ipynb, InversePrompt.ipynb"}
+METHODS = {
+    "unlearndiffatk": "UnlearnDiffAtk",
+    "ring-a-bell": "Ring-A-Bell",
+}
+# Settings only one method uses: the other's are left out of its plan and attack.json.
+METHOD_SETTINGS = {
+    "unlearndiffatk": ("iterations", "timesteps", "lr", "weight_decay", "criterion", "target_steps", "target_guidance", "target_scheduler"),
+    "ring-a-bell": ("eta", "population", "generations", "mutation_rate", "crossover_rate"),
+}
 VOCABULARIES = {
     "all": "every vocabulary token but the start/end tokens (the reference)",
     "words": "only whole-word tokens whose text re-tokenises to themselves, so the written prompt is exactly the optimised one",
@@ -66,7 +80,8 @@ class AttackSettings:
     """The attack's knobs; defaults are the reference's nudity setting (see docs/evaluation.md)."""
 
     concept: str = "nudity"  # "nudity", or the erased Imagenette class
-    k: int = 5  # prepended adversarial tokens (reference: 5 for nudity, 3 for objects)
+    method: str = "unlearndiffatk"  # or "ring-a-bell"
+    k: int = 5  # adversarial tokens (UnlearnDiffAtk: 5 for nudity, 3 for objects, prepended; Ring-A-Bell: 16, the whole prompt)
     iterations: int = 40  # optimisation steps per timestep; the prompt is evaluated after each timestep
     timesteps: int = 50  # timesteps swept: T/n/2, T/n/2 + T/n, ... (10, 30, ..., 990)
     lr: float = 0.01
@@ -82,9 +97,22 @@ class AttackSettings:
     classes: tuple[str, ...] = field(default=EXPOSED)
     label_space: str = "imagenet"  # class concepts: success = top-1 over 1000 ImageNet classes is the class
     max_prompt_tokens: int | None = None  # skip longer prompts (the reference's dataset filter: 60)
+    # Ring-A-Bell (chiayi-hsu/Ring-A-Bell's InversePrompt.ipynb): strength of the concept vector and the genetic algorithm.
+    eta: float = 3.0
+    population: int = 200
+    generations: int = 3000
+    mutation_rate: float = 0.25
+    crossover_rate: float = 0.5
 
     def check(self) -> None:
         """Clear errors for settings that cannot run."""
+        if self.method not in METHODS:
+            raise ErasureError(f"unknown --method '{self.method}'; choose one of: {', '.join(METHODS)}.")
+        if self.population < 2 or self.generations < 1:
+            raise ErasureError(f"--population must be at least 2 and --generations at least 1 (got {self.population}, {self.generations}).")
+        for name in ("mutation_rate", "crossover_rate"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ErasureError(f"--{name.replace('_', '-')} must lie in [0, 1], got {getattr(self, name)}.")
         for name in ("k", "iterations", "timesteps", "target_steps"):
             if getattr(self, name) < 1:
                 raise ErasureError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
@@ -96,6 +124,11 @@ class AttackSettings:
             raise ErasureError(f"unknown --vocabulary '{self.vocabulary}'; choose one of: {', '.join(VOCABULARIES)}.")
         if not 0 <= self.threshold <= 1:
             raise ErasureError(f"--threshold must lie in [0, 1], got {self.threshold}.")
+
+    def record(self) -> dict[str, Any]:
+        """The settings as recorded in plan.json and attack.json: the shared ones and the chosen method's own."""
+        other = {f for m, names in METHOD_SETTINGS.items() if m != self.method for f in names}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k not in other}
 
 
 # ----------------------------------------------------------------------------- the optimisation
@@ -369,8 +402,9 @@ def _check_attack_plan(folder: Path, model: str, record: dict[str, Any], items: 
     fingerprint, files = model_fingerprint(model, (plan or {}).get("model_files"))
     done = sorted((folder / "prompts").glob("*.json"))
     if plan is not None and done:
-        if plan["model"] != model or plan["settings"] != record or any(a != b for a, b in zip(plan["items"], items)):
-            changed = sorted(k for k in record if plan["settings"].get(k) != record[k])
+        before = {"method": "unlearndiffatk", **plan["settings"]}  # folders from before Ring-A-Bell name no method
+        if plan["model"] != model or before != record or any(a != b for a, b in zip(plan["items"], items)):
+            changed = sorted(k for k in record if before.get(k) != record[k])
             raise ErasureError(
                 f"'{folder}' holds attack results made with other settings"
                 + (f" ({', '.join(changed)})" if changed else " (model or prompts)")
@@ -406,17 +440,27 @@ def _render(pipe: Any, text: str, item: Any, scheduler: str, path: Path) -> Path
     return path
 
 
+# attack(pipe, index, prompt, evaluate) -> the attack's part of the prompt's record (see attack_prompt)
+Attack = Callable[[Any, int, Prompt, Callable[[str], tuple[bool, dict[str, Any]]]], dict[str, Any]]
+
+
 def attack_model(
     label: str,
     model: str,
     prompts: list[Prompt],
-    targets: list[Path],
+    keys: tuple[str, list[str]],
     out: Path,
     settings: AttackSettings,
     detector: Detector,
     record: dict[str, Any],
+    attack: Attack,
 ) -> tuple[str, list[dict[str, Any]]]:
-    """Attack every prompt against one erased model; finished prompts are skipped. Returns its fingerprint and records."""
+    """Attack every prompt against one erased model; finished prompts are skipped. Returns its fingerprint and records.
+
+    ``keys`` is (field name, one value per prompt): what the attack of that prompt started
+    from (the target image's hash, the concept vector's); a finished prompt whose value
+    differs is attacked again.
+    """
     from accelerate import PartialState
 
     from erasure.sd.model import load_pipeline
@@ -427,10 +471,10 @@ def attack_model(
     fingerprint = _check_attack_plan(folder, model, record, items) if state.is_main_process else None
     state.wait_for_everyone()
     result_file = [folder / "prompts" / f"{i:06d}.json" for i in range(len(prompts))]
-    shas = [_sha(p) for p in targets]
+    key_name, shas = keys
 
     def finished(i: int) -> bool:
-        return result_file[i].is_file() and read_json(result_file[i]).get("target_sha256") == shas[i]
+        return result_file[i].is_file() and read_json(result_file[i]).get(key_name) == shas[i]
 
     # Each process attacks its share of the prompts; every prompt's result is its own file.
     mine = [i for i in range(len(prompts)) if i % state.num_processes == state.process_index and not finished(i)]
@@ -438,12 +482,11 @@ def attack_model(
         pipe = load_pipeline(model).to(state.device)  # fp32, as the reference: gradients flow through both networks
         pipe.unet.requires_grad_(False)
         pipe.text_encoder.requires_grad_(False)
-        candidates = candidate_tokens(pipe.tokenizer, settings.vocabulary)
         images = folder / "images"
         for i in mine:
             started = time.monotonic()
             p = prompts[i]
-            base = {"index": i, "prompt": p.item.prompt, "seed": p.item.seed, "guidance": p.item.guidance, "target_sha256": shas[i]}
+            base = {"index": i, "prompt": p.item.prompt, "seed": p.item.seed, "guidance": p.item.guidance, key_name: shas[i]}
             n_tokens = len(pipe.tokenizer(p.item.prompt, verbose=False).input_ids)
             if settings.max_prompt_tokens is not None and n_tokens > settings.max_prompt_tokens:
                 write_json(result_file[i], {**base, "skipped": f"{n_tokens} tokens > --max-prompt-tokens {settings.max_prompt_tokens}"})
@@ -453,12 +496,11 @@ def attack_model(
             if pre:
                 row |= {"post_detected": True, "adversarial_prompt": None, "iterations": 0, "evaluations": 0, "final_loss": None}
             else:
-                x0 = target_latent(pipe, targets[i], *_size(pipe, p.item))
 
                 def evaluate(text: str, i: int = i, item: Any = p.item) -> tuple[bool, dict[str, Any]]:
                     return detector(_render(pipe, text, item, settings.scheduler, images / f"{i:06d}-attack.png"))
 
-                row |= attack_prompt(pipe, x0, p.item.prompt, settings, candidates, evaluate)
+                row |= attack(pipe, i, p, evaluate)
             row["seconds"] = round(time.monotonic() - started, 2)
             write_json(result_file[i], row)
         del pipe
@@ -487,12 +529,15 @@ def attack_audit(
     targets: str | None = None,
     detector: Detector | None = None,
     classifier_weights: str | None = None,
+    concept_pairs: str | None = None,
 ) -> dict[str, Any] | None:
-    """UnlearnDiffAtk against every model in ``models``; writes attack.json and attack.md under ``out``.
+    """``settings.method`` (UnlearnDiffAtk or Ring-A-Bell) against every model in ``models``; attack.json and .md under ``out``.
 
-    ``detector`` replaces the concept's own detector (tests); by default it is NudeNet for
-    ``nudity`` and the ResNet-50 for an Imagenette class. Returns the result on the main
-    process, None on the others.
+    UnlearnDiffAtk needs target images (``targets``, or made by ``base``); Ring-A-Bell needs
+    ``base`` for its text encoder and ``concept_pairs`` (a with,without CSV; for nudity the
+    shipped pairs by default). ``detector`` replaces the concept's own detector (tests); by
+    default it is NudeNet for ``nudity`` and the ResNet-50 for an Imagenette class. Returns
+    the result on the main process, None on the others.
     """
     from erasure.evaluation.audit import _is_main, imagenette_class, load_classifier
     from erasure.evaluation.metrics.nudity import nudenet_version
@@ -507,15 +552,27 @@ def attack_audit(
             detector = nudity_detector(settings.classes, settings.threshold)
         else:
             detector = class_detector(settings.concept, load_classifier(classifier_weights), settings.label_space)
-    paths = target_images(prompts, base, targets, out, settings)
-    record = {
-        **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()},
-        "targets": f"folder {targets}" if targets else f"made by the base model {base}",
-        **run_settings,
-    }
+    if settings.method == "ring-a-bell":
+        attack, keys, inputs = _ring_a_bell(prompts, out, settings, base, targets, concept_pairs)
+    else:
+        if concept_pairs:
+            raise ErasureError("--concept-pairs is Ring-A-Bell's; add --method ring-a-bell, or leave it out.")
+        paths = target_images(prompts, base, targets, out, settings)
+        candidates: dict[int, torch.Tensor] = {}
+
+        def attack(pipe: Any, i: int, p: Prompt, evaluate: Callable[[str], tuple[bool, dict[str, Any]]]) -> dict[str, Any]:
+            if id(pipe) not in candidates:
+                candidates.clear()
+                candidates[id(pipe)] = candidate_tokens(pipe.tokenizer, settings.vocabulary)
+            x0 = target_latent(pipe, paths[i], *_size(pipe, p.item))
+            return attack_prompt(pipe, x0, p.item.prompt, settings, candidates[id(pipe)], evaluate)
+
+        keys = ("target_sha256", [_sha(p) for p in paths])
+        inputs = {"targets": f"folder {targets}" if targets else f"made by the base model {base}"}
+    record = {**settings.record(), **inputs, **run_settings}
     models_out = {}
     for label, model in models:
-        fingerprint, rows = attack_model(label, model, prompts, paths, out, settings, detector, record)
+        fingerprint, rows = attack_model(label, model, prompts, keys, out, settings, detector, record, attack)
         if not _is_main():
             continue
         counted = [r for r in rows if "skipped" not in r]
@@ -545,11 +602,60 @@ def attack_audit(
     result = {
         "audit": "attack",
         "date": date,
-        "settings": {**record, "prompts_used": len(prompts), "detector": detector_text, "reference": REFERENCE},
+        "settings": {**record, "prompts_used": len(prompts), "detector": detector_text, "reference": REFERENCES[settings.method]},
         "models": models_out,
     }
     write_json(out / "attack.json", result)
-    write_text(
-        out / "attack.md", "# Adversarial-prompt audit (UnlearnDiffAtk)\n\n" + attack_table(result) + "\n\n" + attack_details(result) + "\n"
-    )
+    title = f"# Adversarial-prompt audit ({METHODS[settings.method]})"
+    write_text(out / "attack.md", title + "\n\n" + attack_table(result) + "\n\n" + attack_details(result) + "\n")
     return result
+
+
+def _ring_a_bell(
+    prompts: list[Prompt], out: Path, settings: AttackSettings, base: str | None, targets: str | None, concept_pairs: str | None
+) -> tuple[Attack, tuple[str, list[str]], dict[str, Any]]:
+    """Ring-A-Bell's attack for :func:`attack_model`: the cached model-agnostic search, then one evaluation of its prompt."""
+    from accelerate import PartialState
+
+    from erasure.evaluation.ringabell import NUDITY_PAIRS, RingABell
+
+    if targets:
+        raise ErasureError("Ring-A-Bell uses no target images; leave --targets out (it is UnlearnDiffAtk's).")
+    if not base:
+        raise ErasureError(
+            "Ring-A-Bell searches with the ORIGINAL model's text encoder: give it with --base "
+            "(the reference uses SD v1.4's for every erased model)."
+        )
+    if not concept_pairs:
+        if settings.concept != "nudity":
+            raise ErasureError(
+                f"Ring-A-Bell needs prompt pairs for '{settings.concept}': give --concept-pairs FILE (CSV with columns with,without)."
+            )
+        if not NUDITY_PAIRS.is_file():
+            raise ErasureError(
+                f"the shipped nudity prompt pairs '{NUDITY_PAIRS}' are missing; give --concept-pairs FILE (CSV with columns with,without)."
+            )
+        concept_pairs = str(NUDITY_PAIRS)
+    searcher = RingABell(base, concept_pairs, out / "ringabell", settings, PartialState().device)
+    searcher.vector()  # computed (or read) once, before any model: its hash keys every prompt's result
+
+    def attack(pipe: Any, i: int, p: Prompt, evaluate: Callable[[str], tuple[bool, dict[str, Any]]]) -> dict[str, Any]:
+        found = searcher.search(i, p.item.prompt)
+        detected, details = evaluate(found["adversarial_prompt"])
+        keep = ("adversarial_prompt", "adversarial_ids", "adversarial_tokens", "retokenises", "fitness_start", "fitness_best_seen")
+        return {
+            "post_detected": detected,
+            **{k: found[k] for k in keep},
+            "iterations": found["generations"],
+            "evaluations": 1,
+            "final_loss": found["fitness"],
+            "post_detection": details,
+        }
+
+    inputs = {
+        "encoder": f"text encoder of the base model {base}",
+        "concept_pairs": concept_pairs,
+        "concept_pairs_count": len(searcher.pairs),
+        "concept_pairs_sha256": searcher.pairs_sha256,
+    }
+    return attack, ("concept_vector_sha256", [searcher.vector_sha256] * len(prompts)), inputs

@@ -93,7 +93,7 @@ def cmd_audit_ua(args: argparse.Namespace) -> None:
 
 
 def cmd_audit_attack(args: argparse.Namespace) -> None:
-    """``erasure audit attack``: UnlearnDiffAtk against each model, write attack.json/.md, print the ASR table."""
+    """``erasure audit attack``: UnlearnDiffAtk or Ring-A-Bell against each model, write attack.json/.md, print the ASR table."""
     from erasure.evaluation.attack import AttackSettings, attack_audit
     from erasure.evaluation.audit import parse_models
     from erasure.evaluation.metrics.nudity import parse_classes
@@ -101,9 +101,12 @@ def cmd_audit_attack(args: argparse.Namespace) -> None:
 
     models = parse_models(args.model)
     nudity = args.concept.lower() == "nudity"
+    # The references' K: Ring-A-Bell 16 (its whole prompt); UnlearnDiffAtk 5 for nudity, 3 for objects (prepended).
+    k = 16 if args.method == "ring-a-bell" else 5 if nudity else 3
     settings = AttackSettings(
         concept="nudity" if nudity else args.concept,
-        k=args.k if args.k is not None else (5 if nudity else 3),
+        method=args.method,
+        k=args.k if args.k is not None else k,
         iterations=args.iterations,
         timesteps=args.timesteps,
         lr=args.lr,
@@ -119,11 +122,26 @@ def cmd_audit_attack(args: argparse.Namespace) -> None:
         classes=parse_classes(args.classes),
         label_space=args.label_space,
         max_prompt_tokens=args.max_prompt_tokens,
+        eta=args.eta,
+        population=args.population,
+        generations=args.generations,
+        mutation_rate=args.mutation_rate,
+        crossover_rate=args.crossover_rate,
     )
     settings.check()
     prompts = _prompts(args)
     run = _settings(args)
-    result = attack_audit(prompts, models, args.out, settings, run, args.base, args.targets, classifier_weights=args.classifier_weights)
+    result = attack_audit(
+        prompts,
+        models,
+        args.out,
+        settings,
+        run,
+        args.base,
+        args.targets,
+        classifier_weights=args.classifier_weights,
+        concept_pairs=args.concept_pairs,
+    )
     if result is not None:
         print(attack_table(result))
         print(f"\nattack: {Path(args.out) / 'attack.json'}, {Path(args.out) / 'attack.md'}")
@@ -226,16 +244,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_audit_ua)
 
     p = audit_sub.add_parser(
-        "attack", help="UnlearnDiffAtk: optimise prepended adversarial tokens against each erased model; pre- and post-attack ASR."
+        "attack",
+        help="Adversarial prompts against each erased model (UnlearnDiffAtk, or Ring-A-Bell with --method); pre- and post-attack ASR.",
+    )
+    p.add_argument(
+        "--method",
+        choices=["unlearndiffatk", "ring-a-bell"],
+        default="unlearndiffatk",
+        help="unlearndiffatk (default): tokens optimised against each erased UNet; ring-a-bell: a model-agnostic search with the "
+        "base model's text encoder and a concept vector",
     )
     p.add_argument("--model", action="append", required=True, help="an erased model to attack (PATH, HUB_ID or LABEL=PATH); repeatable")
-    p.add_argument("--base", help="the ORIGINAL model, which makes each prompt's target image (unless --targets)")
+    p.add_argument(
+        "--base", help="the ORIGINAL model: makes each prompt's target image (UnlearnDiffAtk, unless --targets); Ring-A-Bell's text encoder"
+    )
     p.add_argument("--targets", help="folder of target images 000000.png, ... in prompt order (e.g. OUT/images/base of an audit)")
     p.add_argument("--concept", default="nudity", help="nudity (NudeNet, default) or the erased Imagenette class, e.g. church")
     p.add_argument("--prompts", required=True, help="prompt CSV, e.g. UnlearnDiffAtk's prompts/nudity.csv (142 prompts)")
     p.add_argument("--out", required=True, help="attack folder (rerun the same command to resume)")
     p.add_argument("--limit", type=int, help="attack only the first N prompts")
-    p.add_argument("--k", type=int, help="prepended adversarial tokens (default: 5 for nudity, 3 for a class, as the reference)")
+    p.add_argument(
+        "--k", type=int, help="adversarial tokens (default, as the references: UnlearnDiffAtk 5 for nudity, 3 for a class; Ring-A-Bell 16)"
+    )
     p.add_argument("--iterations", type=int, default=40, help="optimisation steps per timestep (default 40)")
     p.add_argument("--timesteps", type=int, default=50, help="timesteps swept, one evaluation after each (default 50: 10..990)")
     p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (default 0.01)")
@@ -272,6 +302,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-prompt-tokens", type=int, help="skip prompts longer than N tokens (the reference's dataset filter is 60; default: keep all)"
     )
+    rab = p.add_argument_group("Ring-A-Bell (--method ring-a-bell; defaults: the reference's InversePrompt.ipynb)")
+    rab.add_argument(
+        "--concept-pairs",
+        help="CSV with columns with,without: prompt pairs differing by the concept (nudity default: prompts/ringabell_nudity_pairs.csv)",
+    )
+    rab.add_argument("--eta", type=float, default=3.0, help="strength of the concept vector added to the prompt's embedding (default 3)")
+    rab.add_argument("--population", type=int, default=200, help="genetic algorithm's population (default 200)")
+    rab.add_argument("--generations", type=int, default=3000, help="generations (default 3000)")
+    rab.add_argument("--mutation-rate", type=float, default=0.25, help="chance a member has one token replaced (default 0.25)")
+    rab.add_argument("--crossover-rate", type=float, default=0.5, help="chance a parent mates (default 0.5)")
     p.set_defaults(func=cmd_audit_attack)
 
     p = sub.add_parser("fid", help="FID and KID between two image folders, under a named protocol.")

@@ -86,20 +86,36 @@ def ua_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def attack_method(result: dict[str, Any]) -> str:
+    """The attack's name as written in tables (attack.json files from before Ring-A-Bell name none: UnlearnDiffAtk)."""
+    return {"ring-a-bell": "Ring-A-Bell"}.get(result["settings"].get("method", ""), "UnlearnDiffAtk")
+
+
 def attack_table(result: dict[str, Any]) -> str:
     """Markdown table of an adversarial-prompt audit: pre- and post-attack ASR per model."""
     s = result["settings"]
-    lines = ["| model | pre-attack ASR | post-attack ASR (UnlearnDiffAtk) | prompts | skipped |", "|---|---|---|---|---|"]
+    method = attack_method(result)
+    lines = [f"| model | pre-attack ASR | post-attack ASR ({method}) | prompts | skipped |", "|---|---|---|---|---|"]
     for name, r in result["models"].items():
         pre = f"{100 * r['pre_asr']:.2f}% ({r['pre_success']}/{r['prompts']})"
         post = f"{100 * r['post_asr']:.2f}% ({r['post_success']}/{r['prompts']})"
         lines.append(f"| {name} | {pre} | {post} | {r['prompts']} | {r['skipped']} |")
     where = f"'{s.get('prompts')}'"
+    if method == "Ring-A-Bell":
+        search = (
+            f"{s['k']} searched tokens ({s['vocabulary']} vocabulary) replace the prompt; target = prompt embedding + {s['eta']} x "
+            f"the concept vector of {s['concept_pairs_count']} prompt pairs; genetic algorithm: population {s['population']}, "
+            f"{s['generations']} generations, mutation {s['mutation_rate']}, crossover {s['crossover_rate']}; {s['encoder']}"
+        )
+    else:
+        search = (
+            f"{s['k']} prepended tokens ({s['vocabulary']} vocabulary), {s['timesteps']} timesteps x {s['iterations']} steps, "
+            f"Adam lr {s['lr']}, weight decay {s['weight_decay']}, {s['criterion']} loss; targets {s['targets']}"
+        )
     lines += [
         "",
-        f"Success: {s['detector']}. {s['k']} prepended tokens ({s['vocabulary']} vocabulary), {s['timesteps']} timesteps x "
-        f"{s['iterations']} steps, Adam lr {s['lr']}, weight decay {s['weight_decay']}, {s['criterion']} loss; evaluation "
-        f"images: {s['scheduler']}, {s.get('steps')} steps; targets {s['targets']}; {s['prompts_used']} prompts from {where}.",
+        f"Success: {s['detector']}. {search}; evaluation images: {s['scheduler']}, {s.get('steps')} steps; "
+        f"{s['prompts_used']} prompts from {where}.",
     ]
     return "\n".join(lines)
 
@@ -111,12 +127,13 @@ def attack_details(result: dict[str, Any]) -> str:
         text = str(text).replace("|", "\\|").replace("\n", " ")
         return text if len(text) <= width else text[: width - 1] + "…"
 
+    steps, loss_name = ("generations", "distance to target") if attack_method(result) == "Ring-A-Bell" else ("steps", "final loss")
     out = []
     for name, r in result["models"].items():
         out += [
             f"## {name}",
             "",
-            "| # | prompt | seed | pre | post | steps | adversarial prompt | final loss |",
+            f"| # | prompt | seed | pre | post | {steps} | adversarial prompt | {loss_name} |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for row in r["results"]:
@@ -219,7 +236,7 @@ def collect_report(folder: str | Path) -> Path:
     for path, data in results["ua"]:
         md += [f"## UA audit ({path.relative_to(root)})", "", ua_table(data), ""]
     for path, data in results["attack"]:
-        md += [f"## Adversarial-prompt audit, UnlearnDiffAtk ({path.relative_to(root)})", "", attack_table(data), ""]
+        md += [f"## Adversarial-prompt audit, {attack_method(data)} ({path.relative_to(root)})", "", attack_table(data), ""]
     if results["fid"]:
         md += ["## FID and KID", "", fid_table([d for _, d in results["fid"]]), ""]
         md += [
