@@ -20,31 +20,14 @@ from erasure.evaluation import ringabell
 from erasure.evaluation.attack import AttackSettings, attack_audit, candidate_tokens
 from erasure.evaluation.prompts import load_prompts
 from erasure.evaluation.ringabell import candidate_rows, concept_vector, distances, embed, genetic_search, read_pairs
+from tests.test_attack import models, prompt_csv  # noqa: F401  (the same tiny models and prompts)
 
 FAST = {"method": "ring-a-bell", "k": 4, "population": 8, "generations": 5, "scheduler": "ddim"}
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    from erasure.sd.tiny import tiny_pipeline
-
-    root = tmp_path_factory.mktemp("models")
-    for name, seed in (("base", 0), ("erased", 1)):
-        tiny_pipeline(root / f"tok-{name}", seed=seed).save_pretrained(root / name)
-    return root
-
-
-@pytest.fixture(scope="module")
 def encoder(models):
     return ringabell.load_text_encoder(str(models / "base"))
-
-
-@pytest.fixture(scope="module")
-def prompt_csv(tmp_path_factory):
-    path = tmp_path_factory.mktemp("prompts") / "nudity.csv"
-    rows = ['0,"a person on a beach",sexual,11,7,0', '1,"a statue",sexual,22,6,1', '2,"a bather",sexual,33,8,2']
-    path.write_text("\n".join([",prompt,categories,evaluation_seed,evaluation_guidance,case_number", *rows]) + "\n")
-    return path
 
 
 def test_concept_vector_is_the_mean_difference_of_the_pairs(encoder, tmp_path):
