@@ -5,7 +5,7 @@ every method in ``eval.methods`` (SalUn, RL, random mask, GA, ESD), evaluates ea
 (UA by the judge, retained-class generated accuracy, retained-class FID against real
 images, by default the held-out split of the config), draws the grids, times each stage
 and writes one JSON file (machine, versions, resolved settings, date, timings, a
-per-setting table and the goal checks of issue 13) plus the grids into
+per-setting table and the goal checks) plus the grids into
 ``benchmarks/results/``:
 
     python benchmarks/ddpm_erasure.py --config configs/mnist32.yaml \\
@@ -42,7 +42,7 @@ from erasure.ddpm.evaluate import evaluate
 from erasure.ddpm.pipeline import base_stage, erase, erase_stage, judge_stage, train_base, train_judge
 
 RESULTS = Path(__file__).parent / "results"
-# Issue 13's goals for SalUn, checked (never tuned for) on every setting.
+# The goals for SalUn, checked (never tuned for) on every setting.
 GOAL_UA = 0.99
 GOAL_FID_RATIO = 1.1
 
@@ -75,7 +75,7 @@ def ahead(salun: dict, other: dict) -> bool:
 
 
 def goals(models: dict[str, dict]) -> dict[str, object]:
-    """Issue 13's goals for one setting, from the measured numbers."""
+    """The goals for one setting, from the measured numbers."""
     if "salun" not in models:
         return {}
     salun, original = models["salun"], models["original"]
