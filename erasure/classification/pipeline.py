@@ -35,7 +35,7 @@ from erasure.core.config import fingerprint, to_dict
 from erasure.core.data import load_data
 from erasure.core.io import read_json, write_json, write_text
 from erasure.core.loop import make_accelerator
-from erasure.core.stages import Stage, config_fingerprint, is_main_process, wait_for_everyone
+from erasure.core.stages import Stage, config_fingerprint, on_main_process, wait_for_everyone
 
 
 def original_stage(config: ClassificationConfig) -> Stage:
@@ -62,9 +62,14 @@ def load_split(config: ClassificationConfig, train_labels: torch.Tensor, test_la
     """The run's split: made once (seeded) and saved by the main process, then read back (by every process, on every rerun)."""
     path = Path(config.workdir) / "split.safetensors"
     fp = fingerprint(config.data, config.split, config.forget)
-    if is_main_process() and not path.is_file():
-        make_split(train_labels, test_labels, config.split, config.forget).save(path, fp)
-    wait_for_everyone()
+
+    def make() -> None:
+        if not path.is_file():
+            make_split(train_labels, test_labels, config.split, config.forget).save(path, fp)
+
+    # Every process takes part (the file check is the main process's alone): one that saw the
+    # file appear would otherwise skip the collective the others wait in.
+    on_main_process(make)
     return Split.load(path, fp)
 
 
@@ -126,11 +131,13 @@ class Experiment:
         done = read_json(stage.folder / "done.json")
         if done.get("eval_precision", "autocast") != self.config.eval_precision:
             wait_for_everyone()  # every process has read the old record, so all take this branch, before it is rewritten
-            if self.accelerator.is_main_process:
+
+            def rescore() -> None:
                 model = load_weights(self.fresh_model(0), stage.folder / "model.safetensors").to(self.accelerator.device)
                 done.update(metrics=self.evaluate(model), eval_precision=self.config.eval_precision)
                 write_json(stage.folder / "done.json", done)
-            wait_for_everyone()
+
+            on_main_process(rescore)
             done = read_json(stage.folder / "done.json")
         return done["metrics"]
 
@@ -175,10 +182,12 @@ def run_table(config: ClassificationConfig, log: Callable[[str], None] = print) 
         rows[name] = experiment.run_method(config, name)
     table = make_table(rows)
     report = {"workdir": str(workdir), "forget": to_dict(config.forget), "sizes": experiment.sizes, "table": table}
-    if is_main_process():
+
+    def write() -> None:
         write_json(workdir / "results.json", report)
         write_text(workdir / "results.md", markdown(table))
-    wait_for_everyone()  # the files exist once any process returns
+
+    on_main_process(write)  # the files exist once any process returns
     return table
 
 

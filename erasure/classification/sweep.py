@@ -24,7 +24,7 @@ from erasure.classification.metrics import METRICS, make_table
 from erasure.core.config import with_overrides
 from erasure.core.errors import ErasureError
 from erasure.core.io import write_json, write_text
-from erasure.core.stages import is_main_process, wait_for_everyone
+from erasure.core.stages import on_main_process
 
 # Settings under unlearn. that every training method reads (they change every method's run).
 COMMON = ("batch_size", "momentum", "weight_decay", "augment", "seed")
@@ -133,8 +133,10 @@ def run_sweep(config: ClassificationConfig, log: Callable[[str], None] = print) 
         "table": table,
         "selected": {m: {"point": r["point"], "avg_gap": r["avg_gap"]} for m, r in selected.items()},
     }
-    if is_main_process():  # under accelerate launch, one process writes; the others wait for the files
+
+    def write() -> None:  # under accelerate launch, one process writes; the others wait for the files
         write_json(workdir / "sweep.json", report)
         write_text(workdir / "sweep.md", sweep_markdown(table, selected))
-    wait_for_everyone()
+
+    on_main_process(write)
     return report

@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from accelerate import Accelerator
@@ -75,6 +75,39 @@ def wait_for_everyone() -> None:
     """A barrier across the job's processes, once they have joined a process group."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+T = TypeVar("T")
+
+
+def on_main_process(work: Callable[[], T]) -> T | None:
+    """``work()`` on the main process only; every process then waits for it (None elsewhere).
+
+    If ``work`` fails there, every process stops with an error, instead of the others waiting
+    at a barrier for a process that will never arrive.
+    """
+    error, result = None, None
+    if is_main_process():
+        try:
+            result = work()
+        except BaseException as e:  # noqa: B036  (re-raised below, after telling the other processes)
+            error = e
+    failed = _any_process(error is not None)
+    if error is not None:
+        raise error
+    if failed:
+        raise ErasureError("the main process failed (its error is printed above it); this process stops too.")
+    return result
+
+
+def _any_process(flag: bool) -> bool:
+    """Whether ``flag`` is set on any process of the job; a barrier too."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    cuda = torch.distributed.get_backend() == "nccl"
+    t = torch.tensor([float(flag)], device=torch.device("cuda", torch.cuda.current_device()) if cuda else "cpu")
+    torch.distributed.all_reduce(t)
+    return bool(t.item() > 0)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -259,13 +292,15 @@ class Stage:
 
         The main process writes; every process then waits, so no rank reads outputs before they exist.
         """
-        if is_main_process():
+
+        def write() -> None:
             seconds = round(time.time() - self.started, 1)
             record = {"fingerprint": self.fingerprint, "fingerprint_scheme": FINGERPRINT_SCHEME, "seconds": seconds, **summary}
             write_json(self.folder / "done.json", record)
             shutil.rmtree(self.checkpoint, ignore_errors=True)
             self.release()
-        wait_for_everyone()
+
+        on_main_process(write)
 
     def release(self) -> None:
         """Drop the folder's lock, if this process holds it (after a failure, or when done)."""
@@ -286,7 +321,18 @@ class Stage:
                 if self.done():  # finished by another job between the first look and the lock
                     return False
             self.begin(config)
-            self.finish(work())
+            error, summary = None, {}
+            try:
+                summary = work()
+            except BaseException as e:  # noqa: B036  (re-raised below)
+                error = e
+            # Every process agrees before finishing: one that failed alone (saving, say) must not
+            # leave the others waiting for it at the barrier in finish().
+            if _any_process(error is not None):
+                if error is not None:
+                    raise error
+                raise ErasureError("another process of this job failed (its error is printed above); this one stops too.")
+            self.finish(summary)
         finally:
             self.release()
         return True
