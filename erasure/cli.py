@@ -80,6 +80,22 @@ def describe_os_error(e: OSError) -> str:
     return f"{reason}: {paths}. Fix: {fix}."
 
 
+def close_process_group() -> None:
+    """After a successful multi-process command: wait for every rank, then close the process group.
+
+    A rank that exits while its process group (and gloo's threads) still live can abort at
+    interpreter shutdown ("terminate called without an active exception"), failing a job
+    whose work is done.
+    """
+    if "torch" not in sys.modules:
+        return  # a command that never loaded torch has no process group (and need not pay for the import)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``erasure`` console script: the one error boundary.
 
@@ -94,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
     try:
         args.func(args)
+        close_process_group()
     except ErasureError as e:
         if args.debug:
             raise
