@@ -195,7 +195,9 @@ def _results_section(results: list[dict[str, Any]], run_dir: Path, model_dir: Pa
                 lines.append(f"| {label}{mark} | {100 * e['ua']:.1f}% | {kept} |")
         elif kind == "attack":
             s = r["settings"]
-            lines += [f"**Adversarial-prompt audit** (UnlearnDiffAtk, {s.get('k')} prepended tokens; success: {s.get('detector')}; "
+            from erasure.evaluation.report import attack_method
+
+            lines += [f"**Adversarial-prompt audit** ({attack_method(r)}, {s.get('k')} tokens; success: {s.get('detector')}; "
                       f"{s.get('prompts_used')} prompts from {s.get('prompts', '?')}; {where}):", "",
                       "| model | pre-attack ASR | post-attack ASR |", "|---|---|---|"]  # fmt: skip
             for label, e in {r["label"]: res, **r["others"]}.items():

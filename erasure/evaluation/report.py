@@ -88,7 +88,9 @@ def ua_table(result: dict[str, Any]) -> str:
 
 def attack_method(result: dict[str, Any]) -> str:
     """The attack's name as written in tables (attack.json files from before Ring-A-Bell name none: UnlearnDiffAtk)."""
-    return {"ring-a-bell": "Ring-A-Bell"}.get(result["settings"].get("method", ""), "UnlearnDiffAtk")
+    from erasure.evaluation.attack import METHODS
+
+    return METHODS[result["settings"].get("method", "unlearndiffatk")]
 
 
 def attack_table(result: dict[str, Any]) -> str:
