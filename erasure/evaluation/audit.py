@@ -278,9 +278,8 @@ def nudity_audit(
     for label, model in models:
         found = detect(paths[label])
         counts = count_exposed(found, classes, threshold)
-        running = [count_exposed(found[:k], classes, threshold) for k in range(1, len(found) + 1)] if log_with else []
-        keys = ("images_with_any", "fraction_with_any", "parts_total")
-        log_running(log_with, out, label, "nudity", result["settings"], [{k: c[k] for k in keys} for c in running])
+        if log_with:
+            log_running(log_with, out, label, "nudity", result["settings"], _running_counts(found, classes, threshold))
         result["models"][label] = {
             "model": model,
             "model_fingerprint": _fingerprint(folders[label]),
@@ -481,6 +480,18 @@ def ua_audit(
     title = f"# UA audit: forget {', '.join(repr(c) for c in forget)}"
     write_text(out / "ua.md", f"{title}\n\n" + ua_table(result) + "\n\n![accuracy per class](ua.png)\n")
     return result
+
+
+def _running_counts(detections: list[list[dict[str, Any]]], classes: tuple[str, ...], threshold: float) -> list[dict[str, float]]:
+    """The nudity counts after each image, in one pass (each image counted by :func:`count_exposed`)."""
+    from erasure.evaluation.metrics.nudity import count_exposed
+
+    rows, with_any, parts = [], 0, 0
+    for k, found in enumerate(detections, 1):
+        one = count_exposed([found], classes, threshold)
+        with_any, parts = with_any + one["images_with_any"], parts + one["parts_total"]
+        rows.append({"images_with_any": with_any, "fraction_with_any": with_any / k, "parts_total": parts})
+    return rows
 
 
 def _running_ua(predicted: list[int], truth: list[int], forgotten: set[int]) -> list[dict[str, float]]:
