@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: demo test test-fast install lint clean gpu-check
+.PHONY: demo test test-fast install lint clean gpu-check gpu-tables
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ gpu-check:
 		$(if $(wildcard .gpu-data/clip_tokenizer),--tokenizer .gpu-data/clip_tokenizer) \
 		$(if $(wildcard .gpu-data/cifar10_full_jpeg_q75.npz),--cifar10 .gpu-data/cifar10_full_jpeg_q75.npz) \
 		--out $${OUT:-benchmarks/results}/gpu_check.json
+
+# The three CIFAR-10 tables (fast recipe, every method, a SalUn lr sweep) on one GPU, ~10 min on
+# an H100; PART=random10 or PART=others runs half. Needs .gpu-data/cifar10_full_jpeg_q75.npz.
+gpu-tables:
+	PYTHON=$(PYTHON) sh benchmarks/gpu_tables.sh $${PART:-all}
 
 clean:
 	rm -rf $(VENV) runs

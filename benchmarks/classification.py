@@ -30,6 +30,7 @@ import torch
 from erasure.classification.config import ClassificationConfig
 from erasure.classification.metrics import markdown
 from erasure.classification.pipeline import method_stage, original_stage, run_table
+from erasure.classification.sweep import run_sweep
 from erasure.core.config import load_config, to_dict
 from erasure.core.io import write_json, write_text
 
@@ -52,7 +53,9 @@ def main() -> None:
     parser.add_argument("--config", default="configs/classification/cifar10_random10.yaml")
     parser.add_argument("--data-path", help="local dataset file or folder (default: the config's data.path or a download)")
     parser.add_argument("--label", default=None, help="name of this scale, e.g. cpu-reduced or gpu-full")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and Markdown (default benchmarks/results)")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...", help="also run this grid (as the CLI's --sweep)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     if args.threads:
@@ -60,12 +63,16 @@ def main() -> None:
 
     overrides = ([f"data.path={args.data_path}"] if args.data_path else []) + args.overrides
     config = load_config(args.config, overrides, schema=ClassificationConfig)
+    if args.sweep:  # added to the config's own grid, then checked like it (as the CLI does)
+        config.sweep.grid = [*config.sweep.grid, *args.sweep]
+        config.validate()
     label = args.label or ("gpu" if torch.cuda.is_available() else "cpu")
     stages = {"original": original_stage(config), **{m: method_stage(config, m) for m in config.unlearn.methods}}
     reused = {name: stage.done() for name, stage in stages.items()}
 
     start = time.perf_counter()
     table = run_table(config)
+    sweep = run_sweep(config) if config.sweep.grid else None  # reuses the table's original model and Retrain
     seconds = round(time.perf_counter() - start, 1)
 
     done = {name: json.loads((stage.folder / "done.json").read_text()) for name, stage in stages.items()}
@@ -83,11 +90,18 @@ def main() -> None:
         "sizes": json.loads((Path(config.workdir) / "results.json").read_text())["sizes"],
         "settings": to_dict(config),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json(RESULTS / f"{name}.json", result)
-    write_text(RESULTS / f"{name}.md", markdown(table))
+    if sweep is not None:
+        result["sweep"] = {k: sweep[k] for k in ("grid", "rule", "table", "selected")}
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / f"{name}.json", result)
+    write_text(out / f"{name}.md", markdown(table))
     print(markdown(table))
-    print(f"wrote {RESULTS / f'{name}.json'} in {seconds} s")
+    if sweep is not None:
+        text = (Path(config.workdir) / "sweep.md").read_text()
+        write_text(out / f"{name}_sweep.md", text)
+        print("\n" + text)
+    print(f"wrote {out / f'{name}.json'} in {seconds} s")
 
 
 if __name__ == "__main__":

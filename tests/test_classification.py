@@ -179,6 +179,28 @@ def test_cli_runs_the_table_and_a_rerun_reuses_every_method(tmp_path, capsys):
     assert "'" + str(workdir / "ft") + "' already holds a finished run" in capsys.readouterr().err
 
 
+def test_original_from_reuses_one_original_model_across_forgetting_settings(tmp_path, capsys):
+    """Random 10% and 50% share one original model, as the reference's --model_path; it is scored on each forget set."""
+    first, second = tmp_path / "random10", tmp_path / "random50"
+    quick = [*TINY_TABLE, "unlearn.methods=[rl]"]
+    assert main(["unlearn-classifier", "--workdir", str(first), *quick]) == 0
+    capsys.readouterr()
+    assert main(["unlearn-classifier", "--workdir", str(second), *quick, "forget.fraction=0.5", f"original_from={first}"]) == 0
+    out = capsys.readouterr().out
+    assert "[original] reusing" in out and "[original] training" not in out
+    assert (second / "original" / "model.safetensors").read_bytes() == (first / "original" / "model.safetensors").read_bytes()
+    done = json.loads((second / "original" / "done.json").read_text())
+    assert done["reused_from"] == str(first / "original")
+    sizes = json.loads((second / "results.json").read_text())["sizes"]
+    assert sizes["forget"] == 150  # scored against this config's forget set (half of the 300 training images)
+
+    # Other training settings would make it another experiment's model: refused, with the fix.
+    assert main(["unlearn-classifier", "--workdir", str(tmp_path / "c"), *quick, "train.lr=0.123", f"original_from={first}"]) == 2
+    assert "trained with other data, split, model or train settings" in capsys.readouterr().err
+    assert main(["unlearn-classifier", "--workdir", str(tmp_path / "d"), *quick, f"original_from={tmp_path / 'none'}"]) == 2
+    assert "holds no finished original model" in capsys.readouterr().err
+
+
 def test_a_diverging_iu_step_is_a_clear_error(tmp_path):
     ctx, model = tiny_context(tmp_path, **{"unlearn.iu.alpha": 1e300})
     with pytest.raises(ErasureError, match="IU step is not finite"):
@@ -199,3 +221,40 @@ def test_a_batch_smaller_than_the_process_count_is_a_clear_error():
     with pytest.raises(ErasureError, match="forget pass ends each epoch with a batch of 1 image.*drop_last=true"):
         schedule.check_shardable(2, "salun")
     PassSchedule([forget], batch_size=16, seed=0, drop_last=True).check_shardable(2, "salun")
+
+
+@pytest.mark.slow
+def test_gpu_tables_script_runs_the_three_settings_on_a_tiny_dataset(tmp_path):
+    """benchmarks/gpu_tables.sh is run on a GPU with little device time to spare; a bug in it must show here first."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "tiny_cifar10.npz"
+    np.savez(
+        data,
+        x_train=rng.integers(0, 256, (320, 32, 32, 3), dtype=np.uint8),
+        y_train=np.arange(320) % 10,
+        x_test=rng.integers(0, 256, (60, 32, 32, 3), dtype=np.uint8),
+        y_test=np.arange(60) % 10,
+    )
+    out, runs = tmp_path / "results", tmp_path / "runs"
+    tiny = ["split.val_size=20", "model.width=4", "train.epochs=1", "retrain.epochs=1", "train.warmup_epochs=0", "retrain.warmup_epochs=0"]
+    tiny += ["train.batch_size=64", "retrain.batch_size=64", "unlearn.batch_size=32", "unlearn.iu.samples=4", "eval_batch_size=64"]
+    tiny += [f"unlearn.{m}.epochs=1" for m in ("ft", "rl", "ga", "l1", "salun")] + [f"device={DEVICE}"]
+    env = {**os.environ, "PYTHON": sys.executable, "CIFAR10": str(data), "OUT": str(out), "RUNS": str(runs), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(["sh", "benchmarks/gpu_tables.sh", "all", "tiny", *tiny], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    made = sorted(p.name for p in out.iterdir())
+    expected = [f"classification_cifar10_{s}_fast_tiny{x}" for s in ("random10", "random50", "class") for x in (".json", ".md")]
+    assert made == sorted([*expected, "classification_cifar10_random10_fast_tiny_sweep.md"])
+    random10 = json.loads((out / "classification_cifar10_random10_fast_tiny.json").read_text())
+    assert [row["method"] for row in random10["table"]] == ["original", "retrain", "ft", "rl", "ga", "iu", "l1", "salun"]
+    assert len(random10["sweep"]["table"]) == 2 + 4  # original, Retrain, four SalUn lrs
+    for setting, sizes in (("random50", {"forget": 150, "test_forget": 0}), ("class", {"test_forget": 6, "test": 54})):
+        report = json.loads((out / f"classification_cifar10_{setting}_fast_tiny.json").read_text())
+        assert sizes.items() <= report["sizes"].items()
+        assert report["stages"]["original"]["reused_from"] == str(runs / "cifar10_random10_fast" / "original")

@@ -385,6 +385,16 @@ def test_fast_config_changes_only_the_training_recipe():
     assert ref.train.label_smoothing == ref.retrain.label_smoothing == 0.0  # the reference recipe has none
 
 
+@pytest.mark.parametrize("setting", ["random50", "class"])
+def test_fast_variants_are_the_reference_setting_with_the_fast_recipe(setting):
+    """cifar10_{setting}_fast.yaml = cifar10_random10_fast.yaml (via ``base``) with the reference setting's forget set."""
+    fast = load_config(f"configs/classification/cifar10_{setting}_fast.yaml", schema=ClassificationConfig)
+    ref = load_config(f"configs/classification/cifar10_{setting}.yaml", schema=ClassificationConfig)
+    random10 = load_config("configs/classification/cifar10_random10_fast.yaml", schema=ClassificationConfig)
+    assert fast.forget == ref.forget and fast.workdir.endswith(f"cifar10_{setting}_fast")
+    assert all(getattr(fast, key) == getattr(random10, key) for key in ("data", "split", "model", "train", "retrain", "unlearn"))
+
+
 # ----------------------------------------------------------------------------- sweeps
 
 

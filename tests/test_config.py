@@ -56,6 +56,23 @@ def test_bad_files(tmp_path):
         parse_override("unlearn.alpha")
 
 
+def test_a_config_states_only_what_it_changes_from_its_base(tmp_path):
+    (tmp_path / "parent.yaml").write_text("unlearn:\n  alpha: 0.5\n  lr: 1e-4\nworkdir: parent\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "child.yaml").write_text("base: ../parent.yaml\nunlearn:\n  alpha: 2\nworkdir: child\n")
+    config = load(tmp_path / "sub" / "child.yaml", ["unlearn.steps=7"])
+    assert (config.unlearn.alpha, config.unlearn.lr, config.unlearn.steps, config.workdir) == (2.0, 1e-4, 7, "child")
+    (tmp_path / "parent.yaml").write_text("base: sub/child.yaml\n")
+    with pytest.raises(ErasureError, match="'base' chain comes back"):
+        load(tmp_path / "sub" / "child.yaml")
+    (tmp_path / "parent.yaml").write_text("base: [1]\n")
+    with pytest.raises(ErasureError, match="'base' must name another config file"):
+        load(tmp_path / "sub" / "child.yaml")
+    (tmp_path / "parent.yaml").write_text("base: gone.yaml\n")
+    with pytest.raises(ErasureError, match="gone.yaml' does not exist"):
+        load(tmp_path / "sub" / "child.yaml")
+
+
 def test_resolved_config_round_trips(tmp_path):
     config = load(None, ["unlearn.alpha=0.25", "data.path=/x.npz"])
     saved = tmp_path / "config.yaml"

@@ -189,6 +189,10 @@ class ClassificationConfig(RunConfig):
     # the whole global batch, as the reference's one-GPU run does (SyncBatchNorm on GPUs). false:
     # each process's shard only (plain DDP). No effect on one process.
     sync_batchnorm: bool = True
+    # A finished original model to reuse instead of training one: another workdir, or its
+    # ``original/`` folder (the reference's --model_path). Its data, split, model and train
+    # settings must be this config's, so the three forgetting settings can share one model.
+    original_from: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     forget: ForgetConfig = field(default_factory=ForgetConfig)

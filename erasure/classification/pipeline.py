@@ -33,6 +33,7 @@ from erasure.classification.metrics import make_table, markdown, score
 from erasure.classification.train import build_model, fit, load_weights, save_model
 from erasure.core.config import fingerprint, to_dict
 from erasure.core.data import load_data
+from erasure.core.errors import ErasureError
 from erasure.core.io import read_json, write_json, write_text
 from erasure.core.loop import make_accelerator
 from erasure.core.stages import Stage, config_fingerprint, on_main_process, wait_for_everyone
@@ -101,17 +102,26 @@ class Experiment:
         stage = original_stage(config)
 
         def train_original() -> dict:
-            log(f"[original] training -> {stage.folder}")
-            start = time.time()
-            model = self.fresh_model(config.train.seed).to(dev)
-            images, labels = train_data.images[split.train].to(dev), train_data.labels[split.train].to(dev)
-            recipe, sync_bn = config.train, config.sync_batchnorm
-            model = fit(model, images, labels, recipe, stage.folder, self.accelerator, stage.fingerprint, desc="original", sync_bn=sync_bn)
-            minutes = (time.time() - start) / 60
+            source = {}
+            if config.original_from is not None:
+                source = reusable_original(config.original_from, stage.fingerprint)
+                log(f"[original] reusing {source['folder']} -> {stage.folder}")
+                model = load_weights(self.fresh_model(config.train.seed), Path(source["folder"]) / "model.safetensors").to(dev)
+                minutes = source["train_minutes"]
+            else:
+                log(f"[original] training -> {stage.folder}")
+                start = time.time()
+                model = self.fresh_model(config.train.seed).to(dev)
+                images, labels = train_data.images[split.train].to(dev), train_data.labels[split.train].to(dev)
+                fp, sync_bn = stage.fingerprint, config.sync_batchnorm
+                model = fit(model, images, labels, config.train, stage.folder, self.accelerator, fp, desc="original", sync_bn=sync_bn)
+                minutes = (time.time() - start) / 60
             if not self.accelerator.is_main_process:
                 return {}  # only the main process's summary is written
             save_model(model, stage.folder / "model.safetensors")
-            return {"train_minutes": minutes, "metrics": self.evaluate(model), "eval_precision": config.eval_precision}
+            # Scored here, on this config's sets: UA and MIA depend on the forget set.
+            summary = {"train_minutes": minutes, "metrics": self.evaluate(model), "eval_precision": config.eval_precision}
+            return {**summary, "reused_from": source["folder"]} if source else summary
 
         stage.run(config, train_original)
         self.original = stage.folder / "model.safetensors"
@@ -171,6 +181,32 @@ class Experiment:
         row = {**self._metrics(stage), "RTE": read_json(stage.folder / "done.json")["rte_minutes"]}
         self.log(f"[{label}] " + "  ".join(f"{m} {v:.2f}" for m, v in row.items()))
         return row
+
+
+def reusable_original(path: str | Path, fingerprint: str) -> dict[str, Any]:
+    """The finished original model at ``path`` (a workdir or its ``original/`` folder), checked to match ``fingerprint``.
+
+    Returns its folder and training minutes. Training settings that differ would make the
+    table's original model (and every method started from it) another experiment's, so they
+    are an error, not a warning.
+    """
+    folder = Path(path)
+    if (folder / "original" / "done.json").is_file():
+        folder = folder / "original"
+    done_file = folder / "done.json"
+    if not done_file.is_file() or not (folder / "model.safetensors").is_file():
+        raise ErasureError(
+            f"original_from='{path}' holds no finished original model (no done.json and model.safetensors in it or in its "
+            "original/ folder). Point it at the workdir of a finished table, or drop original_from to train one."
+        )
+    done = read_json(done_file)
+    if done.get("fingerprint") != fingerprint:
+        raise ErasureError(
+            f"the original model in '{folder}' was trained with other data, split, model or train settings "
+            f"(fingerprint {done.get('fingerprint')}, this config's {fingerprint}); only the forget set and the "
+            "unlearning settings may differ. Use the config that trained it, or drop original_from to train one."
+        )
+    return {"folder": str(folder), "train_minutes": done.get("train_minutes")}
 
 
 def run_table(config: ClassificationConfig, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
