@@ -11,10 +11,10 @@ denoising step and the fixed cost per image (text encoder, VAE decode, PNG), fro
 the time per image at 50 and 100 steps is extrapolated, and with it the time of a full
 4,703-prompt I2P audit (one model): generation plus NudeNet.
 
-GPU (one H100, fp16; not run yet: the machine that built this has no GPU):
+GPU (one H100, fp16; ``make gpu-check`` runs it at 16 images, and with ``--compile`` also compiled):
 
     python benchmarks/generation_throughput.py --tokenizer ../shared/data/clip_tokenizer --label h100 \\
-        --images 32 --batch-size 8 --steps 50 --dtype fp16
+        --images 32 --batch-size 8 --steps 50 --dtype fp16 [--compile]
 
 CPU, reduced (2 images at 3 steps, the recorded cpu-reduced run; about 10 minutes on 2 busy cores):
 
@@ -67,6 +67,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="DDIM steps per image in the timed run")
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on GPU, fp32 on CPU")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the UNet first; the warm-up (at the timed batch size) then includes compiling"
+    )
     parser.add_argument("--nudenet-images", type=int, default=20, help="NudeNet detections to time (cycling over the images)")
     args = parser.parse_args()
 
@@ -79,10 +82,20 @@ def main() -> None:
     params = sum(p.numel() for p in pipe.unet.parameters())
     prompts = ["a photo of a person on a beach", "an oil painting of a city at night", "a dog in a park", "a bowl of fruit"]
     size = args.resolution
+    timer = UNetTimer(pipe.unet)
+    if args.compile:
+        # Only forward is compiled, so the timer's hooks (syncs, clocks) stay eager around it;
+        # the first call at each input shape compiles.
+        pipe.unet.forward = torch.compile(pipe.unet.forward)
     with tempfile.TemporaryDirectory() as tmp:
-        # Warm-up (kernel selection, allocator): one image at 2 steps, not timed.
-        generate(pipe, [Item(prompts[0], 0, 7.5, 2, size, size)], Path(tmp) / "warmup", "sd14-random", "ddim", 1, desc="warm-up")
-        timer = UNetTimer(pipe.unet)
+        # Warm-up (kernel selection, allocator, compiling): one batch of the timed size at 2 steps, not timed.
+        warmup = [Item(prompts[0], 0, 7.5, 2, size, size)] * args.batch_size
+        sync()
+        start = time.perf_counter()
+        generate(pipe, warmup, Path(tmp) / "warmup", "sd14-random", "ddim", args.batch_size, desc="warm-up")
+        sync()
+        warmup_s = time.perf_counter() - start
+        timer.seconds, timer.calls = 0.0, 0
         items = [Item(prompts[i % len(prompts)], i, 7.5, args.steps, size, size) for i in range(args.images)]
         sync()
         start = time.perf_counter()
@@ -121,8 +134,10 @@ def main() -> None:
             "batch_size": args.batch_size,
             "steps": args.steps,
             "nudenet_images": args.nudenet_images,
+            "compiled": args.compile,
         },
         "measured": {
+            "warmup_seconds": round(warmup_s, 1),  # with --compile: mostly compiling
             "seconds_total": round(total, 2),
             "images_per_second": round(args.images / total, 4),
             "seconds_per_denoising_step_per_batch": round(step_s, 3),
@@ -138,7 +153,7 @@ def main() -> None:
         },
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"generation_throughput_{label}.json"
+    out = RESULTS / f"generation_throughput_{label}{'-compiled' if args.compile else ''}.json"
     write_json(out, result)
     print({**result["measured"], **result["extrapolated"]})
     print(f"wrote {out}")

@@ -12,7 +12,8 @@ Runs, each part in its own process with its own time limit, and writes one JSON 
 6. ``sd-step``    - the SD v1.4 SalUn step at batch 8 / 512 px: fp32 eager (the reference regime),
                     bf16 eager and bf16 compiled, in the same run (``benchmarks/sd_training.py``)
 7. ``esd-step``   - the SD v1.4 ESD-x step at batch 1 (the reference's), trajectory included: fp32 and bf16 eager
-8. ``generation`` - SD v1.4 images/s at 512 px through the audit engine (``benchmarks/generation_throughput.py``)
+8. ``generation`` - SD v1.4 images/s at 512 px through the audit engine (``benchmarks/generation_throughput.py``);
+                    with ``--compile`` also with a compiled UNet
 9. ``cifar10-fast`` - with ``--cifar10 FILE``: the CIFAR-10 fast-recipe table (original, Retrain, RL, SalUn)
 
 The SD benchmarks need the SD v1.x CLIP tokenizer (``--tokenizer``; the run skips them
@@ -67,7 +68,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, help="SD v1.x CLIP tokenizer folder, for the SD benchmarks")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu_check.json")
     parser.add_argument("--skip", nargs="*", default=[], choices=PARTS)
-    parser.add_argument("--compile", action="store_true", help="also time the compiled SD step (about 2 minutes of compiling)")
+    parser.add_argument("--compile", action="store_true", help="also time the compiled SD step and generation (~2 min of compiling each)")
     parser.add_argument(
         "--cifar10",
         type=Path,
@@ -125,10 +126,11 @@ def main() -> None:
             "--batch-sizes", "1", "--precisions", "no", "bf16", "--checkpointing", "off", *compile_flags,
             "--warmup-steps", "2", "--measure-steps", "6", "--no-flops",
         ]]
-        parts["generation"] = [[
+        generation = [
             py, "benchmarks/generation_throughput.py", "--tokenizer", str(args.tokenizer), "--label", "gpu-check",
             "--images", "16", "--batch-size", "8", "--steps", "50", "--nudenet-images", "16",
-        ]]
+        ]
+        parts["generation"] = [generation, [*generation, "--compile"]] if args.compile else [generation]
     if args.cifar10:
         parts["cifar10-fast"] = [[
             py, "benchmarks/classification.py", "--config", "configs/classification/cifar10_random10_fast.yaml",
@@ -137,7 +139,7 @@ def main() -> None:
         ]]
     limits = {
         "tests": 240, "demo": 120, "ddpm-bf16": 150, "sd-tiny": 120, "classification": 120,
-        "sd-step": 360, "esd-step": 240, "generation": 150, "cifar10-fast": 420,
+        "sd-step": 360, "esd-step": 240, "generation": 360 if args.compile else 150, "cifar10-fast": 420,
     }  # fmt: skip
 
     summary: dict = {"benchmark": "gpu_check", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -191,8 +193,9 @@ def figures(name: str, work: Path) -> dict:
             rows = json.loads((ROOT / "benchmarks" / "results" / f"sd_training_{label}.json").read_text())["results"]
             return {"rows": rows}
         if name == "generation":
-            result = json.loads((ROOT / "benchmarks" / "results" / "generation_throughput_gpu-check.json").read_text())
-            return {"measured": result["measured"]}
+            files = {"eager": "generation_throughput_gpu-check.json", "compiled": "generation_throughput_gpu-check-compiled.json"}
+            found = {k: ROOT / "benchmarks" / "results" / f for k, f in files.items()}
+            return {k: json.loads(path.read_text())["measured"] for k, path in found.items() if path.is_file()}
     except (OSError, KeyError, ValueError) as e:
         return {"figures_error": str(e)}
     return {}
