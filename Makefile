@@ -46,7 +46,7 @@ gpu-check:
 		$(if $(wildcard .gpu-data/cifar10_full_jpeg_q75.npz),--cifar10 .gpu-data/cifar10_full_jpeg_q75.npz) \
 		--out $${OUT:-benchmarks/results}/gpu_check.json
 
-# The three CIFAR-10 tables (fast recipe, every method, a SalUn lr sweep) on one GPU, ~10 min on
+# The three CIFAR-10 tables (fast recipe, every method, a SalUn sweep of lr x mask mode) on one GPU, ~10 min on
 # an H100; PART=random10 or PART=others runs half. Needs .gpu-data/cifar10_full_jpeg_q75.npz.
 gpu-tables:
 	PYTHON=$(PYTHON) sh benchmarks/gpu_tables.sh $${PART:-all}

@@ -72,7 +72,6 @@ def main() -> None:
 
     start = time.perf_counter()
     table = run_table(config)
-    sweep = run_sweep(config) if config.sweep.grid else None  # reuses the table's original model and Retrain
     seconds = round(time.perf_counter() - start, 1)
 
     done = {name: json.loads((stage.folder / "done.json").read_text()) for name, stage in stages.items()}
@@ -90,18 +89,21 @@ def main() -> None:
         "sizes": json.loads((Path(config.workdir) / "results.json").read_text())["sizes"],
         "settings": to_dict(config),
     }
-    if sweep is not None:
-        result["sweep"] = {k: sweep[k] for k in ("grid", "rule", "table", "selected")}
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
+    # The table is written before a sweep starts, so a run cut short by a time limit still leaves it.
     write_json(out / f"{name}.json", result)
     write_text(out / f"{name}.md", markdown(table))
     print(markdown(table))
-    if sweep is not None:
+    if config.sweep.grid:
+        sweep = run_sweep(config)  # reuses the table's original model and Retrain
+        result["sweep"] = {k: sweep[k] for k in ("grid", "rule", "table", "selected")}
+        result["total_seconds"] = round(time.perf_counter() - start, 1)
+        write_json(out / f"{name}.json", result)
         text = (Path(config.workdir) / "sweep.md").read_text()
         write_text(out / f"{name}_sweep.md", text)
         print("\n" + text)
-    print(f"wrote {out / f'{name}.json'} in {seconds} s")
+    print(f"wrote {out / f'{name}.json'} in {result['total_seconds']} s")
 
 
 if __name__ == "__main__":

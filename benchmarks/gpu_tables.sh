@@ -1,6 +1,7 @@
 #!/bin/sh
 # The three CIFAR-10 forgetting settings with the fast recipe, on one GPU: every method of the
-# table, and for random 10% a SalUn lr sweep (the reference tunes each method's lr by grid).
+# table, and for random 10% a SalUn sweep: lr (the reference tunes each method's lr by grid)
+# crossed with the mask mode (hard, or the reference's earlier gradient-only mask).
 # Random 50% and class-wise reuse the random-10% original model (original_from), as the
 # reference trains it once. Each table is one benchmarks/classification.py run writing its
 # JSON and Markdown into $OUT (default benchmarks/results); finished stages under $RUNS
@@ -23,7 +24,7 @@ table() {  # table SETTING [args...]
 }
 case $PART in random10|others|all) ;; *) echo "unknown part '$PART': random10, others or all" >&2; exit 2 ;; esac
 if [ "$PART" != others ]; then
-    table random10 --sweep unlearn.salun.lr=0.013,0.02,0.03,0.05 "$@"
+    table random10 --sweep unlearn.salun.lr=0.013,0.03 --sweep unlearn.salun.mask_mode=hard,gradient "$@"
 fi
 if [ "$PART" != random10 ]; then
     for setting in random50 class; do

@@ -278,6 +278,36 @@ def test_loop_zeroes_momentum_of_masked_out_weights(tmp_path):
         assert torch.equal(out.state_dict()[n][~keep], before[n][~keep]), n
 
 
+def test_gradient_mask_mode_lets_weight_decay_shrink_masked_out_weights(tmp_path):
+    """mask_mode=gradient, the reference's earlier RL.py: no loss gradient reaches masked-out weights,
+    but SGD's weight decay (through momentum) shrinks them, all by the same factor."""
+    ctx, model = labelled_context(tmp_path, **{"unlearn.salun.epochs": 2, "unlearn.salun.mask_mode": "gradient"})
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out = get_method("salun")(ctx).run(model)
+    mask = Mask.load(tmp_path / "mask.safetensors")
+    ratios = []
+    for n, p in out.named_parameters():
+        frozen, kept = ~mask.tensors[n], mask.tensors[n]
+        if not frozen.any() or not kept.any():  # the threshold is global: some tensors are all in or all out
+            continue
+        old, new = before[n][frozen], p.detach()[frozen]
+        assert torch.equal(new[old == 0], old[old == 0]), n  # no gradient: a zero (e.g. a BatchNorm bias) stays zero
+        if not (old != 0).any():
+            continue
+        assert not torch.equal(new, old), n  # moved, unlike the hard mode
+        ratios.append(new[old != 0] / old[old != 0])
+        assert not torch.allclose(p.detach()[kept], before[n][kept] * ratios[-1].mean()), n  # the trained ones follow the loss
+    ratios = torch.cat(ratios)
+    assert 0.99 < ratios.min() and ratios.max() < 1.0 and ratios.max() - ratios.min() < 1e-5  # one decay factor for all
+
+    # The default (hard) holds them bit for bit.
+    ctx, model = labelled_context(tmp_path / "hard", **{"unlearn.salun.epochs": 2})
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out = get_method("salun")(ctx).run(model)
+    mask = Mask.load(tmp_path / "hard" / "mask.safetensors")
+    assert all(torch.equal(p.detach()[~mask.tensors[n]], before[n][~mask.tensors[n]]) for n, p in out.named_parameters())
+
+
 # ----------------------------------------------------------------------------- l1, IU, MIA
 
 
@@ -355,6 +385,7 @@ def test_config_defaults_are_the_reference_settings():
     assert (u.rl.epochs, u.rl.schedule) == (10, "passes")
     assert (u.ga.epochs, u.ga.lr) == (5, 1e-4)
     assert (u.salun.epochs, u.salun.lr, u.salun.ratio, u.salun.schedule, u.salun.per_layer) == (10, 0.013, 0.5, "passes", False)
+    assert u.salun.mask_mode == "hard"  # the reference's current RL.py; "gradient" is its earlier, named
     assert (u.l1.epochs, u.l1.lr, u.l1.no_l1_epochs) == (10, 0.01, 0)
     assert (u.iu.solver, u.iu.samples, u.iu.damping, u.iu.damping_scale) == ("reference", 1000, 1.0, "absolute")
     assert ClassificationConfig().eval_precision == "fp32"

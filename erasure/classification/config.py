@@ -117,6 +117,10 @@ class SalUnConfig:
     # The reference computes the mask on forget images that pass its training transform (its
     # forget loader uses it): with unlearn.augment on, so do we. False: plain images.
     mask_augment: bool = True
+    # hard: masked-out weights restored and their momentum zeroed after every step (the reference's
+    # current RL.py). gradient: only their gradients masked, so weight decay and the momentum it feeds
+    # still shrink them (the reference's RL.py before it restored them, commit ac880a2).
+    mask_mode: Literal["hard", "gradient"] = "hard"
 
 
 @dataclass

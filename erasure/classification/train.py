@@ -175,12 +175,14 @@ def fit_passes(
     constraint_mask: Mask | None = None,
     desc: str = "training",
     sync_bn: bool = True,
+    mask_hold: bool = True,
 ) -> nn.Module:
     """Train ``model`` for ``recipe.epochs`` epochs, each running ``passes`` in order (see :class:`PassSchedule`).
 
     One optimizer and one lr schedule span all passes, as in the reference's RL. Resumes
     from ``folder/checkpoint``; ``constraint_mask`` freezes its False entries bit for bit
-    (and zeroes their optimizer state) after every step. With several processes each trains
+    (and zeroes their optimizer state) after every step, or with ``mask_hold=False`` only
+    masks their gradients. With several processes each trains
     on its shard of every global batch (see the module's docstring); ``sync_bn`` (the
     config's ``sync_batchnorm``) normalizes with the global batch's statistics.
     """
@@ -217,6 +219,7 @@ def fit_passes(
         checkpoint_every=recipe.checkpoint_every * spe,
         log_every=max(1, spe // 4),
         global_batches=True,
+        mask_hold=mask_hold,
         desc=desc,
     )
     if accelerator.device.type == "cuda":

@@ -54,6 +54,9 @@ class LoopSettings:
     ema_decay: float | None = None
     checkpoint_every: int = 0  # 0: only on interruption
     log_every: int = 10
+    # With a constraint mask: True restores masked-out weights (and zeroes their optimizer state) after
+    # every step; False only masks their gradients, so weight decay still moves them (see MaskConstraint).
+    mask_hold: bool = True
     compile: bool = False  # torch.compile the model in place (state-dict keys unchanged); pays on GPUs for long runs
     # True: every process gets the step generator of process 0, for callers that draw one global
     # batch per step and train on their process's shard of it (classification); the global batch
@@ -183,7 +186,7 @@ def train(
     ckpt_dir = folder / "checkpoint"
     model = model.to(accelerator.device)
     # Built before a checkpoint is loaded, so it holds the base values of masked-out weights.
-    constraint = MaskConstraint(model, constraint_mask) if constraint_mask is not None else None
+    constraint = MaskConstraint(model, constraint_mask, settings.mask_hold) if constraint_mask is not None else None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, settings)
     names = [n for n, p in model.named_parameters() if p.requires_grad]

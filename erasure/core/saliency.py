@@ -219,10 +219,14 @@ class MaskConstraint:
     Gradients of masked-out entries are zeroed by hooks (so clipping and optimizer state
     see only trainable entries), and :meth:`enforce`, called after every optimizer step,
     copies the original values back, undoing weight decay, momentum or anything else.
+    With ``hold=False`` only the gradients are masked: weight decay (and the momentum it
+    feeds) still moves masked-out weights, as in earlier versions of the reference's
+    classification code (``unlearn.salun.mask_mode: gradient``).
     """
 
-    def __init__(self, model: torch.nn.Module, mask: Mask) -> None:
+    def __init__(self, model: torch.nn.Module, mask: Mask, hold: bool = True) -> None:
         mask.check(model)
+        self.hold = hold
         # Only the masked-out values are kept (not a copy of the whole model): for the SD
         # UNet at ratio 0.5 that is 1.7 GB instead of 3.4 GB of GPU memory.
         self.entries: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]] = []
@@ -244,6 +248,8 @@ class MaskConstraint:
         them if the mask were ever lifted). Every state tensor shaped like the weight
         (momentum, Adam's moments) is zeroed at the masked-out entries.
         """
+        if not self.hold:
+            return
         for p, frozen, original in self.entries:
             p.masked_scatter_(frozen, original)
             if optimizer is not None:

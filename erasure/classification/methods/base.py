@@ -61,11 +61,18 @@ class UnlearnContext:
         return self.fit_passes(model, [Pass(images, labels, loss_fn)], epochs, lr, mask, desc)
 
     def fit_passes(
-        self, model: nn.Module, passes: list[Pass], epochs: int, lr: float, mask: Mask | None = None, desc: str = "unlearning"
+        self,
+        model: nn.Module,
+        passes: list[Pass],
+        epochs: int,
+        lr: float,
+        mask: Mask | None = None,
+        desc: str = "unlearning",
+        mask_hold: bool = True,
     ) -> nn.Module:
         """Train ``model`` with every epoch running ``passes`` in order (e.g. RL's forget pass, then its retain pass)."""
         recipe, sync_bn = self.recipe(epochs, lr), self.config.sync_batchnorm
-        return fit_passes(model, passes, recipe, self.folder, self.accelerator, self.fingerprint, mask, desc, sync_bn)
+        return fit_passes(model, passes, recipe, self.folder, self.accelerator, self.fingerprint, mask, desc, sync_bn, mask_hold)
 
     def random_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """A seeded random label for each image, never its true one (RL's ``mixed_fixed`` schedule only)."""

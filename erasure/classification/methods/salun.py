@@ -4,7 +4,9 @@ Saliency is |sum over forget batches of the gradient of -CE| (no per-batch clipp
 the reference classifier code), thresholded globally to the top ``ratio`` of weights.
 Training is RL's schedule (by default: each epoch a forget pass with labels redrawn per
 batch, then a retain pass); after every optimizer step the masked-out weights are
-restored and their momentum zeroed (:class:`erasure.saliency.MaskConstraint`).
+restored and their momentum zeroed (:class:`erasure.core.saliency.MaskConstraint`), as the
+reference's current ``RL.py`` does. ``mask_mode: gradient`` masks only the gradients, as its
+earlier versions did: SGD's weight decay then still shrinks the masked-out weights.
 """
 
 import torch
@@ -45,4 +47,5 @@ class SalUn(Method):
         ctx, cfg = self.ctx, self.ctx.config.unlearn.salun
         mask = shared_mask(Stage(ctx.folder, ctx.fingerprint), ctx.accelerator, model, lambda: self.make_mask(model))
         self.info["mask_kept_fraction"] = mask.kept_fraction
-        return ctx.fit_passes(model, rl_passes(ctx, cfg.schedule), cfg.epochs, cfg.lr, mask=mask, desc="salun")
+        hold = cfg.mask_mode == "hard"
+        return ctx.fit_passes(model, rl_passes(ctx, cfg.schedule), cfg.epochs, cfg.lr, mask=mask, desc="salun", mask_hold=hold)
