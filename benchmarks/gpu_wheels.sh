@@ -4,9 +4,10 @@
 # does not travel, so this fills two git-ignored folders to name in the run's `carry`:
 #   .whl/        the missing wheels (17 MB; NudeNet ships its detector)
 #   .gpu-data/   the CLIP tokenizer, plus CIFAR-10 (54 MB) when called with `cifar10`
+#   .whl-lite/   with `cifar10`: the wheels without NudeNet, to carry beside CIFAR-10
 # A run carries at most 64 MiB, so the FID Inception weights (84 MB) cannot travel.
 # On the device, start the command with:
-#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl*/*.whl && export PYTHONPATH=/tmp/site:$PWD
 # then e.g.
 #   python3 benchmarks/sd_training.py --tokenizer .gpu-data/clip_tokenizer --label h100
 #   python3 benchmarks/classification.py --config configs/classification/cifar10_random10_fast.yaml \
@@ -18,5 +19,11 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
     -d .whl diffusers==0.42.1 torch-fidelity==0.4.0 nudenet==3.4.2 importlib-metadata  # diffusers needs it; the image has zipp
 mkdir -p .gpu-data
 cp -r ../shared/data/clip_tokenizer .gpu-data/
-if [ "$1" = cifar10 ]; then cp ../shared/data/cifar10/cifar10_full_jpeg_q75.npz .gpu-data/; fi
-du -sh .whl .gpu-data
+if [ "$1" = cifar10 ]; then
+    # CIFAR-10 (54 MB) and all the wheels pass the 64 MiB a run carries; the classification
+    # runs need no NudeNet, so .whl-lite/ holds the others: carry .whl-lite and the .npz.
+    cp ../shared/data/cifar10/cifar10_full_jpeg_q75.npz .gpu-data/
+    mkdir -p .whl-lite
+    cp .whl/diffusers-*.whl .whl/torch_fidelity-*.whl .whl/importlib_metadata-*.whl .whl-lite/
+fi
+du -sh .whl* .gpu-data
