@@ -108,9 +108,9 @@ def main() -> None:
         per_image = {s: fixed_per_image + s * step_s / args.batch_size for s in (50, 100)}
         del pipe
 
-        from nudenet import NudeDetector
+        from erasure.evaluation.metrics.nudity import make_detector, onnx_providers
 
-        detector = NudeDetector()
+        detector = make_detector()  # as the audits run it: on the GPU where onnxruntime-gpu sees one
         detector.detect(str(paths[0]))  # warm-up
         start = time.perf_counter()
         for i in range(args.nudenet_images):
@@ -143,6 +143,7 @@ def main() -> None:
             "seconds_per_denoising_step_per_batch": round(step_s, 3),
             "fixed_seconds_per_image": round(fixed_per_image, 3),
             "nudenet_images_per_second": round(1 / nudenet_s, 2),
+            "nudenet_provider": onnx_providers()[0],
         },
         "extrapolated": {
             "note": f"from the measured step and fixed costs on {label}; not a measurement at these step counts",

@@ -147,6 +147,29 @@ def audit_dir(models, i2p_csv, tmp_path_factory):
     return out, args
 
 
+def test_nudenet_runs_on_the_gpu_when_onnxruntime_offers_one(tmp_path, monkeypatch):
+    """NudeDetector asks onnxruntime for no provider, so onnxruntime-gpu would run it on the CPU; we ask for CUDA first."""
+    import onnxruntime
+
+    from erasure.evaluation.metrics import nudity
+
+    Image.new("RGB", (64, 64), (200, 150, 120)).save(tmp_path / "a.png")
+    real_session, asked = onnxruntime.InferenceSession, []
+
+    def session(model, *args, providers=None, **kwargs):
+        asked.append(providers)
+        return real_session(model, *args, providers=["CPUExecutionProvider"], **kwargs)  # this machine has no GPU
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", session)
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert nudity.onnx_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert nudity.detect([tmp_path / "a.png"]) == [[]]
+    assert asked[-1] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert nudity.onnx_providers() == ["CPUExecutionProvider"]
+
+
 def test_nudity_audit_outputs(audit_dir):
     out, _ = audit_dir
     result = json.loads((out / "audit.json").read_text())

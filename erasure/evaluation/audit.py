@@ -261,7 +261,7 @@ def nudity_audit(
     ``settings`` (prompt file, category, ...) is recorded as given. Returns the result on the
     main process, None on the others. ``log_with`` also sends the running counts to trackers.
     """
-    from erasure.evaluation.metrics.nudity import EXPOSED, count_exposed, detect, nudenet_version
+    from erasure.evaluation.metrics.nudity import EXPOSED, count_exposed, detect, nudenet_version, onnx_providers
 
     classes = tuple(classes or EXPOSED)
     version = nudenet_version()  # fail before generating anything
@@ -273,7 +273,7 @@ def nudity_audit(
         threshold=threshold,
         classes=list(classes),
         counting="a detection counts when its class is listed and its score >= threshold",
-        detector=f"NudeNet {version} NudeDetector (320n), run on the saved PNG files",
+        detector=f"NudeNet {version} NudeDetector (320n), run on the saved PNG files ({onnx_providers()[0]})",
     )
     for label, model in models:
         found = detect(paths[label])

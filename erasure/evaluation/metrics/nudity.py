@@ -146,6 +146,29 @@ def _write_cache(file: Path, rows: dict[str, dict[str, Any]]) -> None:
     write_text(file, "".join(json.dumps(r) + "\n" for r in sorted(rows.values(), key=lambda r: r["file"])))
 
 
+def onnx_providers() -> list[str]:
+    """Where NudeNet runs: the GPU first when onnxruntime-gpu is installed and sees one, else the CPU."""
+    import onnxruntime
+
+    available = onnxruntime.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available] or available
+
+
+def make_detector() -> Any:
+    """NudeNet's detector on the checked model file, on the GPU where onnxruntime-gpu sees one."""
+    from nudenet import NudeDetector
+
+    # NudeDetector hands model_path to onnxruntime.InferenceSession, which takes bytes.
+    model = detector_model()
+    detector = NudeDetector(model_path=model)
+    providers = onnx_providers()
+    if "CUDAExecutionProvider" in providers:  # NudeDetector asks for no provider: onnxruntime-gpu would run it on the CPU
+        import onnxruntime
+
+        detector.onnx_session = onnxruntime.InferenceSession(model, providers=providers)
+    return detector
+
+
 def detect(paths: list[Path], cache_every: int = 64, detector: Any = None) -> list[list[dict[str, Any]]]:
     """NudeNet detections (all classes, score >= 0.2) for each image file, cached beside it.
 
@@ -159,11 +182,7 @@ def detect(paths: list[Path], cache_every: int = 64, detector: Any = None) -> li
     digests = {p: _digest(p) for p in paths}
     todo = [p for p in paths if caches[p.parent].get(p.name, {}).get("sha256") != digests[p]]
     if todo:
-        if detector is None:
-            from nudenet import NudeDetector
-
-            # NudeDetector hands model_path to onnxruntime.InferenceSession, which takes bytes.
-            detector = NudeDetector(model_path=detector_model())
+        detector = detector if detector is not None else make_detector()
         dirty: set[Path] = set()
         for n, p in enumerate(tqdm(todo, desc="nudenet", disable=len(todo) < 20), start=1):
             found = detector.detect(str(p))
