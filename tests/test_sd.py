@@ -241,3 +241,31 @@ def test_the_readme_method_example_runs(tiny_model, tmp_path):
         assert changed and all("attn2" in n for n in changed)
     finally:
         SD_METHODS.entries.pop("mine", None)
+
+
+def test_compiled_generation_pads_to_one_shape_and_gives_back_the_unet(tiny_model, tmp_path, monkeypatch):
+    """generate(compile=True): every UNet call has the full batch (no recompiles), the images are eager's, the UNet is restored."""
+    import numpy as np
+    from PIL import Image
+
+    from erasure.sd.generate import Item, generate
+
+    compiled = []
+
+    def eager_backend(fn, **kwargs):  # dynamo without inductor: the mechanics, without minutes of C++ compiling
+        compiled.append(fn)
+        return torch._dynamo.optimize("eager")(fn)
+
+    pipe = load_pipeline(str(tiny_model)).to(DEVICE)
+    pipe.set_progress_bar_config(disable=True)
+    items = [Item(f"a photo {i}", i, 7.5, 2) for i in range(5)]
+    eager = generate(pipe, items, tmp_path / "eager", "tiny", batch_size=2)
+    batches = []
+    pipe.unet.register_forward_pre_hook(lambda m, args, kwargs: batches.append(args[0].shape[0]), with_kwargs=True)
+    monkeypatch.setattr(torch, "compile", eager_backend)
+    fast = generate(pipe, items, tmp_path / "compiled", "tiny", batch_size=2, compile=True)
+    assert len(compiled) == 1 and set(batches) == {4}  # 2 items x (cond, uncond), the last batch padded from 1 item
+    assert "forward" not in vars(pipe.unet)  # the pipeline's UNet is eager again for whatever comes next
+    for a, b in zip(eager, fast):
+        diff = np.abs(np.asarray(Image.open(a), dtype=np.int16) - np.asarray(Image.open(b), dtype=np.int16))
+        assert diff.max() <= 1  # the same images (a padded batch may round differently)

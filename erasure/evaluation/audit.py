@@ -166,11 +166,12 @@ def _check_plan(folder: Path, model: str, scheduler: str, items: list[dict[str, 
 
 
 def generate_images(
-    label: str, model: str, prompts: list[Prompt], folder: str | Path, scheduler: str = "ddim", batch_size: int = 4
+    label: str, model: str, prompts: list[Prompt], folder: str | Path, scheduler: str = "ddim", batch_size: int = 4, compile: bool = False
 ) -> list[Path]:
     """Images of ``prompts`` by ``model`` in ``folder``; finished images are kept and the model is
     not even loaded when none is missing. Images of a model since replaced at the same path
-    are made again (the cache is keyed by the model's content, see :func:`model_fingerprint`)."""
+    are made again (the cache is keyed by the model's content, see :func:`model_fingerprint`).
+    ``compile``: a compiled UNet (see :func:`erasure.sd.generate.generate`)."""
     from erasure.sd.generate import SCHEDULERS, generate, image_path
 
     if scheduler not in SCHEDULERS:
@@ -188,7 +189,7 @@ def generate_images(
     device = PartialState().device
     pipe = load_pipeline(model, dtype=frozen_dtype("auto", device)).to(device)  # bf16 on GPUs, fp32 on CPUs
     try:
-        return generate(pipe, items, folder, model, scheduler, batch_size, desc=label)
+        return generate(pipe, items, folder, model, scheduler, batch_size, desc=label, compile=compile)
     finally:
         del pipe
         if torch.cuda.is_available():
@@ -196,10 +197,10 @@ def generate_images(
 
 
 def generate_all(
-    models: list[tuple[str, str]], prompts: list[Prompt], folders: dict[str, Path], scheduler: str, batch_size: int
+    models: list[tuple[str, str]], prompts: list[Prompt], folders: dict[str, Path], scheduler: str, batch_size: int, compile: bool = False
 ) -> dict[str, list[Path]]:
     """Generate ``prompts`` with every model into its folder; returns each model's image paths."""
-    return {label: generate_images(label, model, prompts, folders[label], scheduler, batch_size) for label, model in models}
+    return {label: generate_images(label, m, prompts, folders[label], scheduler, batch_size, compile) for label, m in models}
 
 
 def _fingerprint(folder: Path) -> str:
@@ -233,11 +234,18 @@ def log_running(log_with: str | None, out: Path, label: str, audit: str, setting
 
 
 def _generate(
-    models: list[tuple[str, str]], prompts: list, out: Path, scheduler: str, batch_size: int, audit: str, settings: dict[str, Any]
+    models: list[tuple[str, str]],
+    prompts: list,
+    out: Path,
+    scheduler: str,
+    batch_size: int,
+    audit: str,
+    settings: dict[str, Any],
+    compile: bool = False,
 ) -> tuple[dict[str, Path], dict[str, list[Path]], dict[str, Any] | None]:
     """Every model's images (each process its share), and on the main process the result record every audit starts from."""
     folders = {label: out / "images" / label for label, _ in models}
-    paths = generate_all(models, prompts, folders, scheduler, batch_size)
+    paths = generate_all(models, prompts, folders, scheduler, batch_size, compile)
     if not _is_main():
         return folders, paths, None
     date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
@@ -255,6 +263,7 @@ def nudity_audit(
     scheduler: str = "ddim",
     batch_size: int = 4,
     log_with: str | None = None,
+    compile: bool = False,
 ) -> dict[str, Any] | None:
     """Generate with every model, count exposed parts with NudeNet, write audit.json/.md/.png.
 
@@ -266,7 +275,7 @@ def nudity_audit(
     classes = tuple(classes or EXPOSED)
     version = nudenet_version()  # fail before generating anything
     out = Path(out)
-    folders, paths, result = _generate(models, prompts, out, scheduler, batch_size, "nudity", settings)
+    folders, paths, result = _generate(models, prompts, out, scheduler, batch_size, "nudity", settings, compile)
     if result is None:
         return None
     result["settings"].update(
@@ -415,6 +424,7 @@ def ua_audit(
     batch_size: int = 4,
     label_space: str = "imagenet",
     log_with: str | None = None,
+    compile: bool = False,
 ) -> dict[str, Any] | None:
     """UA of each forgotten class and accuracy on the other classes, for each model; writes ua.json/.md/.png.
 
@@ -435,7 +445,7 @@ def ua_audit(
         raise ErasureError(f"no prompt is about '{missing[0]}', so its UA cannot be measured; check --prompts.")
     classifier = load_classifier(classifier_weights)  # fail before generating anything
     out = Path(out)
-    folders, paths, result = _generate(models, prompts, out, scheduler, batch_size, "ua", settings)
+    folders, paths, result = _generate(models, prompts, out, scheduler, batch_size, "ua", settings, compile)
     if result is None:
         return None
     result["settings"].update(
@@ -557,6 +567,7 @@ def grid_images(
     scheduler: str = "ddim",
     batch_size: int = 4,
     thumb: int = 128,
+    compile: bool = False,
 ) -> Path:
     """A PNG grid at ``out``: one column per model, one row per prompt, the seeds side by side in each cell.
 
@@ -569,7 +580,7 @@ def grid_images(
     expanded = [replace(p, item=replace(p.item, seed=s)) for p in prompts for s in seeds]
     cells = {}
     for label, model in models:
-        paths = generate_images(label, model, expanded, out.parent / f"{out.stem}-images" / label, scheduler, batch_size)
+        paths = generate_images(label, model, expanded, out.parent / f"{out.stem}-images" / label, scheduler, batch_size, compile)
         cells[label] = [paths[r * len(seeds) : (r + 1) * len(seeds)] for r in range(len(prompts))]
     if _is_main():
         labelled_grid(

@@ -57,7 +57,9 @@ def cmd_audit_nudity(args: argparse.Namespace) -> None:
         raise ErasureError(f"--threshold must lie in [0, 1], got {args.threshold}.")
     prompts = _prompts(args, args.category)
     settings = _settings(args, category=args.category)
-    result = nudity_audit(prompts, models, args.out, settings, args.threshold, classes, args.scheduler, args.batch_size, args.log_with)
+    result = nudity_audit(
+        prompts, models, args.out, settings, args.threshold, classes, args.scheduler, args.batch_size, args.log_with, args.compile
+    )
     if result is not None:
         print(nudity_table(result))
         print(f"\naudit: {Path(args.out) / 'audit.json'}, {Path(args.out) / 'audit.md'}, {Path(args.out) / 'audit.png'}")
@@ -86,6 +88,7 @@ def cmd_audit_ua(args: argparse.Namespace) -> None:
         args.batch_size,
         args.label_space,
         args.log_with,
+        args.compile,
     )
     if result is not None:
         print(ua_table(result))
@@ -174,7 +177,8 @@ def cmd_grid(args: argparse.Namespace) -> None:
     else:
         prompts = [Prompt(Item(t, args.seed, args.guidance, args.steps, args.size, args.size)) for t in args.prompt]
     seeds = args.seeds or [args.seed]
-    print(f"grid: {grid_images(prompts, parse_models(args.model), seeds, args.out, args.scheduler, args.batch_size, args.thumb)}")
+    models = parse_models(args.model)
+    print(f"grid: {grid_images(prompts, models, seeds, args.out, args.scheduler, args.batch_size, args.thumb, args.compile)}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -201,6 +205,7 @@ def _generation_flags(p: argparse.ArgumentParser, prompts_required: bool = True)
     p.add_argument("--size", type=int, help="image size in pixels, overriding the prompt file (default: file, else model native)")
     p.add_argument("--skip-empty-prompts", action="store_true", help="drop CSV rows with an empty prompt instead of failing")
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (minutes of compiling; pays on long audits)")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
