@@ -258,3 +258,13 @@ def test_gpu_tables_script_runs_the_three_settings_on_a_tiny_dataset(tmp_path):
         report = json.loads((out / f"classification_cifar10_{setting}_fast_tiny.json").read_text())
         assert sizes.items() <= report["sizes"].items()
         assert report["stages"]["original"]["reused_from"] == str(runs / "cifar10_random10_fast" / "original")
+
+    no_drops = ["train.milestones=[]", "retrain.milestones=[]"]  # the reference's lr drops at epochs 91, 136: none in 1 epoch
+    recipe_run = ["sh", "benchmarks/gpu_tables.sh", "recipe", "tiny", *tiny, *no_drops]
+    result = subprocess.run(recipe_run, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for recipe, lr in (("reference", 0.1), ("fast-b256", 0.2)):
+        name = "cifar10_random10" if recipe == "reference" else "cifar10_random10_fast"
+        report = json.loads((out / f"classification_{name}_tiny-original-{recipe}.json").read_text())
+        assert [row["method"] for row in report["table"]] == ["original"] and report["settings"]["train"]["lr"] == lr
+        assert report["settings"]["workdir"] == str(runs / f"recipe-{recipe}")
