@@ -36,6 +36,15 @@ def tiny_overrides(tmp_path):
     return [*TINY, f"workdir={tmp_path / 'run'}"]
 
 
+def save_tiny_models(root, names: tuple[str, ...]):
+    """Tiny random SD pipeline folders ``root/name``, the k-th seeded k (so they differ); returns ``root``."""
+    from erasure.sd.tiny import tiny_pipeline
+
+    for seed, name in enumerate(names):
+        tiny_pipeline(root / f"tok-{name}", seed=seed).save_pretrained(root / name)
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """A tiny random Stable Diffusion pipeline folder, built once per test session (tests only read it)."""

@@ -17,18 +17,14 @@ from erasure.core.errors import ErasureError
 from erasure.evaluation import attack
 from erasure.evaluation.attack import AttackSettings, attack_audit, candidate_tokens, project_simplex, sweep_timesteps
 from erasure.evaluation.prompts import load_prompts
+from tests.conftest import save_tiny_models
 
 FAST = {"k": 2, "iterations": 3, "timesteps": 2, "target_steps": 2, "scheduler": "ddim", "target_scheduler": "ddim"}
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from erasure.sd.tiny import tiny_pipeline
-
-    root = tmp_path_factory.mktemp("models")
-    for name, seed in (("base", 0), ("erased", 1)):
-        tiny_pipeline(root / f"tok-{name}", seed=seed).save_pretrained(root / name)
-    return root
+    return save_tiny_models(tmp_path_factory.mktemp("models"), ("base", "erased"))
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from erasure.core.errors import ErasureError
 from erasure.evaluation.metrics.fid import PROTOCOLS, FidProtocol, folder_fid
 from erasure.evaluation.metrics.nudity import EXPOSED, count_exposed, parse_classes
 from erasure.evaluation.prompts import load_prompts
+from tests.conftest import save_tiny_models
 
 SHARED = Path(__file__).parents[2] / "shared/data"
 SHARED_FID = Path(os.environ.get("ERASURE_FID_WEIGHTS", SHARED / "fid/weights-inception-2015-12-05-torch-fidelity.pth"))
@@ -30,12 +31,7 @@ def write_i2p(path: Path, rows: list[str]) -> Path:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from erasure.sd.tiny import tiny_pipeline
-
-    root = tmp_path_factory.mktemp("models")
-    for name, seed in (("a", 0), ("b", 1)):
-        tiny_pipeline(root / f"tok-{name}", seed=seed).save_pretrained(root / name)
-    return root
+    return save_tiny_models(tmp_path_factory.mktemp("models"), ("a", "b"))
 
 
 @pytest.fixture(scope="module")

@@ -94,3 +94,18 @@ def test_card_shows_the_adversarial_prompt_audit(run, tmp_path):
     e = json.loads((out / "attack.json").read_text())["models"]["erased"]
     assert "**Adversarial-prompt audit**" in text
     assert f"| erased (this model) | {100 * e['pre_asr']:.1f}% | {100 * e['post_asr']:.1f}% |" in text
+
+
+def test_results_section_rows_for_ua_and_ddpm_records(tmp_path):
+    """Every kind of record gives one row per model, this card's model first and marked."""
+    from erasure.core.card import _results_section
+
+    ua = {"kind": "ua", "file": "ua.json", "date": "", "label": "erased", "settings": {"forget_class": "tench"}}
+    ua |= {"result": {"ua": 0.9, "retained_accuracy": None}, "others": {"base": {"ua": 0.1, "retained_accuracy": 0.75}}}
+    ddpm = {"kind": "ddpm", "file": "report.json", "date": "", "label": "salun", "others": {}}
+    ddpm |= {"settings": {"protocol": {"samples_per_class": 4, "sampling_steps": 10, "guidance": 2.0, "seed": 0}}}
+    ddpm["settings"] |= {"forget_class": 0, "fid_features": "classifier-features"}
+    ddpm["result"] = {"ua": 1.0, "retained_accuracy": 0.98, "fid_retained": 1.3219}
+    text = "\n".join(_results_section([ua, ddpm], tmp_path, tmp_path))
+    assert "| erased (this model) | 90.0% | n/a |\n| base | 10.0% | 75.0% |" in text
+    assert "| salun (this model) | 100.0% | 98.0% | 1.32 |" in text

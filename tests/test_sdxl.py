@@ -11,7 +11,7 @@ from erasure.core.delta import apply_delta
 from erasure.core.errors import ErasureError
 from erasure.core.saliency import Mask
 from erasure.sd.model import Conditioning, encode_conditioning, load_pipeline, load_unet
-from tests.test_sd import TINY_SD, changed_params
+from tests.test_sd import TINY_SD, assert_mask_held, changed_params
 
 CONFIG = "configs/sd/nudity_salun_sdxl.yaml"
 METHODS = ["salun", "esd-x", "fmn", "uce"]
@@ -86,13 +86,7 @@ def test_salun_mask_holds_masked_out_sdxl_weights_bit_identical(runs):
     assert abs(mask.kept_fraction - 0.5) < 1e-6
     # SDXL's added-embedding weights are scored and masked like any other.
     assert any(n.startswith("add_embedding.") for n in mask.tensors)
-    other = dict(erased.named_parameters())
-    moved = 0
-    for n, p in base.named_parameters():
-        keep = mask.tensors[n]
-        assert torch.equal(p[~keep], other[n][~keep]), n
-        moved += int((p[keep] != other[n][keep]).sum())
-    assert moved > 0
+    assert_mask_held(base, erased, mask)
 
 
 def test_delta_of_an_sdxl_run_merges_back_exactly(runs, tmp_path):

@@ -22,6 +22,7 @@ import datetime
 import json
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -181,18 +182,21 @@ def _results_section(results: list[dict[str, Any]], run_dir: Path, model_dir: Pa
             lines += [f"**Nudity audit** ({s.get('detector', 'NudeNet')}, threshold {s.get('threshold')}, "
                       f"{s.get('prompts_used')} prompts from {s.get('prompts', '?')}; {where}):", "",
                       "| model | exposed parts | images with any exposed part |", "|---|---|---|"]  # fmt: skip
-            for label, e in {r["label"]: res, **r["others"]}.items():
-                mark = " (this model)" if label == r["label"] else ""
-                any_ = f"{e['images_with_any']}/{e['images']} ({100 * e['fraction_with_any']:.1f}%)"
-                lines.append(f"| {label}{mark} | {e['parts_total']} | {any_} |")
+
+            def nudity_cells(e: dict[str, Any]) -> list[Any]:
+                return [e["parts_total"], f"{e['images_with_any']}/{e['images']} ({100 * e['fraction_with_any']:.1f}%)"]
+
+            lines += _model_rows(r, nudity_cells)
         elif kind == "ua":
             s = r["settings"]
             lines += [f"**UA audit** (forgotten class '{s.get('forget_class')}', {s.get('classifier', 'classifier')}; {where}):", "",
                       "| model | UA | retained accuracy |", "|---|---|---|"]  # fmt: skip
-            for label, e in {r["label"]: res, **r["others"]}.items():
-                mark = " (this model)" if label == r["label"] else ""
+
+            def ua_cells(e: dict[str, Any]) -> list[str]:
                 kept = "n/a" if e.get("retained_accuracy") is None else f"{100 * e['retained_accuracy']:.1f}%"
-                lines.append(f"| {label}{mark} | {100 * e['ua']:.1f}% | {kept} |")
+                return [f"{100 * e['ua']:.1f}%", kept]
+
+            lines += _model_rows(r, ua_cells)
         elif kind == "attack":
             s = r["settings"]
             from erasure.evaluation.report import attack_method
@@ -200,9 +204,7 @@ def _results_section(results: list[dict[str, Any]], run_dir: Path, model_dir: Pa
             lines += [f"**Adversarial-prompt audit** ({attack_method(r)}, {s.get('k')} tokens; success: {s.get('detector')}; "
                       f"{s.get('prompts_used')} prompts from {s.get('prompts', '?')}; {where}):", "",
                       "| model | pre-attack ASR | post-attack ASR |", "|---|---|---|"]  # fmt: skip
-            for label, e in {r["label"]: res, **r["others"]}.items():
-                mark = " (this model)" if label == r["label"] else ""
-                lines.append(f"| {label}{mark} | {100 * e['pre_asr']:.1f}% | {100 * e['post_asr']:.1f}% |")
+            lines += _model_rows(r, lambda e: [f"{100 * e['pre_asr']:.1f}%", f"{100 * e['post_asr']:.1f}%"])
         elif kind == "ddpm":
             s = r["settings"]
             p = s["protocol"]
@@ -210,9 +212,7 @@ def _results_section(results: list[dict[str, Any]], run_dir: Path, model_dir: Pa
                       f"guidance {p['guidance']}, seed {p['seed']}; {where}):", "",
                       f"| model | UA (class {s['forget_class']}) | retained accuracy | FID retained ({s['fid_features']}) |",
                       "|---|---|---|---|"]  # fmt: skip
-            for label, e in {r["label"]: res, **r["others"]}.items():
-                mark = " (this model)" if label == r["label"] else ""
-                lines.append(f"| {label}{mark} | {100 * e['ua']:.1f}% | {100 * e['retained_accuracy']:.1f}% | {e['fid_retained']:.2f} |")
+            lines += _model_rows(r, lambda e: [f"{100 * e['ua']:.1f}%", f"{100 * e['retained_accuracy']:.1f}%", f"{e['fid_retained']:.2f}"])
         elif kind == "fid":
             proto = res.get("protocol", {})
             name = proto.get("name", "?") if isinstance(proto, dict) else proto
@@ -221,6 +221,15 @@ def _results_section(results: list[dict[str, Any]], run_dir: Path, model_dir: Pa
                       f"KID {res['kid_mean']:.4f} ± {res['kid_std']:.4f}"]  # fmt: skip
         lines.append("")
     return lines
+
+
+def _model_rows(record: dict[str, Any], cells: Callable[[dict[str, Any]], list[Any]]) -> list[str]:
+    """One table row per model of a result: this card's model first (marked), then the others audited beside it."""
+    models = {record["label"]: record["result"], **record["others"]}
+    return [
+        "| " + " | ".join([label + (" (this model)" if label == record["label"] else ""), *map(str, cells(e))]) + " |"
+        for label, e in models.items()
+    ]
 
 
 def _settings_table(config: dict[str, Any], sections: list[str]) -> list[str]:

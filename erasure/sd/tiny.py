@@ -48,16 +48,7 @@ def tiny_pipeline(tokenizer_folder: str | Path, seed: int = 0) -> StableDiffusio
     quiet_loading()
     torch.manual_seed(seed)
     tokenizer = byte_tokenizer(tokenizer_folder)
-    unet = UNet2DConditionModel(
-        sample_size=8,  # 8x8 latents, 16 px images
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
+    unet = tiny_unet(cross_attention_dim=32)
     vae = tiny_vae()
     text_encoder = CLIPTextModel(text_config(tokenizer, 32))
     scheduler = DDIMScheduler(
@@ -75,6 +66,20 @@ def tiny_pipeline(tokenizer_folder: str | Path, seed: int = 0) -> StableDiffusio
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_unet(**config) -> UNet2DConditionModel:
+    """The tiny pipelines' UNet: 8x8 latents (16 px images), two blocks, one with cross-attention; ``config`` adds to it."""
+    return UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=8,
+        norm_num_groups=8,
+        **config,
+    )
 
 
 def tiny_vae(**config) -> AutoencoderKL:
@@ -122,15 +127,8 @@ def tiny_xl_pipeline(tokenizer_folder: str | Path, seed: int = 0) -> StableDiffu
     text_encoder = CLIPTextModel(text_config(tokenizer, 32))
     text_encoder_2 = CLIPTextModelWithProjection(text_config(tokenizer_2, 48, projection_dim=16))
     time_dim = 8
-    unet = UNet2DConditionModel(
-        sample_size=8,  # 8x8 latents, 16 px images
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    unet = tiny_unet(
         cross_attention_dim=32 + 48,
-        attention_head_dim=8,
-        norm_num_groups=8,
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=time_dim,
