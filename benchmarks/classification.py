@@ -29,7 +29,7 @@ import torch
 
 from erasure.classification.config import ClassificationConfig
 from erasure.classification.metrics import markdown
-from erasure.classification.pipeline import method_stage, original_stage, run_table
+from erasure.classification.pipeline import Experiment, method_stage, original_stage, run_table
 from erasure.classification.sweep import run_sweep
 from erasure.core.config import load_config, to_dict
 from erasure.core.io import write_json, write_text
@@ -71,7 +71,8 @@ def main() -> None:
     reused = {name: stage.done() for name, stage in stages.items()}
 
     start = time.perf_counter()
-    table = run_table(config)
+    experiment = Experiment(config)  # the data is loaded once, for the table and the sweep
+    table = run_table(config, experiment=experiment)
     seconds = round(time.perf_counter() - start, 1)
 
     done = {name: json.loads((stage.folder / "done.json").read_text()) for name, stage in stages.items()}
@@ -96,7 +97,7 @@ def main() -> None:
     write_text(out / f"{name}.md", markdown(table))
     print(markdown(table))
     if config.sweep.grid:
-        sweep = run_sweep(config)  # reuses the table's original model and Retrain
+        sweep = run_sweep(config, experiment=experiment)  # the table's original model and Retrain, reused
         result["sweep"] = {k: sweep[k] for k in ("grid", "rule", "table", "selected")}
         result["total_seconds"] = round(time.perf_counter() - start, 1)
         write_json(out / f"{name}.json", result)

@@ -209,10 +209,15 @@ def reusable_original(path: str | Path, fingerprint: str) -> dict[str, Any]:
     return {"folder": str(folder), "train_minutes": done.get("train_minutes")}
 
 
-def run_table(config: ClassificationConfig, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Train (or reuse) the original model and every method in ``config.unlearn.methods``; return the table."""
+def run_table(
+    config: ClassificationConfig, log: Callable[[str], None] = print, experiment: Experiment | None = None
+) -> list[dict[str, Any]]:
+    """Train (or reuse) the original model and every method in ``config.unlearn.methods``; return the table.
+
+    ``experiment``: one already built for ``config`` (its data on the device), to share with a sweep.
+    """
     workdir = Path(config.workdir)
-    experiment = Experiment(config, log)
+    experiment = experiment if experiment is not None else Experiment(config, log)
     rows: dict[str, dict[str, float]] = {"original": experiment.original_metrics}
     for name in config.unlearn.methods:
         rows[name] = experiment.run_method(config, name)

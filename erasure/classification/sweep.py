@@ -16,7 +16,7 @@ import dataclasses
 import itertools
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from erasure.classification.config import ClassificationConfig
 from erasure.classification.methods import get_method
@@ -25,6 +25,9 @@ from erasure.core.config import with_overrides
 from erasure.core.errors import ErasureError
 from erasure.core.io import write_json, write_text
 from erasure.core.stages import on_main_process
+
+if TYPE_CHECKING:  # only for the annotation; run_sweep imports the pipeline when it runs, as before
+    from erasure.classification.pipeline import Experiment
 
 # Settings under unlearn. that every training method reads (they change every method's run).
 COMMON = ("batch_size", "momentum", "weight_decay", "augment", "seed")
@@ -108,15 +111,18 @@ def sweep_markdown(table: list[dict[str, Any]], selected: dict[str, dict[str, An
     return "\n".join(lines) + "\n\n" + rule + "\n" + "\n".join(picks) + "\n"
 
 
-def run_sweep(config: ClassificationConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume) every grid point of ``config.sweep`` and write ``sweep.json`` / ``sweep.md``; return the report."""
+def run_sweep(config: ClassificationConfig, log: Callable[[str], None] = print, experiment: Experiment | None = None) -> dict[str, Any]:
+    """Run (or resume) every grid point of ``config.sweep`` and write ``sweep.json`` / ``sweep.md``; return the report.
+
+    ``experiment``: one already built for ``config`` (its data on the device), to reuse.
+    """
     from erasure.classification.pipeline import Experiment
 
     methods = swept_methods(config)
     if not methods:
         raise ErasureError(f"the sweep {config.sweep.grid} changes none of unlearn.methods={config.unlearn.methods}.")
     workdir = Path(config.workdir)
-    experiment = Experiment(config, log)
+    experiment = experiment if experiment is not None else Experiment(config, log)
     rows: dict[str, dict[str, Any]] = {"original": experiment.original_metrics, "retrain": experiment.run_method(config, "retrain")}
     points = grid_points(config)
     for label, point in points:

@@ -101,7 +101,8 @@ def generate(
     if device.type == "cuda":
         pipe.unet.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores; same numbers
     bar = tqdm(total=len(mine), desc=desc, disable=not state.is_main_process or not mine)
-    if compile and mine:
+    compiled = compile and bool(mine)
+    if compiled:
         # Only forward is compiled (an instance attribute over the class's method), and it is
         # removed again below, so whatever uses the UNet next (e.g. training) gets it as it was.
         pipe.unet.forward = torch.compile(pipe.unet.forward)
@@ -115,7 +116,7 @@ def generate(
             for start in range(0, len(group), batch_size):
                 chunk = group[start : start + batch_size]
                 # Compiled: a short last batch is padded with copies of its last item, whose images are dropped.
-                rows = chunk + chunk[-1:] * (batch_size - len(chunk)) if compile else chunk
+                rows = chunk + chunk[-1:] * (batch_size - len(chunk)) if compiled else chunk
                 first = items[chunk[0]]
                 images = pipe(
                     [items[i].prompt for i in rows],
@@ -130,7 +131,7 @@ def generate(
                 bar.update(len(chunk))
     finally:
         saver.shutdown(wait=True)
-        if "forward" in vars(pipe.unet):
+        if compiled:
             del pipe.unet.forward
     for job in pending:
         job.result()  # re-raise a failed write here, in the caller
