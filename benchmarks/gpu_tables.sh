@@ -18,25 +18,22 @@ LABEL=${2:-h100-fast}
 if [ $# -gt 2 ]; then shift 2; else set --; fi
 DATA=${CIFAR10:-.gpu-data/cifar10_full_jpeg_q75.npz}
 RUNS=${RUNS:-runs/classification}
-table() {  # table SETTING [args...]
+run() {  # run CONFIG LABEL WORKDIR [args...]: one benchmarks/classification.py table
+    config=$1; label=$2; workdir=$3; shift 3
+    ${PYTHON:-python3} benchmarks/classification.py --config "configs/classification/$config.yaml" --data-path "$DATA" \
+        --label "$label" --out "${OUT:-benchmarks/results}" "$@" "workdir=$workdir"
+}
+table() {  # table SETTING [args...]: the fast-recipe table of a forgetting setting
     setting=$1; shift
-    ${PYTHON:-python3} benchmarks/classification.py --config "configs/classification/cifar10_${setting}_fast.yaml" \
-        --data-path "$DATA" --label "$LABEL" --out "${OUT:-benchmarks/results}" "$@" "workdir=$RUNS/cifar10_${setting}_fast"
+    run "cifar10_${setting}_fast" "$LABEL" "$RUNS/cifar10_${setting}_fast" "$@"
 }
 case $PART in random10|others|all|recipe) ;; *) echo "unknown part '$PART': random10, others, all or recipe" >&2; exit 2 ;; esac
 if [ "$PART" = recipe ]; then
     # Is 94% reachable on the JPEG copy? The original model alone, with the reference recipe
     # (182 epochs, batch 256; ~5 min on an H100) and with the fast recipe at batch 256.
-    for recipe in reference fast-b256; do
-        case $recipe in
-            reference) config=cifar10_random10; set_recipe="" ;;
-            fast-b256) config=cifar10_random10_fast; set_recipe="train.batch_size=256 train.lr=0.2" ;;
-        esac
-        # shellcheck disable=SC2086  # set_recipe is a list of overrides
-        ${PYTHON:-python3} benchmarks/classification.py --config "configs/classification/$config.yaml" --data-path "$DATA" \
-            --label "$LABEL-original-$recipe" --out "${OUT:-benchmarks/results}" "unlearn.methods=[]" $set_recipe "$@" \
-            "workdir=$RUNS/recipe-$recipe"
-    done
+    run cifar10_random10 "$LABEL-original-reference" "$RUNS/recipe-reference" "unlearn.methods=[]" "$@"
+    run cifar10_random10_fast "$LABEL-original-fast-b256" "$RUNS/recipe-fast-b256" "unlearn.methods=[]" \
+        train.batch_size=256 train.lr=0.2 "$@"
     exit 0
 fi
 if [ "$PART" != others ]; then
