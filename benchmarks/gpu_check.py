@@ -5,15 +5,17 @@ Runs, each part in its own process with its own time limit, and writes one JSON 
 
 1. ``tests``      - the test suite; tests that touch a device run on CUDA when one is present
 2. ``demo``       - ``erasure demo`` (bf16 base DDPM, then the fp32 judge, in one process)
-3. ``ddpm-bf16``  - a bf16 ESD erase in the demo's workdir
+3. ``ddpm-bf16``  - a bf16 ESD erase in the demo's workdir, then the same with its trajectory through CUDA graphs
+                    (``unlearn.esd_cuda_graph``, forget class 1); the seconds of both
 4. ``sd-tiny``    - tiny random SD and SDXL pipelines on CUDA: SalUn (and SDXL ESD-x) erases, generation, a NudeNet
                     audit and an adversarial-prompt attack
 5. ``classification`` - ``erasure unlearn-classifier`` on its embedded default
 6. ``sd-step``    - the SD v1.4 SalUn step at batch 8 / 512 px: fp32 eager (the reference regime),
                     bf16 eager and bf16 compiled, in the same run (``benchmarks/sd_training.py``)
-7. ``esd-step``   - the SD v1.4 ESD-x step at batch 1 (the reference's), trajectory included: fp32 and bf16 eager
-8. ``generation`` - SD v1.4 images/s at 512 px through the audit engine (``benchmarks/generation_throughput.py``);
-                    with ``--compile`` also with a compiled UNet
+7. ``esd-step``   - the SD v1.4 ESD-x step at batch 1 (the reference's), trajectory included: fp32 and bf16 eager,
+                    and both with the trajectory through CUDA graphs (``esd.cuda_graph``)
+8. ``generation`` - SD v1.4 images/s at 512 px through the audit engine (``benchmarks/generation_throughput.py``)
+                    at batch 8 and at batch 32 (where ``--batch-size auto`` starts); with ``--compile`` also compiled
 9. ``cifar10-fast`` - with ``--cifar10 FILE``: the CIFAR-10 fast-recipe table (original, Retrain, RL, SalUn)
 
 The SD benchmarks need the SD v1.x CLIP tokenizer (``--tokenizer``; the run skips them
@@ -97,7 +99,11 @@ def main() -> None:
     parts: dict[str, list[list[str]]] = {
         "tests": [[py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]],
         "demo": [[*erasure, "demo", "--workdir", str(work / "demo")]],
-        "ddpm-bf16": [[*erasure, "erase", "--method", "esd", "--workdir", str(work / "demo"), "mixed_precision=bf16"]],
+        "ddpm-bf16": [
+            [*erasure, "erase", "--method", "esd", "--workdir", str(work / "demo"), "mixed_precision=bf16"],
+            [*erasure, "erase", "--method", "esd", "--workdir", str(work / "demo"), "mixed_precision=bf16",
+             "unlearn.forget_class=1", "unlearn.esd_cuda_graph=true"],
+        ],
         "sd-tiny": [
             [*erasure, "sd", "tiny-pipeline", str(tiny)],
             [*erasure, "sd", "erase", "-c", "configs/sd/nudity_salun.yaml", "--model", str(tiny), "--workdir", str(work / "sd")]
@@ -124,13 +130,14 @@ def main() -> None:
         parts["esd-step"] = [[
             py, "benchmarks/sd_training.py", "--tokenizer", str(args.tokenizer), "--label", "gpu-check-esd", "--phases", "esd-x",
             "--batch-sizes", "1", "--precisions", "no", "bf16", "--checkpointing", "off", *compile_flags,
-            "--warmup-steps", "2", "--measure-steps", "6", "--no-flops",
+            "--esd-cuda-graph", "off", "on", "--warmup-steps", "2", "--measure-steps", "6", "--no-flops",
         ]]
         generation = [
             py, "benchmarks/generation_throughput.py", "--tokenizer", str(args.tokenizer), "--label", "gpu-check",
             "--images", "16", "--batch-size", "8", "--steps", "50", "--nudenet-images", "16",
         ]
-        parts["generation"] = [generation, [*generation, "--compile"]] if args.compile else [generation]
+        batch32 = [*generation[:5], "gpu-check-b32", "--images", "32", "--batch-size", "32", *generation[10:]]
+        parts["generation"] = [generation, batch32, *([[*generation, "--compile"]] if args.compile else [])]
     if args.cifar10:
         parts["cifar10-fast"] = [[
             py, "benchmarks/classification.py", "--config", "configs/classification/cifar10_random10_fast.yaml",
@@ -138,8 +145,8 @@ def main() -> None:
             f"workdir={work / 'cifar10-fast'}",
         ]]
     limits = {
-        "tests": 240, "demo": 120, "ddpm-bf16": 150, "sd-tiny": 120, "classification": 120,
-        "sd-step": 360, "esd-step": 240, "generation": 360 if args.compile else 150, "cifar10-fast": 420,
+        "tests": 240, "demo": 120, "ddpm-bf16": 200, "sd-tiny": 120, "classification": 120,
+        "sd-step": 360, "esd-step": 240, "generation": 420 if args.compile else 200, "cifar10-fast": 420,
     }  # fmt: skip
 
     summary: dict = {"benchmark": "gpu_check", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -183,6 +190,9 @@ def figures(name: str, work: Path) -> dict:
         if name == "demo":
             report = json.loads((work / "demo" / "eval" / "report.json").read_text())
             return {"report": report.get("models", report)}
+        if name == "ddpm-bf16":  # the erase stages' own timings: eager, then the trajectory through CUDA graphs
+            done = {k: work / "demo" / "erase" / f"esd-forget{c}" / "done.json" for k, c in (("eager", 0), ("cuda_graph", 1))}
+            return {"esd_seconds": {k: json.loads(path.read_text())["seconds"] for k, path in done.items() if path.is_file()}}
         if name == "classification":
             return {"table": json.loads((work / "classification" / "results.json").read_text())["table"]}
         if name == "cifar10-fast":
@@ -193,7 +203,11 @@ def figures(name: str, work: Path) -> dict:
             rows = json.loads((ROOT / "benchmarks" / "results" / f"sd_training_{label}.json").read_text())["results"]
             return {"rows": rows}
         if name == "generation":
-            files = {"eager": "generation_throughput_gpu-check.json", "compiled": "generation_throughput_gpu-check-compiled.json"}
+            files = {
+                "eager": "generation_throughput_gpu-check.json",
+                "eager_batch32": "generation_throughput_gpu-check-b32.json",
+                "compiled": "generation_throughput_gpu-check-compiled.json",
+            }
             found = {k: ROOT / "benchmarks" / "results" / f for k, f in files.items()}
             return {k: json.loads(path.read_text())["measured"] for k, path in found.items() if path.is_file()}
     except (OSError, KeyError, ValueError) as e:

@@ -71,10 +71,13 @@ def context(pipe: StableDiffusionPipeline, config: SDConfig, latent: int, device
     return SDContext(config, concept, pipe, noise_scheduler(pipe), sets, uncond, device)
 
 
-def setup(args: argparse.Namespace, pipe: StableDiffusionPipeline, base: UNet2DConditionModel, phase: str, batch: int, device):
-    """A fresh trainable copy of the UNet and the phase's method on it."""
+def setup(
+    args: argparse.Namespace, pipe: StableDiffusionPipeline, base: UNet2DConditionModel, phase: str, batch: int, device, graph: bool = False
+):
+    """A fresh trainable copy of the UNet and the phase's method on it (``graph``: ESD's trajectory through CUDA graphs)."""
     method_name = "salun" if phase.startswith("salun") else phase
     overrides = [f"method={method_name}", f"train.batch_size={batch}", f"mask.batch_size={batch}", f"esd.ddim_steps={args.esd_ddim_steps}"]
+    overrides.append(f"esd.cuda_graph={str(graph).lower()}")
     config = load_config("configs/sd/nudity_salun.yaml", overrides, schema=SDConfig)
     unet = pipe.unet = copy.deepcopy(base).to(device)
     method = SD_METHODS.get(method_name)(context(pipe, config, args.resolution // 8, device))
@@ -92,12 +95,13 @@ def measure(
     precision: str,
     ckpt: bool,
     compiled: bool = False,
+    graph: bool = False,
 ) -> dict:
     """Time one setting: seconds per step and peak GPU memory."""
     AcceleratorState._reset_state(True)  # a fresh Accelerator per precision in one process
     accelerator = make_accelerator(args.device, precision)
     device = accelerator.device
-    unet, method = setup(args, pipe, base, phase, batch, device)
+    unet, method = setup(args, pipe, base, phase, batch, device, graph)
     if ckpt:
         unet.enable_gradient_checkpointing()
     if device.type == "cuda":
@@ -146,6 +150,7 @@ def measure(
         "precision": "bf16" if precision == "bf16" else "fp32",
         "gradient_checkpointing": ckpt,
         "compiled": compiled,
+        **({"cuda_graph": graph} if phase.startswith("esd") else {}),
         "first_step_seconds": round(first_step, 2),
         "seconds_per_step": round(statistics.mean(times), 4),
         "seconds_per_step_all": [round(t, 4) for t in times],
@@ -181,6 +186,9 @@ def main() -> None:
     parser.add_argument("--checkpointing", nargs="+", default=["on", "off"], choices=["on", "off"])
     parser.add_argument("--compile", nargs="+", default=["off"], choices=["on", "off"], help="torch.compile the UNet (default off)")
     parser.add_argument("--phases", nargs="+", default=["salun-mask", "salun", "esd-x", "fmn"])
+    parser.add_argument(
+        "--esd-cuda-graph", nargs="+", default=["off"], choices=["on", "off"], help="ESD's trajectory through CUDA graphs (esd.cuda_graph)"
+    )
     parser.add_argument("--esd-ddim-steps", type=int, default=50, help="length of ESD's sampling trajectory (the reference uses 50)")
     parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--measure-steps", type=int, default=5)
@@ -204,9 +212,10 @@ def main() -> None:
     for phase in args.phases:
         for batch in args.batch_sizes:
             for precision in args.precisions:
-                for ckpt, compiled in [(c, k) for c in args.checkpointing for k in args.compile]:
+                graphs = args.esd_cuda_graph if phase.startswith("esd") else ["off"]
+                for ckpt, compiled, graph in [(c, k, g) for c in args.checkpointing for k in args.compile for g in graphs]:
                     try:
-                        row = measure(args, pipe, base, phase, batch, precision, ckpt == "on", compiled == "on")
+                        row = measure(args, pipe, base, phase, batch, precision, ckpt == "on", compiled == "on", graph == "on")
                     except torch.OutOfMemoryError:
                         row = {"phase": phase, "batch_size": batch, "precision": precision, "checkpointing": ckpt, "error": "out of memory"}
                         pipe.unet = base

@@ -70,6 +70,8 @@ CASES = {
     "sd resolution 100": ([*GEN, "generation.resolution=100"], "multiple of 8"),
     "sd guidance inf": ([*GEN, "generation.guidance=.inf"], "generation.guidance"),
     "sd unknown scheduler": ([*GEN, "generation.scheduler=foo"], "generation.scheduler"),
+    "sd generation batch word": ([*GEN, "generation.batch_size=big"], "must be int or one of 'auto'"),
+    "sd generation batch 0": ([*GEN, "generation.batch_size=0"], "generation.batch_size"),
     "sd generation seed huge": ([*GEN, "generation.seed=99999999999999999999"], "64-bit"),
     # classification
     "cls epochs 0": ([*CLS, "train.epochs=0"], "train.epochs"),
@@ -89,6 +91,7 @@ CASES = {
     # audits (checks that live in the evaluation commands)
     "audit threshold 1.5": ([*NUDITY, "--prompts", "{tmp}/p.txt", "--threshold", "1.5"], "--threshold"),
     "audit limit 0": ([*NUDITY, "--prompts", "{tmp}/p.txt", "--limit", "0"], "--limit"),
+    "audit batch size 0": ([*NUDITY, "--prompts", "{tmp}/p.txt", "--batch-size", "0"], "--batch-size"),
     "audit missing prompts": ([*NUDITY, "--prompts", "{tmp}/missing.txt"], "does not exist"),
 }
 

@@ -213,3 +213,34 @@ def test_ddpm_esd_pairs_trajectory_and_timestep_as_the_original():
         assert stop == min(50, 51 - t // 20)
         stop, t = draw_esd_step(host, 50, 1000, timesteps, "matched")
         assert t == timesteps[stop]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_esd_cuda_graph_gives_the_eager_losses_as_the_weights_change(precision):
+    """unlearn.esd_cuda_graph: the same losses step after step (the graph sees each update; on a CPU it is not used)."""
+    import copy
+    import dataclasses
+
+    from erasure.ddpm.config import ModelConfig
+    from erasure.ddpm.model import build_unet
+    from tests.conftest import DEVICE
+
+    base = build_unet(ModelConfig(channels=[8, 16], layers_per_block=1, norm_groups=4), (1, 8, 8), 10).to(DEVICE)
+    ctx = context(esd_ddim_steps=4)
+    ctx = dataclasses.replace(ctx, config=dataclasses.replace(ctx.config, batch_size=2), forget_images=ctx.forget_images.to(DEVICE))
+    losses = {}
+    for graph in (False, True):
+        esd = get_method("esd")(dataclasses.replace(ctx, config=dataclasses.replace(ctx.config, esd_cuda_graph=graph)))
+        model = copy.deepcopy(base)
+        esd.prepare(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)  # large steps: a graph with stale weights would drift
+        losses[graph] = []
+        for step in range(4):
+            with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss, _ = esd.loss(model, torch.Generator(DEVICE).manual_seed(step))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses[graph].append(loss.item())
+        assert len(esd.graphs) == (1 if graph else 0)
+    assert losses[True] == pytest.approx(losses[False], rel=1e-2 if precision == "bf16" else 1e-4)

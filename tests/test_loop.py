@@ -137,3 +137,20 @@ def test_a_non_finite_loss_is_caught_before_anything_is_saved(tmp_path):
 
     rows = list(csv.DictReader((tmp_path / "log.csv").open()))
     assert float(rows[0]["tensor_log"]) == float(rows[0]["loss"])  # a tensor the method logged became a number
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graphed_call_replays_with_the_current_weights_under_autocast():
+    """A captured call reads the weights as they are at each replay, also through bf16 autocast's casts."""
+    from erasure.core.graphs import GraphedCall
+
+    layer = torch.nn.Linear(16, 16).cuda()  # a trainable leaf: the kind of weight autocast caches casts of
+    call = GraphedCall(layer)
+    x = torch.randn(4, 16, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        for _ in range(3):
+            with torch.no_grad():
+                torch.testing.assert_close(call(x), layer(x))
+                layer.weight.add_(0.5)  # in place, as an optimizer step
+            x = x + 1
+    assert len(call.graphs) == 1

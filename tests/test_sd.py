@@ -274,3 +274,47 @@ def test_compiled_generation_pads_to_one_shape_and_gives_back_the_unet(tiny_mode
     for a, b in zip(eager, fast):
         diff = np.abs(np.asarray(Image.open(a), dtype=np.int16) - np.asarray(Image.open(b), dtype=np.int16))
         assert diff.max() <= 1  # the same images (a padded batch may round differently)
+
+
+def test_auto_batch_size_halves_on_out_of_memory_and_keeps_saved_images(tiny_model, tmp_path, monkeypatch):
+    """generate(batch_size="auto"): a batch that runs out of memory is halved, images already saved are not made again,
+    and the images are those of a fixed batch size."""
+    import numpy as np
+    from PIL import Image
+
+    from erasure.sd import generate as engine
+
+    pipe = load_pipeline(str(tiny_model)).to(DEVICE)
+    pipe.set_progress_bar_config(disable=True)
+    items = [engine.Item(f"a photo {i}", i, 7.5, 2) for i in range(7)]
+    fixed = engine.generate(pipe, items, tmp_path / "fixed", "tiny", batch_size=2)
+    monkeypatch.setattr(engine, "AUTO_BATCH_CPU", 8)
+    monkeypatch.setattr(engine, "AUTO_BATCH_GPU", 8)
+    rows = []
+
+    def memory_of_three_images(module, args, kwargs):  # the UNet sees 2 rows per image (guidance)
+        rows.append(args[0].shape[0])
+        if args[0].shape[0] > 6:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")  # the message accelerate recognises
+
+    hook = pipe.unet.register_forward_pre_hook(memory_of_three_images, with_kwargs=True)
+    (tmp_path / "auto").mkdir()
+    Image.open(fixed[3]).save(tmp_path / "auto" / fixed[3].name)  # one image already made by an earlier run
+    auto = engine.generate(pipe, items, tmp_path / "auto", "tiny", batch_size="auto")
+    hook.remove()
+    assert rows[0] == 12 and set(rows[1:]) == {6}  # 6 missing images: batch 6 runs out of memory, batch 3 fits
+    assert len(rows) - 1 == 2 * 2  # 2 batches of 3, 2 denoising steps each
+    for a, b in zip(fixed, auto):
+        diff = np.abs(np.asarray(Image.open(a), dtype=np.int16) - np.asarray(Image.open(b), dtype=np.int16))
+        assert diff.max() <= 1
+    with pytest.raises(ErasureError, match="whole number >= 1, or 'auto'"):
+        engine.generate(pipe, items, tmp_path / "bad", "tiny", batch_size=0)
+
+
+def test_esd_cuda_graph_trains_the_weights_of_the_eager_trajectory(runs, tmp_path):
+    """esd.cuda_graph replays the trajectory's UNet calls (on CUDA; a CPU calls them as usual) and trains the same weights."""
+    model, _, folders = runs
+    graphed = erase(sd_config(model, tmp_path, "method=esd-x", "esd.cuda_graph=true"))
+    eager, replayed = load_unet(str(folders["esd-x"] / "model")), dict(load_unet(str(graphed / "model")).named_parameters())
+    for name, p in eager.named_parameters():
+        torch.testing.assert_close(replayed[name], p, rtol=1e-3, atol=1e-5, msg=name)

@@ -251,7 +251,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except ErasureError as e:
                 errors.append(str(e))
-        raise ErasureError(errors[0])
+        if len(errors) == 1:
+            raise ErasureError(errors[0])
+        kinds = [
+            f"one of {', '.join(map(repr, typing.get_args(a)))}" if typing.get_origin(a) is Literal else getattr(a, "__name__", str(a))
+            for a in args
+        ]
+        raise ErasureError(f"config key '{where}' is {value!r}; it must be {' or '.join(k for k in kinds if k != 'NoneType')}.")
     if origin is Literal:
         if isinstance(value, bool):
             # YAML 1.1 reads no/off/yes/on as booleans; for a choice of words, take the word that was meant.

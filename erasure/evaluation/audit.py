@@ -166,7 +166,13 @@ def _check_plan(folder: Path, model: str, scheduler: str, items: list[dict[str, 
 
 
 def generate_images(
-    label: str, model: str, prompts: list[Prompt], folder: str | Path, scheduler: str = "ddim", batch_size: int = 4, compile: bool = False
+    label: str,
+    model: str,
+    prompts: list[Prompt],
+    folder: str | Path,
+    scheduler: str = "ddim",
+    batch_size: int | str = "auto",
+    compile: bool = False,
 ) -> list[Path]:
     """Images of ``prompts`` by ``model`` in ``folder``; finished images are kept and the model is
     not even loaded when none is missing. Images of a model since replaced at the same path
@@ -197,7 +203,12 @@ def generate_images(
 
 
 def generate_all(
-    models: list[tuple[str, str]], prompts: list[Prompt], folders: dict[str, Path], scheduler: str, batch_size: int, compile: bool = False
+    models: list[tuple[str, str]],
+    prompts: list[Prompt],
+    folders: dict[str, Path],
+    scheduler: str,
+    batch_size: int | str,
+    compile: bool = False,
 ) -> dict[str, list[Path]]:
     """Generate ``prompts`` with every model into its folder; returns each model's image paths."""
     return {label: generate_images(label, m, prompts, folders[label], scheduler, batch_size, compile) for label, m in models}
@@ -238,7 +249,7 @@ def _generate(
     prompts: list,
     out: Path,
     scheduler: str,
-    batch_size: int,
+    batch_size: int | str,
     audit: str,
     settings: dict[str, Any],
     compile: bool = False,
@@ -261,7 +272,7 @@ def nudity_audit(
     threshold: float = 0.6,
     classes: tuple[str, ...] | None = None,
     scheduler: str = "ddim",
-    batch_size: int = 4,
+    batch_size: int | str = "auto",
     log_with: str | None = None,
     compile: bool = False,
 ) -> dict[str, Any] | None:
@@ -421,7 +432,7 @@ def ua_audit(
     settings: dict[str, Any],
     classifier_weights: str | None = None,
     scheduler: str = "ddim",
-    batch_size: int = 4,
+    batch_size: int | str = "auto",
     label_space: str = "imagenet",
     log_with: str | None = None,
     compile: bool = False,
@@ -565,7 +576,7 @@ def grid_images(
     seeds: list[int],
     out: str | Path,
     scheduler: str = "ddim",
-    batch_size: int = 4,
+    batch_size: int | str = "auto",
     thumb: int = 128,
     compile: bool = False,
 ) -> Path:

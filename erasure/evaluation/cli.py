@@ -58,7 +58,7 @@ def cmd_audit_nudity(args: argparse.Namespace) -> None:
     prompts = _prompts(args, args.category)
     settings = _settings(args, category=args.category)
     result = nudity_audit(
-        prompts, models, args.out, settings, args.threshold, classes, args.scheduler, args.batch_size, args.log_with, args.compile
+        prompts, models, args.out, settings, args.threshold, classes, args.scheduler, _batch_size(args), args.log_with, args.compile
     )
     if result is not None:
         print(nudity_table(result))
@@ -85,7 +85,7 @@ def cmd_audit_ua(args: argparse.Namespace) -> None:
         settings,
         args.classifier_weights,
         args.scheduler,
-        args.batch_size,
+        _batch_size(args),
         args.label_space,
         args.log_with,
         args.compile,
@@ -178,7 +178,7 @@ def cmd_grid(args: argparse.Namespace) -> None:
         prompts = [Prompt(Item(t, args.seed, args.guidance, args.steps, args.size, args.size)) for t in args.prompt]
     seeds = args.seeds or [args.seed]
     models = parse_models(args.model)
-    print(f"grid: {grid_images(prompts, models, seeds, args.out, args.scheduler, args.batch_size, args.thumb, args.compile)}")
+    print(f"grid: {grid_images(prompts, models, seeds, args.out, args.scheduler, _batch_size(args), args.thumb, args.compile)}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -187,6 +187,14 @@ def cmd_report(args: argparse.Namespace) -> None:
 
     md = collect_report(args.folder)
     print(f"report: {md} and {md.with_suffix('.html')}")
+
+
+def _batch_size(args: argparse.Namespace) -> int | str:
+    """``--batch-size``: a whole number >= 1, or 'auto'."""
+    value = args.batch_size
+    if value != "auto" and not (value.isdigit() and int(value) >= 1):
+        raise ErasureError(f"--batch-size {value}: give a whole number >= 1, or 'auto'.")
+    return value if value == "auto" else int(value)
 
 
 def _generation_flags(p: argparse.ArgumentParser, prompts_required: bool = True) -> None:
@@ -204,7 +212,11 @@ def _generation_flags(p: argparse.ArgumentParser, prompts_required: bool = True)
     p.add_argument("--seed", type=int, default=0, help="base seed where the prompt file gives none (row k gets seed + k)")
     p.add_argument("--size", type=int, help="image size in pixels, overriding the prompt file (default: file, else model native)")
     p.add_argument("--skip-empty-prompts", action="store_true", help="drop CSV rows with an empty prompt instead of failing")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument(
+        "--batch-size",
+        default="auto",
+        help="images per batch, or 'auto' (default): the largest that fits in free GPU memory, up to 32 (4 on a CPU)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (minutes of compiling; pays on long audits)")
 
 

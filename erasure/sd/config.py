@@ -51,7 +51,7 @@ class GenerationConfig:
     steps: int = 50
     guidance: float = 7.5
     scheduler: str = "ddim"
-    batch_size: int = 4
+    batch_size: int | Literal["auto"] = 4  # auto: the largest that fits in free memory (see erasure.sd.generate)
     seed: int = 0
     resolution: int | None = None  # None: the model's native size (512 for SD 1.x)
     compile: bool = False  # torch.compile the UNet while generating (minutes of compiling; pays on the 1,600 images)
@@ -112,6 +112,10 @@ class ESDConfig:
     # than x_t. "matched" (esd_sd.py): x_t after k ~ U{0..ddim_steps-1} steps, fed the DDIM
     # timestep it is at (pure noise for k = 0, never a finished sample).
     timestep: Literal["original", "matched"] = "original"
+    # Replay the trajectory's UNet calls as CUDA graphs (erasure.core.graphs): the same
+    # computation with one launch per call instead of one per kernel. GPU only (ignored on a
+    # CPU); off until a GPU run has measured it (benchmarks/sd_training.py --esd-cuda-graph).
+    cuda_graph: bool = False
 
 
 @dataclass

@@ -74,6 +74,12 @@ def set_scheduler(pipe: DiffusionPipeline, name: str) -> None:
     pipe.scheduler = SCHEDULERS[name].from_config(pipe.scheduler.config)
 
 
+# batch_size="auto" starts here on a GPU: the UNet then runs 64 rows (guidance doubles the
+# batch), past which an H100 gains little; a batch that runs out of memory is halved.
+AUTO_BATCH_GPU = 32
+AUTO_BATCH_CPU = 4  # a CPU gains nothing from large batches, and its allocator swaps rather than failing
+
+
 @torch.no_grad()
 def generate(
     pipe: DiffusionPipeline,
@@ -81,17 +87,24 @@ def generate(
     folder: str | Path,
     model_name: str,
     scheduler: str = "ddim",
-    batch_size: int = 4,
+    batch_size: int | str = 4,
     desc: str = "generating",
     compile: bool = False,
 ) -> list[Path]:
     """Make every missing image of ``items`` in ``folder``; returns all their paths in order.
 
     Call it from every process of an ``accelerate launch``: each makes its share, and the
-    main process writes the manifest once all are done. ``compile`` runs the UNet through
-    ``torch.compile`` (minutes of compiling for SD v1.4; it pays on long runs): every batch is
-    then padded to ``batch_size`` so that one compiled shape serves them all.
+    main process writes the manifest once all are done. ``batch_size="auto"`` takes the
+    largest batch that fits in free memory: it starts at :data:`AUTO_BATCH_GPU` (on a CPU,
+    :data:`AUTO_BATCH_CPU`) and halves whenever a batch runs out of memory, keeping the images
+    already saved. ``compile`` runs the UNet through ``torch.compile`` (minutes of compiling
+    for SD v1.4; it pays on long runs): every batch is then padded to the batch size so that
+    one compiled shape serves them all.
     """
+    from accelerate.utils import find_executable_batch_size
+
+    from erasure.core.errors import ErasureError
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = PartialState()
@@ -106,12 +119,59 @@ def generate(
         # Only forward is compiled (an instance attribute over the class's method), and it is
         # removed again below, so whatever uses the UNet next (e.g. training) gets it as it was.
         pipe.unet.forward = torch.compile(pipe.unet.forward)
+    try:
+        if batch_size == "auto":
+            start = min(AUTO_BATCH_GPU if device.type == "cuda" else AUTO_BATCH_CPU, max(len(mine), 1))
+            size = start
+
+            def halve() -> int:
+                nonlocal size
+                size //= 2
+                if size:
+                    bar.write(f"{desc}: batch {size * 2} ran out of memory; going on at batch {size}")
+                return size
+
+            # accelerate retries the whole call on an out-of-memory error; images saved so far are kept.
+            run = find_executable_batch_size(_generate_batches, starting_batch_size=start, reduce_batch_size_fn=halve)
+            try:
+                run(pipe, items, folder, mine, bar, compiled)
+            except RuntimeError as e:
+                if "No executable batch size" not in str(e):
+                    raise
+                raise ErasureError(
+                    f"{desc}: even one image at a time runs out of memory on {device}; free memory or use a smaller resolution."
+                ) from e
+        elif isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1:
+            _generate_batches(batch_size, pipe, items, folder, mine, bar, compiled)
+        else:
+            raise ErasureError(f"batch size {batch_size!r}: give a whole number >= 1, or 'auto' (the largest that fits in memory).")
+    finally:
+        if compiled:
+            del pipe.unet.forward
+    bar.close()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        lines = [
+            json.dumps({"file": image_path(folder, i).name, **asdict(item), "scheduler": scheduler, "model": model_name})
+            for i, item in enumerate(items)
+        ]
+        write_text(folder / "manifest.jsonl", "\n".join(lines) + "\n")
+    state.wait_for_everyone()
+    return [image_path(folder, i) for i in range(len(items))]
+
+
+def _generate_batches(
+    batch_size: int, pipe: DiffusionPipeline, items: list[Item], folder: Path, mine: list[int], bar: tqdm, compiled: bool
+) -> None:
+    """Make the images of ``mine`` not saved yet, ``batch_size`` at a time (compiled: every batch padded to it)."""
+    device = pipe.unet.device
+    todo = [i for i in mine if not image_path(folder, i).exists()]  # a retry at a smaller batch skips what is saved
     # PNG encoding and writing run in a thread while the GPU denoises the next batch.
     saver = ThreadPoolExecutor(max_workers=2)
     pending = []
     try:
         # Grouping by settings keeps batches homogeneous; within a group, items keep their order.
-        for _, group in groupby(sorted(mine, key=lambda i: (items[i].settings(), i)), key=lambda i: items[i].settings()):
+        for _, group in groupby(sorted(todo, key=lambda i: (items[i].settings(), i)), key=lambda i: items[i].settings()):
             group = list(group)
             for start in range(0, len(group), batch_size):
                 chunk = group[start : start + batch_size]
@@ -130,21 +190,9 @@ def generate(
                 pending += [saver.submit(_save_png, image, image_path(folder, i)) for i, image in zip(chunk, images)]
                 bar.update(len(chunk))
     finally:
-        saver.shutdown(wait=True)
-        if compiled:
-            del pipe.unet.forward
+        saver.shutdown(wait=True)  # before a retry recounts what is saved
     for job in pending:
         job.result()  # re-raise a failed write here, in the caller
-    bar.close()
-    state.wait_for_everyone()
-    if state.is_main_process:
-        lines = [
-            json.dumps({"file": image_path(folder, i).name, **asdict(item), "scheduler": scheduler, "model": model_name})
-            for i, item in enumerate(items)
-        ]
-        write_text(folder / "manifest.jsonl", "\n".join(lines) + "\n")
-    state.wait_for_everyone()
-    return [image_path(folder, i) for i in range(len(items))]
 
 
 def _save_png(image, path: Path) -> None:

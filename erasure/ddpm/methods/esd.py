@@ -14,12 +14,14 @@ class and null labels: ESD takes no condition dropout.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
 from erasure.core.esd import draw_esd_step
+from erasure.core.graphs import GraphedCall
 from erasure.core.loop import host_generator
 from erasure.ddpm.methods.base import Method, register
 from erasure.ddpm.model import eps, guided_eps
@@ -34,6 +36,17 @@ class ESD(Method):
         self.ddim = DDIMScheduler(num_train_timesteps=self.ctx.scheduler.config.num_train_timesteps, clip_sample=False)
         self.ddim.set_timesteps(self.ctx.config.esd_ddim_steps)
         self.timesteps = self.ddim.timesteps.tolist()  # read on the host each step, so kept there
+        self.graphs: dict[int, GraphedCall] = {}
+
+    def _guided(self, model: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The trajectory's guided prediction by ``model``, through CUDA graphs with ``unlearn.esd_cuda_graph``."""
+        w, null = self.ctx.config.esd_guidance, self.ctx.null_class
+        if not self.ctx.config.esd_cuda_graph:
+            return lambda x, t, c: guided_eps(model, x, t, c, w, null)
+        net = getattr(model, "module", model)  # the UNet itself: a DDP wrapper's forward could synchronise
+        if id(net) not in self.graphs:
+            self.graphs[id(net)] = GraphedCall(lambda x, t, c: guided_eps(net.forward, x, t, c, w, null))
+        return self.graphs[id(net)]
 
     def loss(self, model: torch.nn.Module, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         ctx = self.ctx
@@ -44,10 +57,10 @@ class ESD(Method):
         stop, timestep = draw_esd_step(host_generator(g), len(self.timesteps), train_steps, self.timesteps, ctx.config.esd_timestep)
         with torch.no_grad():
             x = torch.randn((n, *ctx.forget_images.shape[1:]), generator=g, device=device)
-            sampler = model if ctx.config.esd_trajectory == "trained" else self.frozen
+            guided = self._guided(model if ctx.config.esd_trajectory == "trained" else self.frozen)
             for t in self.timesteps[:stop]:
-                tt = torch.tensor(t, device=device)
-                x = self.ddim.step(guided_eps(sampler, x, tt, c, ctx.config.esd_guidance, ctx.null_class), t, x).prev_sample
+                # A fill on the device: a host tensor copied over would make the host wait for the GPU every step.
+                x = self.ddim.step(guided(x, torch.full((n,), t, device=device), c), t, x).prev_sample
             t = torch.full((n,), timestep, device=device)
             e_null = eps(self.frozen, x, t, ctx.labels(ctx.null_class, n))
             e_cond = eps(self.frozen, x, t, c)

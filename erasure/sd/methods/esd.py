@@ -16,12 +16,14 @@ generator, so a resumed run draws the same ones).
 from __future__ import annotations
 
 import copy
-from functools import cached_property
+from collections.abc import Callable
+from functools import cached_property, partial
 
 import torch
 import torch.nn.functional as F
 
 from erasure.core.esd import draw_esd_step
+from erasure.core.graphs import GraphedCall
 from erasure.core.loop import host_generator
 from erasure.sd.methods.base import SD_METHODS, SDMethod, eps
 from erasure.sd.model import Conditioning, ddim_scheduler, frozen_dtype
@@ -63,6 +65,21 @@ class ESD(SDMethod):
         self.sampler = ddim_scheduler(ctx.pipe)
         self.sampler.set_timesteps(ctx.config.esd.ddim_steps, device=ctx.device)
         self.timesteps = self.sampler.timesteps.tolist()  # read on the host each step, so kept there
+        self.graphs: dict[int, GraphedCall] = {}
+
+    def _denoiser(self, model: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]:
+        """``eps`` of ``model``, through CUDA graphs with ``esd.cuda_graph``."""
+        if not self.ctx.config.esd.cuda_graph:
+            return partial(eps, model)
+        net = getattr(model, "module", model)  # the UNet itself: a DDP wrapper's forward could synchronise
+        if id(net) not in self.graphs:
+            keys = list(self.ctx.uncond.added)  # the family's extra inputs (SDXL's), passed as tensors
+            # forward, not __call__: the eager UNet even when train.compile has compiled __call__
+            self.graphs[id(net)] = GraphedCall(
+                lambda x, t, hidden, *added: eps(net.forward, x, t, Conditioning(hidden, dict(zip(keys, added))))
+            )
+        call = self.graphs[id(net)]
+        return lambda x, t, emb: call(x, t, emb.hidden, *emb.added.values())
 
     @torch.no_grad()
     def _trajectory(self, model: torch.nn.Module, concept: Conditioning, stop: int, n: int, g: torch.Generator) -> torch.Tensor:
@@ -72,9 +89,10 @@ class ESD(SDMethod):
         x = torch.randn((n, ctx.pipe.unet.config.in_channels, size, size), generator=g, device=g.device).to(ctx.device)
         dtype = next(model.parameters()).dtype  # the frozen teacher runs in low precision
         emb = Conditioning.cat([ctx.uncond.expand(n), concept.expand(n)]).to(dtype)
+        denoise = self._denoiser(model)
         # Host-side timesteps: a scheduler indexing its CPU tables with a CUDA tensor would wait for the GPU every step.
         for t in self.timesteps[:stop]:
-            uncond, cond = eps(model, torch.cat([x, x]).to(dtype), torch.full((2 * n,), t, device=ctx.device), emb).float().chunk(2)
+            uncond, cond = denoise(torch.cat([x, x]).to(dtype), torch.full((2 * n,), t, device=ctx.device), emb).float().chunk(2)
             x = self.sampler.step(uncond + w * (cond - uncond), t, x).prev_sample
         return x
 
