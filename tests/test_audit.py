@@ -218,6 +218,58 @@ def test_interrupted_audit_resumes(audit_dir, monkeypatch):
     assert main(changed) == 2
 
 
+def test_nudenet_scores_a_model_while_the_next_one_generates(models, i2p_csv, tmp_path, monkeypatch):
+    """The audit's time is the generation's, not generation plus detection: model a is scored while b generates."""
+    import threading
+
+    from erasure.evaluation import audit
+    from erasure.evaluation.metrics import nudity
+
+    events, scoring_a = [], threading.Event()
+    real_generate, real_detect = audit.generate_images, nudity.detect
+
+    def generate_images(label, *args, **kwargs):
+        if label == "b":  # waits for a's scoring to start, which only an overlapping audit does before b is made
+            assert scoring_a.wait(timeout=60), "model a was not scored while model b generated"
+        paths = real_generate(label, *args, **kwargs)
+        events.append(f"generated {label}")
+        return paths
+
+    def detect(paths, **kwargs):
+        if paths[0].parent.name == "a":
+            events.append("scoring a")
+            scoring_a.set()
+        return real_detect(paths, **kwargs)
+
+    monkeypatch.setattr(audit, "generate_images", generate_images)
+    monkeypatch.setattr(nudity, "detect", detect)
+    args = ["audit", "nudity", "--prompts", str(i2p_csv), "--limit", "2", "--steps", "2", "--out", str(tmp_path / "audit")]
+    assert main([*args, "--model", f"a={models / 'a'}", "--model", f"b={models / 'b'}"]) == 0
+    assert events.index("scoring a") < events.index("generated b")
+    result = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert set(result["models"]) == {"a", "b"} and all(r["images"] == 2 for r in result["models"].values())
+
+
+def test_scoring_stops_when_asked_and_keeps_its_cache(tmp_path):
+    import threading
+
+    from erasure.evaluation.metrics import nudity
+
+    for i in range(3):
+        Image.new("RGB", (64, 64), (200, 150, 120 + i)).save(tmp_path / f"{i}.png")
+    paths, stop = sorted(tmp_path.glob("*.png")), threading.Event()
+
+    class StopsAfterOne:
+        def detect(self, path):
+            stop.set()  # as the audit does when the generation in the main thread is interrupted
+            return []
+
+    with pytest.raises(ErasureError, match="stopped after 1 of 3 images; rerun"):
+        nudity.detect(paths, detector=StopsAfterOne(), stop=stop)
+    cached = [json.loads(line)["file"] for line in (tmp_path / nudity.CACHE).read_text().splitlines()]
+    assert cached == ["0.png"]
+
+
 def test_i2p_guidance_is_fixed_unless_asked(audit_dir, models, i2p_csv, tmp_path):
     """Published I2P tables use one guidance (7.5); the rows' evaluation_guidance is a named option."""
     from erasure.sd.generate import read_manifest

@@ -17,6 +17,9 @@ import datetime
 import hashlib
 import io
 import json
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -209,9 +212,18 @@ def generate_all(
     scheduler: str,
     batch_size: int | str,
     compile: bool = False,
+    then: Callable[[str, list[Path]], None] | None = None,
 ) -> dict[str, list[Path]]:
-    """Generate ``prompts`` with every model into its folder; returns each model's image paths."""
-    return {label: generate_images(label, m, prompts, folders[label], scheduler, batch_size, compile) for label, m in models}
+    """Generate ``prompts`` with every model into its folder; returns each model's image paths.
+
+    ``then(label, paths)`` is called as soon as a model's images are all made, before the next model starts.
+    """
+    paths = {}
+    for label, model in models:
+        paths[label] = generate_images(label, model, prompts, folders[label], scheduler, batch_size, compile)
+        if then is not None:
+            then(label, paths[label])
+    return paths
 
 
 def _fingerprint(folder: Path) -> str:
@@ -253,10 +265,11 @@ def _generate(
     audit: str,
     settings: dict[str, Any],
     compile: bool = False,
+    then: Callable[[str, list[Path]], None] | None = None,
 ) -> tuple[dict[str, Path], dict[str, list[Path]], dict[str, Any] | None]:
     """Every model's images (each process its share), and on the main process the result record every audit starts from."""
     folders = {label: out / "images" / label for label, _ in models}
-    paths = generate_all(models, prompts, folders, scheduler, batch_size, compile)
+    paths = generate_all(models, prompts, folders, scheduler, batch_size, compile, then)
     if not _is_main():
         return folders, paths, None
     date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
@@ -286,7 +299,19 @@ def nudity_audit(
     classes = tuple(classes or EXPOSED)
     version = nudenet_version()  # fail before generating anything
     out = Path(out)
-    folders, paths, result = _generate(models, prompts, out, scheduler, batch_size, "nudity", settings, compile)
+    # NudeNet scores a model's images (main process, a CPU thread or onnxruntime's GPU) while the next model generates.
+    scorer, stop, scored = ThreadPoolExecutor(max_workers=1), threading.Event(), {}
+
+    def score(label: str, model_paths: list[Path]) -> None:
+        if _is_main():
+            scored[label] = scorer.submit(detect, model_paths, stop=stop)
+
+    try:
+        folders, paths, result = _generate(models, prompts, out, scheduler, batch_size, "nudity", settings, compile, score)
+        found_by_model = {label: scored[label].result() for label in scored}
+    finally:
+        stop.set()  # an interrupted audit does not wait for the scoring of a whole model (its cache keeps what was done)
+        scorer.shutdown(wait=True)
     if result is None:
         return None
     result["settings"].update(
@@ -296,7 +321,7 @@ def nudity_audit(
         detector=f"NudeNet {version} NudeDetector (320n), run on the saved PNG files ({onnx_providers()[0]})",
     )
     for label, model in models:
-        found = detect(paths[label])
+        found = found_by_model[label]
         counts = count_exposed(found, classes, threshold)
         if log_with:
             log_running(log_with, out, label, "nudity", result["settings"], _running_counts(found, classes, threshold))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import threading
 from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, distribution, version
 from pathlib import Path
@@ -169,10 +170,14 @@ def make_detector() -> Any:
     return detector
 
 
-def detect(paths: list[Path], cache_every: int = 64, detector: Any = None) -> list[list[dict[str, Any]]]:
+def detect(
+    paths: list[Path], cache_every: int = 64, detector: Any = None, stop: threading.Event | None = None
+) -> list[list[dict[str, Any]]]:
     """NudeNet detections (all classes, score >= 0.2) for each image file, cached beside it.
 
-    Images with the same name and content as a cached entry are not run again.
+    Images with the same name and content as a cached entry are not run again. Setting
+    ``stop`` (from another thread) ends the scoring after the current image, with the cache
+    written; the detections are then incomplete and an ErasureError says so.
     """
     paths = [Path(p) for p in paths]
     missing = [p for p in paths if not p.is_file()]
@@ -185,6 +190,10 @@ def detect(paths: list[Path], cache_every: int = 64, detector: Any = None) -> li
         detector = detector if detector is not None else make_detector()
         dirty: set[Path] = set()
         for n, p in enumerate(tqdm(todo, desc="nudenet", disable=len(todo) < 20), start=1):
+            if stop is not None and stop.is_set():
+                for folder in dirty:
+                    _write_cache(folder / CACHE, caches[folder])
+                raise ErasureError(f"NudeNet scoring stopped after {n - 1} of {len(todo)} images; rerun to go on.")
             found = detector.detect(str(p))
             caches[p.parent][p.name] = {
                 "file": p.name,
