@@ -318,3 +318,42 @@ def test_esd_cuda_graph_trains_the_weights_of_the_eager_trajectory(runs, tmp_pat
     eager, replayed = load_unet(str(folders["esd-x"] / "model")), dict(load_unet(str(graphed / "model")).named_parameters())
     for name, p in eager.named_parameters():
         torch.testing.assert_close(replayed[name], p, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("name", ["salun", "esd-x"])
+def test_a_training_step_never_waits_for_the_gpu(tiny_model, name):
+    """No host synchronisation inside a step (on CUDA, sync debug mode raises at any): a sync per step
+    would make the GPU idle while Python launches the next step's kernels. On a CPU the step just runs."""
+    from erasure.sd.methods import SD_METHODS, SDContext
+    from erasure.sd.methods.base import LatentSet
+    from erasure.sd.model import encode_conditioning, noise_scheduler
+
+    config = load_config("configs/sd/nudity_salun.yaml", [f"method={name}", "train.batch_size=2", "esd.ddim_steps=3"], schema=SDConfig)
+    concept, device = load_concept(config.concept), torch.device(DEVICE)
+    pipe = load_pipeline(str(tiny_model)).to(device)
+    size = pipe.unet.config.sample_size
+    sets = {
+        k: LatentSet(
+            torch.randn(8, 4, size, size, device=device),
+            torch.arange(8, device=device) % len(getattr(concept, k)),
+            encode_conditioning(pipe, getattr(concept, k)).float().to(device),
+            getattr(concept, k),
+        )
+        for k in ("forget", "retain")
+    }
+    ctx = SDContext(config, concept, pipe, noise_scheduler(pipe), sets, encode_conditioning(pipe, [""]).float().to(device), device)
+    method, model = SD_METHODS.get(name)(ctx), pipe.unet
+    method.prepare(model)
+    g = torch.Generator(device).manual_seed(0)
+    method.loss(model, g)[0].backward()  # the first step may initialise things (cuBLAS handles, the scheduler's tables)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):  # ESD's trajectory length varies with the draw
+            loss, _ = method.loss(model, g)
+            loss.backward()
+    finally:
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss.detach()).all()

@@ -52,17 +52,23 @@ class SalUnSD(SDMethod):
         self.target = self.ctx.encode(concept.target)  # T rows
         # Target prompts of each concept, and the concept of each forget prompt.
         parts = torch.tensor(concept.part_of("target"))
-        self.targets_of = [torch.nonzero(parts == k).flatten().to(self.ctx.device) for k in range(len(concept.concepts))]
-        self.part_of_forget = torch.tensor(concept.part_of("forget"), device=self.ctx.device)
+        targets_of = [torch.nonzero(parts == k).flatten() for k in range(len(concept.concepts))]
+        # The target prompts grouped by concept, with each concept's start and count there:
+        # the draw below stays on the device (reading indices back would stall the GPU every step).
+        device = self.ctx.device
+        self.targets_by_concept = torch.cat(targets_of).to(device)
+        self.target_count = torch.tensor([len(t) for t in targets_of], device=device)
+        self.target_start = torch.cumsum(self.target_count, 0) - self.target_count
+        self.part_of_forget = torch.tensor(concept.part_of("forget"), device=device)
         # One draw in [0, L) per item, L a multiple of every concept's target count, picks
         # uniformly within the item's concept; with one concept, L = T and the draw is the old one.
-        self.draw_range = math.lcm(*(len(t) for t in self.targets_of))
+        self.draw_range = math.lcm(*(len(t) for t in targets_of))
 
     def target_indices(self, prompt_index: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """For forget prompts ``prompt_index``, random indices into the target prompts of the same concept."""
         draw = torch.randint(0, self.draw_range, (len(prompt_index),), generator=g, device=g.device).to(self.target.device)
         parts = self.part_of_forget[prompt_index.to(self.target.device)]
-        return torch.stack([self.targets_of[k][d % len(self.targets_of[k])] for k, d in zip(parts.tolist(), draw)])
+        return self.targets_by_concept[self.target_start[parts] + draw % self.target_count[parts]]
 
     def loss(self, model: torch.nn.Module, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         ctx, n = self.ctx, self.ctx.config.train.batch_size
