@@ -389,6 +389,7 @@ def test_config_defaults_are_the_reference_settings():
     assert (u.l1.epochs, u.l1.lr, u.l1.no_l1_epochs) == (10, 0.01, 0)
     assert (u.iu.solver, u.iu.samples, u.iu.damping, u.iu.damping_scale) == ("reference", 1000, 1.0, "absolute")
     assert ClassificationConfig().eval_precision == "fp32"
+    assert ClassificationConfig().mixed_precision == "no"  # the reference trains and unlearns in fp32
 
 
 @pytest.mark.parametrize("path", ["cifar10_random10", "cifar10_random50", "cifar10_class"])
@@ -398,6 +399,7 @@ def test_setting_configs_follow_the_reference(path):
     assert (c.train.epochs, c.train.lr, c.train.batch_size, c.train.milestones, c.train.schedule) == (182, 0.1, 256, [91, 136], "multistep")
     assert (c.retrain.epochs, c.retrain.lr, c.retrain.schedule) == (160, 0.1, "multistep")
     assert c.unlearn.rl.schedule == c.unlearn.salun.schedule == "passes" and c.eval_precision == "fp32"
+    assert c.mixed_precision == "no"
     assert (c.unlearn.salun.epochs, c.unlearn.salun.lr, c.unlearn.salun.ratio) == (10, 0.013, 0.5)
     assert (c.unlearn.ft.epochs, c.unlearn.ft.lr, c.unlearn.ga.epochs) == (10, 0.01, 5)
     forget = (c.forget.kind, c.forget.fraction if c.forget.kind == "random" else c.forget.class_index)
@@ -414,6 +416,7 @@ def test_fast_config_changes_only_the_training_recipe():
         assert (recipe.epochs, recipe.batch_size, recipe.lr, recipe.schedule, recipe.warmup_epochs) == (80, 512, 0.4, "cosine", 16)
         assert (recipe.label_smoothing, recipe.augment, recipe.weight_decay, recipe.momentum) == (0.1, True, 5e-4, 0.9)
     assert ref.train.label_smoothing == ref.retrain.label_smoothing == 0.0  # the reference recipe has none
+    assert (fast.mixed_precision, ref.mixed_precision) == ("auto", "no")  # bf16 on a GPU: the fast config's named speed-up
 
 
 @pytest.mark.parametrize("setting", ["random50", "class"])

@@ -185,6 +185,9 @@ class ClassificationConfig(RunConfig):
     """One table: an original model, Retrain, and each unlearning method, scored the same way."""
 
     workdir: str = "runs/classification"
+    # fp32 training and unlearning, as the reference. auto: bf16 autocast on a GPU (fp32 on a
+    # CPU), a named deviation for speed that the *_fast configs take.
+    mixed_precision: Literal["auto", "no", "bf16"] = "no"
     eval_batch_size: int = 512
     # fp32: metrics (and the MIA's confidences) from fp32 forward passes, as in the reference;
     # autocast: under the training precision (bf16 confidences near 1 are coarse and move the MIA).

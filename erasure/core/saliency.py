@@ -246,9 +246,11 @@ class MaskConstraint:
         without the reset masked-out entries would carry a growing buffer (harmless to the
         weights, which are restored, but it is not the reference's state and it would move
         them if the mask were ever lifted). Every state tensor shaped like the weight
-        (momentum, Adam's moments) is zeroed at the masked-out entries.
+        (momentum, Adam's moments) is zeroed at the masked-out entries. Where ``optimizer``
+        provably leaves them alone (no weight decay), nothing needs restoring and the pass is
+        skipped: for the SD UNet it reads and writes the whole model and its optimizer state.
         """
-        if not self.hold:
+        if not self.hold or (optimizer is not None and _leaves_zero_gradients_alone(optimizer)):
             return
         for p, frozen, original in self.entries:
             p.masked_scatter_(frozen, original)
@@ -262,3 +264,14 @@ class MaskConstraint:
         for hook in self.hooks:
             hook.remove()
         self.hooks.clear()
+
+
+def _leaves_zero_gradients_alone(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether entries whose gradient is always zero stay bit-identical under ``optimizer`` by themselves.
+
+    True for Adam, AdamW and SGD without weight decay: their state there stays exactly zero
+    (moments and momentum are sums of zero gradients), so each update there is exactly zero.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
+    known = type(inner) in (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+    return known and all(group.get("weight_decay", 0) == 0 for group in inner.param_groups)
