@@ -514,3 +514,34 @@ def test_a_sweep_point_is_checked_like_a_loaded_config():
     """A grid value out of range is refused by the same rules as an override, when the config loads."""
     with pytest.raises(ErasureError, match="'unlearn.salun.lr' is -1.0; it must be > 0"):
         load_config(None, ["sweep.grid=['unlearn.salun.lr=0.01,-1']"], schema=ClassificationConfig)
+
+
+def test_inputs_are_normalized_per_channel_as_the_reference_model_does():
+    """CIFAR-10 pixels p in [0, 1] reach conv1 as (p - mean) / std with the reference's statistics; the state dict is unchanged."""
+    from erasure.classification.config import ClassificationConfig
+    from erasure.classification.model import CHANNEL_STATS
+    from erasure.classification.train import build_model
+    from erasure.core.config import load_config
+
+    assert ClassificationConfig().model.input_norm == "reference"
+    assert CHANNEL_STATS["cifar10"] == ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616])  # setup_model_dataset
+    config = load_config(None, ["data.name=cifar10", "model.width=4"], schema=ClassificationConfig)
+    model = build_model(config, 3, 10, seed=0).eval()
+    plain = build_model(
+        load_config(None, ["data.name=cifar10", "model.width=4", "model.input_norm=symmetric"], schema=ClassificationConfig), 3, 10, seed=0
+    ).eval()
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    seen = []
+    model.conv1.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(pixels * 2 - 1)  # to_input's range
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in CHANNEL_STATS["cifar10"])
+    torch.testing.assert_close(seen[0], (pixels - mean) / std)
+    seen.clear()
+    plain.conv1.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        plain(pixels * 2 - 1)
+    torch.testing.assert_close(seen[0], pixels * 2 - 1)  # symmetric: [-1, 1] as given
+    digits = load_config(None, ["data.name=digits", "model.width=4"], schema=ClassificationConfig)
+    assert not hasattr(build_model(digits, 1, 10, seed=0), "input_scale")  # no reference statistics: [-1, 1]

@@ -75,3 +75,21 @@ def test_classification_fingerprints_cover_a_methods_own_settings_only():
     assert method_stage(cls("unlearn.checkpoint_every=3"), "salun").fingerprint == base  # run-only
     assert method_stage(cls("unlearn.batch_size=64"), "salun").fingerprint != base  # shared by every method
     assert original_stage(cls("forget.fraction=0.5")).fingerprint == original_stage(cls()).fingerprint
+
+
+def test_the_training_precision_is_part_of_every_training_stage_fingerprint():
+    """A bf16 model is another model than an fp32 one; "auto" on a CPU is the same run as "no"."""
+    from erasure.classification.config import ClassificationConfig
+    from erasure.classification.pipeline import method_stage as classification_stage
+    from erasure.classification.pipeline import original_stage
+    from erasure.ddpm.pipeline import base_stage
+
+    def fingerprints(precision: str) -> list[str]:
+        ddpm = load(None, ["device=cpu", f"mixed_precision={precision}"])
+        cls = load_config(None, ["device=cpu", f"mixed_precision={precision}"], schema=ClassificationConfig)
+        stages = [base_stage(ddpm), erase_stage(ddpm, "salun"), original_stage(cls), classification_stage(cls, "retrain")]
+        return [*(s.fingerprint for s in stages), classification_stage(cls, "rl").fingerprint]
+
+    no, auto, bf16 = fingerprints("no"), fingerprints("auto"), fingerprints("bf16")
+    assert no == auto  # a CPU resolves auto to fp32
+    assert all(a != b for a, b in zip(no, bf16))

@@ -40,6 +40,11 @@ class NetConfig:
     """ResNet-18 with the CIFAR stem."""
 
     width: int = 16  # stage widths width * [1, 2, 4, 8]; 64 is the standard network
+    # How pixels reach the first convolution. reference: as the reference model's first layer
+    # (NormalizeByChannelMeanStd), (x - mean) / std per channel with the dataset's statistics
+    # (CIFAR-10's; datasets it has none for are mapped to [-1, 1]). symmetric: [-1, 1] always
+    # (erasure's earlier input).
+    input_norm: Literal["reference", "symmetric"] = "reference"
 
 
 @dataclass

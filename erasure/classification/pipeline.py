@@ -35,13 +35,16 @@ from erasure.core.config import fingerprint, to_dict
 from erasure.core.data import load_data
 from erasure.core.errors import ErasureError
 from erasure.core.io import read_json, write_json, write_text
-from erasure.core.loop import make_accelerator
+from erasure.core.loop import make_accelerator, stage_precision
 from erasure.core.stages import Stage, config_fingerprint, on_main_process, wait_for_everyone
 
 
 def original_stage(config: ClassificationConfig) -> Stage:
     """The model trained on the whole train split (the forget set does not matter to it)."""
-    return Stage(Path(config.workdir) / "original", config_fingerprint(config, ("data", "split", "model", "train")))
+    return Stage(
+        Path(config.workdir) / "original",
+        config_fingerprint(config, ("data", "split", "model", "train"), precision=stage_precision(config)),
+    )
 
 
 def method_stage(config: ClassificationConfig, method: str, root: str | Path | None = None) -> Stage:
@@ -52,11 +55,13 @@ def method_stage(config: ClassificationConfig, method: str, root: str | Path | N
     """
     folder = Path(root if root is not None else config.workdir) / method
     if method == "retrain":
-        return Stage(folder, config_fingerprint(config, ("data", "split", "forget", "model", "retrain")))
+        return Stage(folder, config_fingerprint(config, ("data", "split", "forget", "model", "retrain"), precision=stage_precision(config)))
     u = to_dict(config.unlearn)
     shared = {k: v for k, v in u.items() if k != "methods" and not isinstance(v, dict)}
     own = {"method": method, "shared": shared, "settings": u.get(method)}
-    return Stage(folder, config_fingerprint(config, ("data", "split", "forget", "model", "train"), unlearn=own))
+    return Stage(
+        folder, config_fingerprint(config, ("data", "split", "forget", "model", "train"), unlearn=own, precision=stage_precision(config))
+    )
 
 
 def load_split(config: ClassificationConfig, train_labels: torch.Tensor, test_labels: torch.Tensor) -> Split:

@@ -22,7 +22,7 @@ from accelerate import Accelerator
 
 from erasure.classification.config import ClassificationConfig, RecipeConfig
 from erasure.classification.data import EpochSampler, augment, to_input
-from erasure.classification.model import resnet18
+from erasure.classification.model import CHANNEL_STATS, resnet18
 from erasure.core.errors import ErasureError
 from erasure.core.io import load_tensors, save_tensors
 from erasure.core.loop import LoopSettings, train
@@ -51,7 +51,8 @@ def smoothed_cross_entropy(label_smoothing: float) -> LossFn:
 def build_model(config: ClassificationConfig, in_channels: int, num_classes: int, seed: int) -> nn.Module:
     """A freshly initialized ResNet-18 (seeded)."""
     torch.manual_seed(seed)
-    return resnet18(num_classes, in_channels, config.model.width)
+    stats = CHANNEL_STATS.get(config.data.name) if config.model.input_norm == "reference" else None
+    return resnet18(num_classes, in_channels, config.model.width, stats)
 
 
 def save_model(model: nn.Module, path: str | Path) -> None:

@@ -120,6 +120,15 @@ def resolve_precision(mixed_precision: str, cpu: bool) -> str:
     return mixed_precision
 
 
+def stage_precision(config: Any) -> str:
+    """The precision ("no" or "bf16") a stage of ``config`` trains in, as its Accelerator will resolve it.
+
+    Part of the fingerprints of the stages that train under ``config.mixed_precision``: a bf16
+    model is another model than an fp32 one, while "auto" on a CPU is the same run as "no".
+    """
+    return resolve_precision(config.mixed_precision, config.device == "cpu" or not torch.cuda.is_available())
+
+
 def make_accelerator(device: str = "auto", mixed_precision: str = "auto", log_with: str | None = "none") -> StageAccelerator:
     """An Accelerator for the configured device, autocasting to this stage's precision, logging to ``log_with``'s trackers.
 

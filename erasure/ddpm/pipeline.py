@@ -19,7 +19,7 @@ from erasure.core.card import command_line, write_cards
 from erasure.core.data import load_data, to_model_range
 from erasure.core.errors import ErasureError
 from erasure.core.io import load_tensors, save_tensors
-from erasure.core.loop import LoopSettings, make_accelerator, train
+from erasure.core.loop import LoopSettings, make_accelerator, stage_precision, train
 from erasure.core.saliency import Mask
 from erasure.core.stages import Stage, config_fingerprint, is_main_process, shared_mask
 from erasure.ddpm.config import Config
@@ -35,7 +35,7 @@ def run_info(seed: int) -> dict[str, int]:
 
 def base_stage(config: Config) -> Stage:
     """Where the base DDPM of ``config`` lives."""
-    return Stage(Path(config.workdir) / "ddpm", config_fingerprint(config, ("data", "model", "train")))
+    return Stage(Path(config.workdir) / "ddpm", config_fingerprint(config, ("data", "model", "train"), precision=stage_precision(config)))
 
 
 def judge_stage(config: Config) -> Stage:
@@ -50,7 +50,7 @@ def erase_stage(config: Config, method: str) -> Stage:
     # Sampling settings are left out: erasure does not read them, so evaluating under another
     # sampling protocol (sample.protocol=reference) reuses the finished erasures.
     config = dataclasses.replace(config, unlearn=dataclasses.replace(config.unlearn, method=method))
-    return Stage(folder, config_fingerprint(config, ("data", "model", "train", "unlearn")))
+    return Stage(folder, config_fingerprint(config, ("data", "model", "train", "unlearn"), precision=stage_precision(config)))
 
 
 RAW_WEIGHTS = "raw_weights.safetensors"  # beside the base's model/ folder (which holds its EMA weights)
