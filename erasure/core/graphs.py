@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 import torch
 
+from erasure.core.errors import ErasureError
+
 
 class GraphedCall:
     """``fn(*tensors) -> tensor`` under ``torch.no_grad``, through one CUDA graph per input shape.
@@ -26,8 +28,9 @@ class GraphedCall:
     CPU it is simply called.
     """
 
-    def __init__(self, fn: Callable[..., torch.Tensor]) -> None:
+    def __init__(self, fn: Callable[..., torch.Tensor], option: str = "cuda_graph") -> None:
         self.fn = fn
+        self.option = option  # the setting that asked for graphs, named in the error if capture fails
         self.graphs: dict[tuple, tuple[list[torch.Tensor], torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     @torch.no_grad()
@@ -60,6 +63,9 @@ class GraphedCall:
                 run()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = run()
+        try:
+            with torch.cuda.graph(graph):
+                out = run()
+        except RuntimeError as e:  # an op that synchronises or allocates on the host cannot be captured
+            raise ErasureError(f"{self.option}: the call could not be captured as a CUDA graph ({e}); set {self.option}=false.") from e
         return static, graph, out

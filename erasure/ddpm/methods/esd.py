@@ -45,7 +45,7 @@ class ESD(Method):
             return lambda x, t, c: guided_eps(model, x, t, c, w, null)
         net = getattr(model, "module", model)  # the UNet itself: a DDP wrapper's forward could synchronise
         if id(net) not in self.graphs:
-            self.graphs[id(net)] = GraphedCall(lambda x, t, c: guided_eps(net.forward, x, t, c, w, null))
+            self.graphs[id(net)] = GraphedCall(lambda x, t, c: guided_eps(net.forward, x, t, c, w, null), "unlearn.esd_cuda_graph")
         return self.graphs[id(net)]
 
     def loss(self, model: torch.nn.Module, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:

@@ -76,7 +76,7 @@ class ESD(SDMethod):
             keys = list(self.ctx.uncond.added)  # the family's extra inputs (SDXL's), passed as tensors
             # forward, not __call__: the eager UNet even when train.compile has compiled __call__
             self.graphs[id(net)] = GraphedCall(
-                lambda x, t, hidden, *added: eps(net.forward, x, t, Conditioning(hidden, dict(zip(keys, added))))
+                lambda x, t, hidden, *added: eps(net.forward, x, t, Conditioning(hidden, dict(zip(keys, added)))), "esd.cuda_graph"
             )
         call = self.graphs[id(net)]
         return lambda x, t, emb: call(x, t, emb.hidden, *emb.added.values())
