@@ -290,6 +290,7 @@ def test_auto_batch_size_halves_on_out_of_memory_and_keeps_saved_images(tiny_mod
     fixed = engine.generate(pipe, items, tmp_path / "fixed", "tiny", batch_size=2)
     monkeypatch.setattr(engine, "AUTO_BATCH_CPU", 8)
     monkeypatch.setattr(engine, "AUTO_BATCH_GPU", 8)
+    monkeypatch.setattr(engine, "_FITTED", {})
     rows = []
 
     def memory_of_three_images(module, args, kwargs):  # the UNet sees 2 rows per image (guidance)
@@ -304,6 +305,11 @@ def test_auto_batch_size_halves_on_out_of_memory_and_keeps_saved_images(tiny_mod
     hook.remove()
     assert rows[0] == 12 and set(rows[1:]) == {6}  # 6 missing images: batch 6 runs out of memory, batch 3 fits
     assert len(rows) - 1 == 2 * 2  # 2 batches of 3, 2 denoising steps each
+    rows.clear()  # the next pipeline of the same kind (an audit's next model) starts at the batch that fitted
+    hook = pipe.unet.register_forward_pre_hook(memory_of_three_images, with_kwargs=True)
+    engine.generate(pipe, items, tmp_path / "again", "tiny", batch_size="auto")
+    hook.remove()
+    assert sorted(rows) == [2, 2, 6, 6, 6, 6]  # 7 images at batch 3 (3 + 3 + 1), 2 steps each, no out-of-memory first
     for a, b in zip(fixed, auto):
         diff = np.abs(np.asarray(Image.open(a), dtype=np.int16) - np.asarray(Image.open(b), dtype=np.int16))
         assert diff.max() <= 1

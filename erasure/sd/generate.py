@@ -78,6 +78,9 @@ def set_scheduler(pipe: DiffusionPipeline, name: str) -> None:
 # batch), past which an H100 gains little; a batch that runs out of memory is halved.
 AUTO_BATCH_GPU = 32
 AUTO_BATCH_CPU = 4  # a CPU gains nothing from large batches, and its allocator swaps rather than failing
+# The batch "auto" settled on, by device, pipeline class and image sizes: an audit loads one
+# pipeline per model, and each would otherwise find the limit again by running out of memory.
+_FITTED: dict[tuple, int] = {}
 
 
 @torch.no_grad()
@@ -121,8 +124,8 @@ def generate(
         pipe.unet.forward = torch.compile(pipe.unet.forward)
     try:
         if batch_size == "auto":
-            start = min(AUTO_BATCH_GPU if device.type == "cuda" else AUTO_BATCH_CPU, max(len(mine), 1))
-            size = start
+            key = (str(device), type(pipe).__name__, tuple(sorted({(items[i].width, items[i].height) for i in mine}, key=str)))
+            size = start = min(_FITTED.get(key, AUTO_BATCH_GPU if device.type == "cuda" else AUTO_BATCH_CPU), max(len(mine), 1))
 
             def halve() -> int:
                 nonlocal size
@@ -135,6 +138,8 @@ def generate(
             run = find_executable_batch_size(_generate_batches, starting_batch_size=start, reduce_batch_size_fn=halve)
             try:
                 run(pipe, items, folder, mine, bar, compiled)
+                if size < start:
+                    _FITTED[key] = size
             except RuntimeError as e:
                 if "No executable batch size" not in str(e):
                     raise
