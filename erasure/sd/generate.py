@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
+from accelerate.utils import find_executable_batch_size
 from diffusers import (
     DDIMScheduler,
     DiffusionPipeline,
@@ -32,6 +33,7 @@ from diffusers import (
 )
 from tqdm.auto import tqdm
 
+from erasure.core.errors import ErasureError
 from erasure.core.io import atomic_path, write_text
 
 SCHEDULERS = {
@@ -68,8 +70,6 @@ def image_path(folder: str | Path, index: int) -> Path:
 def set_scheduler(pipe: DiffusionPipeline, name: str) -> None:
     """Swap the pipeline's sampler for ``name`` (same noise schedule)."""
     if name not in SCHEDULERS:
-        from erasure.core.errors import ErasureError
-
         raise ErasureError(f"unknown scheduler '{name}'; choose one of: {', '.join(SCHEDULERS)}.")
     pipe.scheduler = SCHEDULERS[name].from_config(pipe.scheduler.config)
 
@@ -104,10 +104,6 @@ def generate(
     for SD v1.4; it pays on long runs): every batch is then padded to the batch size so that
     one compiled shape serves them all.
     """
-    from accelerate.utils import find_executable_batch_size
-
-    from erasure.core.errors import ErasureError
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = PartialState()

@@ -84,8 +84,7 @@ def _make_set(
             Item(prompts[i % len(prompts)], gen.seed * 1_000_003 + i, gen.guidance, gen.steps, size, size)
             for i in range(gen.images_per_set)
         ]
-        images = folder / "images"
-        generate(pipe, items, images, config.model.pretrained, gen.scheduler, gen.batch_size, f"generating {name}", gen.compile)
+        generate(pipe, items, folder / "images", config.model.pretrained, gen.scheduler, gen.batch_size, f"generating {name}", gen.compile)
     if not is_main_process():  # only the main process reads the images and encodes the latents
         return {}
     if isinstance(real, list):  # one folder per prompt (a class set's real images)

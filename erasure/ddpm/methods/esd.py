@@ -36,17 +36,17 @@ class ESD(Method):
         self.ddim = DDIMScheduler(num_train_timesteps=self.ctx.scheduler.config.num_train_timesteps, clip_sample=False)
         self.ddim.set_timesteps(self.ctx.config.esd_ddim_steps)
         self.timesteps = self.ddim.timesteps.tolist()  # read on the host each step, so kept there
-        self.graphs: dict[int, GraphedCall] = {}
+        self.graphed: GraphedCall | None = None  # the trajectory's guided call, with unlearn.esd_cuda_graph
 
     def _guided(self, model: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-        """The trajectory's guided prediction by ``model``, through CUDA graphs with ``unlearn.esd_cuda_graph``."""
+        """The trajectory's guided prediction by ``model`` (the same one every step); a CUDA graph with ``unlearn.esd_cuda_graph``."""
         w, null = self.ctx.config.esd_guidance, self.ctx.null_class
         if not self.ctx.config.esd_cuda_graph:
             return lambda x, t, c: guided_eps(model, x, t, c, w, null)
-        net = getattr(model, "module", model)  # the UNet itself: a DDP wrapper's forward could synchronise
-        if id(net) not in self.graphs:
-            self.graphs[id(net)] = GraphedCall(lambda x, t, c: guided_eps(net.forward, x, t, c, w, null), "unlearn.esd_cuda_graph")
-        return self.graphs[id(net)]
+        if self.graphed is None:
+            net = getattr(model, "module", model)  # the UNet itself: a DDP wrapper's forward could synchronise
+            self.graphed = GraphedCall(lambda x, t, c: guided_eps(net.forward, x, t, c, w, null), "unlearn.esd_cuda_graph")
+        return self.graphed
 
     def loss(self, model: torch.nn.Module, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         ctx = self.ctx

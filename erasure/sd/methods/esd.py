@@ -65,21 +65,20 @@ class ESD(SDMethod):
         self.sampler = ddim_scheduler(ctx.pipe)
         self.sampler.set_timesteps(ctx.config.esd.ddim_steps, device=ctx.device)
         self.timesteps = self.sampler.timesteps.tolist()  # read on the host each step, so kept there
-        self.graphs: dict[int, GraphedCall] = {}
+        self.graphed: GraphedCall | None = None  # the trajectory's UNet call, with esd.cuda_graph
 
     def _denoiser(self, model: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]:
-        """``eps`` of ``model``, through CUDA graphs with ``esd.cuda_graph``."""
+        """``eps`` of ``model`` (the trajectory's, the same one every step), through a CUDA graph with ``esd.cuda_graph``."""
         if not self.ctx.config.esd.cuda_graph:
             return partial(eps, model)
-        net = getattr(model, "module", model)  # the UNet itself: a DDP wrapper's forward could synchronise
-        if id(net) not in self.graphs:
+        if self.graphed is None:
+            net = getattr(model, "module", model)  # the UNet itself: a DDP wrapper's forward could synchronise
             keys = list(self.ctx.uncond.added)  # the family's extra inputs (SDXL's), passed as tensors
             # forward, not __call__: the eager UNet even when train.compile has compiled __call__
-            self.graphs[id(net)] = GraphedCall(
+            self.graphed = GraphedCall(
                 lambda x, t, hidden, *added: eps(net.forward, x, t, Conditioning(hidden, dict(zip(keys, added)))), "esd.cuda_graph"
             )
-        call = self.graphs[id(net)]
-        return lambda x, t, emb: call(x, t, emb.hidden, *emb.added.values())
+        return lambda x, t, emb: self.graphed(x, t, emb.hidden, *emb.added.values())
 
     @torch.no_grad()
     def _trajectory(self, model: torch.nn.Module, concept: Conditioning, stop: int, n: int, g: torch.Generator) -> torch.Tensor:
