@@ -47,9 +47,11 @@ def null_rates(method: str, steps: int = 40, **unlearn) -> dict[str, float]:
     m, model = get_method(method)(ctx), LabelRecorder()
     for step in range(steps):
         m.loss(model, torch.Generator().manual_seed(step))
-    per_step = len(model.calls) // steps
+    # One batch_size-long batch per kind, in this order; a UNet call may carry several (eps_of_batches).
+    batches = torch.cat(model.calls).split(ctx.config.batch_size)
+    per_step = len(batches) // steps
     kinds = {3: ["target", "forget", "retain"], 2: ["forget", "retain"]}[per_step]
-    return {k: torch.cat(model.calls[i::per_step]).eq(NULL).float().mean().item() for i, k in enumerate(kinds)}
+    return {k: torch.cat(batches[i::per_step]).eq(NULL).float().mean().item() for i, k in enumerate(kinds)}
 
 
 def test_reference_defaults_keep_ten_percent_condition_dropout():
@@ -88,9 +90,31 @@ def test_retained_labels_are_never_the_forgotten_class():
     ctx = context()
     m, model = get_method("rl")(ctx), LabelRecorder()
     m.loss(model, torch.Generator().manual_seed(0))
-    target, forget, retain = model.calls
+    target, forget, retain = torch.cat(model.calls).split(ctx.config.batch_size)
     assert set(target.unique().tolist()) <= {1, NULL} and set(forget.unique().tolist()) <= {0, NULL}
     assert 0 not in retain.tolist()
+
+
+@pytest.mark.parametrize("method", ["rl", "ga"])
+def test_forget_and_retain_predictions_share_one_unet_call_with_the_separate_losses(method, monkeypatch):
+    """eps_of_batches: the trained forget and retain predictions come from one call, and the loss is the two calls' loss."""
+    import importlib
+
+    from erasure.ddpm.config import ModelConfig
+    from erasure.ddpm.model import build_unet, eps
+
+    torch.manual_seed(0)
+    unet = build_unet(ModelConfig(channels=[8, 16], layers_per_block=1, norm_groups=4), (1, 8, 8), 10)
+    calls = []
+    unet.register_forward_pre_hook(lambda module, args: calls.append(len(args[0])))
+    fused, _ = get_method(method)(context()).loss(unet, torch.Generator().manual_seed(0))
+    assert calls == ([64, 128] if method == "rl" else [128])  # (RL's no-grad target), then forget + retain together
+
+    one_call_each = lambda m, *batches: [eps(m, *b) for b in batches]  # noqa: E731
+    monkeypatch.setattr(importlib.import_module(f"erasure.ddpm.methods.{method}"), "eps_of_batches", one_call_each)
+    separate, _ = get_method(method)(context()).loss(unet, torch.Generator().manual_seed(0))
+    assert len(calls) == (5 if method == "rl" else 3)
+    assert fused.item() == pytest.approx(separate.item(), rel=1e-5)
 
 
 def test_bad_dropout_rates_are_refused():

@@ -330,21 +330,20 @@ def test_esd_cuda_graph_trains_the_weights_of_the_eager_trajectory(runs, tmp_pat
         assert (replayed[name] - p).norm() <= 0.02 * moved, name
 
 
-@pytest.mark.parametrize("name", ["salun", "esd-x"])
-def test_a_training_step_never_waits_for_the_gpu(tiny_model, name):
-    """No host synchronisation inside a step (on CUDA, sync debug mode raises at any): a sync per step
-    would make the GPU idle while Python launches the next step's kernels. On a CPU the step just runs."""
+def tiny_method(tiny_model, name: str, overrides: list[str] = ()):
+    """SD method ``name`` on the tiny pipeline (on DEVICE) with random forget and retain latents; returns (method, UNet)."""
     from erasure.sd.methods import SD_METHODS, SDContext
     from erasure.sd.methods.base import LatentSet
     from erasure.sd.model import encode_conditioning, noise_scheduler
 
-    config = load_config("configs/sd/nudity_salun.yaml", [f"method={name}", "train.batch_size=2", "esd.ddim_steps=3"], schema=SDConfig)
+    config = load_config("configs/sd/nudity_salun.yaml", [f"method={name}", *overrides], schema=SDConfig)
     concept, device = load_concept(config.concept), torch.device(DEVICE)
     pipe = load_pipeline(str(tiny_model)).to(device)
     size = pipe.unet.config.sample_size
+    g = torch.Generator(device).manual_seed(1)
     sets = {
         k: LatentSet(
-            torch.randn(8, 4, size, size, device=device),
+            torch.randn(8, 4, size, size, device=device, generator=g),
             torch.arange(8, device=device) % len(getattr(concept, k)),
             encode_conditioning(pipe, getattr(concept, k)).float().to(device),
             getattr(concept, k),
@@ -352,8 +351,33 @@ def test_a_training_step_never_waits_for_the_gpu(tiny_model, name):
         for k in ("forget", "retain")
     }
     ctx = SDContext(config, concept, pipe, noise_scheduler(pipe), sets, encode_conditioning(pipe, [""]).float().to(device), device)
-    method, model = SD_METHODS.get(name)(ctx), pipe.unet
-    method.prepare(model)
+    method = SD_METHODS.get(name)(ctx)
+    method.prepare(pipe.unet)
+    return method, pipe.unet
+
+
+def test_salun_trains_forget_and_retain_in_one_unet_call_with_the_separate_losses(tiny_model, monkeypatch):
+    """eps_of_batches: one call carries the forget and retain batches; the loss is that of a call per batch."""
+    import erasure.sd.methods.salun as salun
+    from erasure.sd.methods.base import eps
+
+    method, model = tiny_method(tiny_model, "salun", ["train.batch_size=3"])
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(len(args[0])))
+    fused, _ = method.loss(model, torch.Generator(DEVICE).manual_seed(0))
+    assert calls == [3, 6]  # the no-grad target, then forget + retain together
+    monkeypatch.setattr(salun, "eps_of_batches", lambda m, *batches: [eps(m, *b) for b in batches])
+    separate, _ = method.loss(model, torch.Generator(DEVICE).manual_seed(0))
+    assert calls[2:] == [3, 3, 3]
+    assert fused.item() == pytest.approx(separate.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["salun", "esd-x"])
+def test_a_training_step_never_waits_for_the_gpu(tiny_model, name):
+    """No host synchronisation inside a step (on CUDA, sync debug mode raises at any): a sync per step
+    would make the GPU idle while Python launches the next step's kernels. On a CPU the step just runs."""
+    method, model = tiny_method(tiny_model, name, ["train.batch_size=2", "esd.ddim_steps=3"])
+    device = torch.device(DEVICE)
     g = torch.Generator(device).manual_seed(0)
     method.loss(model, g)[0].backward()  # the first step may initialise things (cuBLAS handles, the scheduler's tables)
     if device.type == "cuda":

@@ -8,10 +8,11 @@ Retain loss: RL's. Ascent is unbounded, so GA needs few steps or a small learnin
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from erasure.ddpm.methods.base import register
 from erasure.ddpm.methods.rl import RL
-from erasure.ddpm.model import denoising_loss
+from erasure.ddpm.model import add_noise, eps_of_batches
 
 
 @register("ga")
@@ -22,6 +23,9 @@ class GA(RL):
         ctx, cfg = self.ctx, self.ctx.config
         x0 = ctx.forget_images[ctx.draw(ctx.forget_images, g)]
         labels = ctx.drop(ctx.labels(ctx.forget_class, len(x0)), cfg.forget_cond_drop, g)
-        forget = -denoising_loss(model, ctx.scheduler, x0, labels, g, cfg.timesteps == "antithetic")
-        retain = self.retain_loss(model, g)
+        x_t, noise, t = add_noise(ctx.scheduler, x0, g, cfg.timesteps == "antithetic")
+        retain_x_t, retain_noise, retain_t, retain_labels = self.retain_batch(g)
+        pred, retain_pred = eps_of_batches(model, (x_t, t, labels), (retain_x_t, retain_t, retain_labels))
+        forget = -F.mse_loss(pred, noise)
+        retain = F.mse_loss(retain_pred, retain_noise)
         return forget + cfg.alpha * retain, {"forget": forget.detach(), "retain": retain.detach()}

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from erasure.ddpm.methods.base import Method, register
-from erasure.ddpm.model import add_noise, denoising_loss, eps
+from erasure.ddpm.model import add_noise, eps, eps_of_batches
 
 
 @register("rl")
@@ -29,15 +29,21 @@ class RL(Method):
         x_t, _, t = add_noise(ctx.scheduler, x0, g, cfg.timesteps == "antithetic")
         n = len(x0)
         # The reference draws the dropout separately for the target and the prediction.
+        target_labels = ctx.drop(ctx.labels(ctx.target_class, n), cfg.forget_cond_drop, g)
+        forget_labels = ctx.drop(ctx.labels(ctx.forget_class, n), cfg.forget_cond_drop, g)
+        retain_x_t, retain_noise, retain_t, retain_labels = self.retain_batch(g)
         with torch.no_grad():
-            target = eps(model, x_t, t, ctx.drop(ctx.labels(ctx.target_class, n), cfg.forget_cond_drop, g))
-        forget = F.mse_loss(eps(model, x_t, t, ctx.drop(ctx.labels(ctx.forget_class, n), cfg.forget_cond_drop, g)), target)
-        retain = self.retain_loss(model, g)
+            target = eps(model, x_t, t, target_labels)
+        # Both trained predictions in one UNet call (see eps_of_batches); the losses are the reference's two.
+        pred, retain_pred = eps_of_batches(model, (x_t, t, forget_labels), (retain_x_t, retain_t, retain_labels))
+        forget = F.mse_loss(pred, target)
+        retain = F.mse_loss(retain_pred, retain_noise)
         return forget + cfg.alpha * retain, {"forget": forget.detach(), "retain": retain.detach()}
 
-    def retain_loss(self, model: torch.nn.Module, g: torch.Generator) -> torch.Tensor:
-        """The standard DDPM loss on a retain batch, labels dropped at ``retain_cond_drop``."""
+    def retain_batch(self, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x_t, noise, t, labels)`` of a noised retain batch for the standard DDPM loss, labels dropped at ``retain_cond_drop``."""
         ctx = self.ctx
         idx = ctx.draw(ctx.retain_images, g)
         labels = ctx.drop(ctx.retain_labels[idx], ctx.config.retain_cond_drop, g)
-        return denoising_loss(model, ctx.scheduler, ctx.retain_images[idx], labels, g, ctx.config.timesteps == "antithetic")
+        x_t, noise, t = add_noise(ctx.scheduler, ctx.retain_images[idx], g, ctx.config.timesteps == "antithetic")
+        return x_t, noise, t, labels

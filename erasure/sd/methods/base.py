@@ -85,6 +85,17 @@ def denoising_loss(model: torch.nn.Module, ctx: SDContext, latents: torch.Tensor
     return F.mse_loss(eps(model, x_t, t, emb).float(), target.float())
 
 
+def eps_of_batches(model: torch.nn.Module, *batches: tuple[torch.Tensor, torch.Tensor, Conditioning]) -> list[torch.Tensor]:
+    """The predictions of several ``(x_t, t, cond)`` batches, from one UNet call.
+
+    The UNet treats each sample on its own (group norm, no batch statistics), so each part
+    is what its own call would give; one larger call keeps the GPU busier than two, and
+    launches every kernel once.
+    """
+    x_t, t = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    return list(eps(model, x_t, t, Conditioning.cat([b[2] for b in batches])).split([len(b[0]) for b in batches]))
+
+
 class SDMethod:
     """An SD erasure method."""
 

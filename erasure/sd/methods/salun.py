@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from erasure.core.saliency import Mask, accumulate_gradients
-from erasure.sd.methods.base import SD_METHODS, SDMethod, denoising_loss, eps
+from erasure.sd.methods.base import SD_METHODS, SDMethod, eps, eps_of_batches
 from erasure.sd.model import Conditioning
 
 
@@ -77,7 +77,10 @@ class SalUnSD(SDMethod):
         target_emb = self.target[self.target_indices(p, g)]
         with torch.no_grad():
             target = eps(model, x_t, t, target_emb)
-        forget = F.mse_loss(eps(model, x_t, t, emb).float(), target.float())
         retain_latents, retain_emb, _ = ctx.sets["retain"].batch(g, n)
-        retain = denoising_loss(model, ctx, retain_latents, retain_emb, g)
+        retain_x_t, retain_target, retain_t = ctx.noisy(retain_latents, g)
+        # Both trained predictions in one UNet call (see eps_of_batches); the losses are the reference's two.
+        pred, retain_pred = eps_of_batches(model, (x_t, t, emb), (retain_x_t, retain_t, retain_emb))
+        forget = F.mse_loss(pred.float(), target.float())
+        retain = F.mse_loss(retain_pred.float(), retain_target.float())
         return forget + ctx.config.train.alpha * retain, {"forget": forget.detach(), "retain": retain.detach()}
