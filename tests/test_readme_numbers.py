@@ -67,6 +67,8 @@ def classification(data: dict) -> dict[str, dict[str, list[float]]]:
         row["avg gap"] = [r["avg_gap"]]
         if "RTE" in r:
             row["RTE (min)"] = [r["RTE"]]
+        if "TA_forget_class" in r:  # class-wise forgetting
+            row["TA forget class"] = [r["TA_forget_class"]]
         table[r["method"]] = row
     return table
 
