@@ -182,8 +182,8 @@ def test_esd_draws_its_trajectory_with_the_trained_model_by_default():
     esd.frozen.forward = lambda x, t, class_labels: frozen_calls.append(class_labels) or SimpleNamespace(sample=x)
     for step in range(8):
         esd.loss(trained, torch.Generator().manual_seed(step))
-    # the frozen copy gives only the two targets per step; the trained model also draws x_t
-    assert len(frozen_calls) == 2 * 8 and len(trained.calls) > 8
+    # the frozen copy gives only the two targets per step (null and class, in one call); the trained model also draws x_t
+    assert len(frozen_calls) == 8 and all(len(c) == 2 * ctx.config.batch_size for c in frozen_calls) and len(trained.calls) > 8
     assert all(set(c.unique().tolist()) <= {0, NULL} for c in trained.calls)  # no condition dropout in ESD
 
 

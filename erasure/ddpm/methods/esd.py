@@ -24,7 +24,7 @@ from erasure.core.esd import draw_esd_step
 from erasure.core.graphs import GraphedCall
 from erasure.core.loop import host_generator
 from erasure.ddpm.methods.base import Method, register
-from erasure.ddpm.model import eps, guided_eps
+from erasure.ddpm.model import eps, eps_of_batches, guided_eps
 
 
 @register("esd")
@@ -62,8 +62,7 @@ class ESD(Method):
                 # A fill on the device: a host tensor copied over would make the host wait for the GPU every step.
                 x = self.ddim.step(guided(x, torch.full((n,), t, device=device), c), t, x).prev_sample
             t = torch.full((n,), timestep, device=device)
-            e_null = eps(self.frozen, x, t, ctx.labels(ctx.null_class, n))
-            e_cond = eps(self.frozen, x, t, c)
+            e_null, e_cond = eps_of_batches(self.frozen, (x, t, ctx.labels(ctx.null_class, n)), (x, t, c))
             target = e_null - ctx.config.esd_eta * (e_cond - e_null)
         loss = F.mse_loss(eps(model, x, t, c), target)
         return loss, {"stop_step": float(stop), "timestep": float(timestep)}
