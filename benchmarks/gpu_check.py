@@ -24,6 +24,13 @@ without one). On a machine whose image lacks diffusers, torch-fidelity or nudene
 ``--wheels DIR`` (see ``benchmarks/gpu_wheels.sh``): they are installed into a temporary
 folder first, without network. Budget: 8 minutes on one H100; ``--skip`` drops parts.
 
+GPU time is scarce, so nothing measured is lost to a time limit: the summary is rewritten
+(atomically) after every part; ``--budget SECONDS`` caps the whole run, each part getting at
+most the time left; and the result files the parts write (``sd_training_*``,
+``generation_throughput_*``, ...) are copied beside the summary. The summary goes to
+``--out``, by default ``$OUT/gpu_check.json`` where ``OUT`` names a folder (the ``device``
+tool's, whose files come back) and ``benchmarks/results/gpu_check.json`` otherwise.
+
     python benchmarks/gpu_check.py --wheels .whl --tokenizer .gpu-data/clip_tokenizer --out gpu-check.json
 """
 
@@ -33,6 +40,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,6 +48,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
 PARTS = ["tests", "demo", "ddpm-bf16", "sd-tiny", "classification", "sd-step", "esd-step", "generation", "cifar10-fast"]
 
 
@@ -69,7 +78,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--wheels", type=Path, help="folder of wheels to install first (diffusers, torch-fidelity, nudenet)")
     parser.add_argument("--tokenizer", type=Path, help="SD v1.x CLIP tokenizer folder, for the SD benchmarks")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu_check.json")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or RESULTS) / "gpu_check.json")
+    parser.add_argument("--budget", type=float, help="seconds for the whole run; a part gets at most the time left, none under 20 s")
     parser.add_argument("--skip", nargs="*", default=[], choices=PARTS)
     parser.add_argument(
         "--all-tests", action="store_true", help="also the tests marked slow (CPU multi-process jobs, notebooks, CLI end-to-end runs)"
@@ -167,30 +177,65 @@ def main() -> None:
         }
     except ImportError:
         summary["machine"] = {"python": sys.version.split()[0]}
-    summary["parts"] = {}
+    summary["parts"] = {name: {"status": "skipped"} for name in PARTS if name in args.skip or name not in parts}
+    started = time.time()
+    deadline = started + args.budget if args.budget else None
     for name in PARTS:
-        if name in args.skip or name not in parts:
-            summary["parts"][name] = {"status": "skipped"}
+        if name in summary["parts"]:
+            continue
+        left = deadline - time.time() if deadline else None
+        if left is not None and left < 20:
+            summary["parts"][name] = {"status": "skipped", "why": f"--budget {args.budget:g} s spent"}
             continue
         total, ok, tail = 0.0, True, ""
         for i, cmd in enumerate(parts[name]):
-            ok, seconds, tail = run(cmd, env, limits[name], work / f"{name}-{i}.log")
+            limit = limits[name] if deadline is None else max(1, min(limits[name], int(deadline - time.time())))
+            ok, seconds, tail = run(cmd, env, limit, work / f"{name}-{i}.log")
             total += seconds
             if not ok:
                 break
         entry = {"status": "pass" if ok else "fail", "seconds": round(total, 1), "log": str(work / f"{name}-0.log")}
         if not ok:
             entry["tail"] = tail
-        entry.update(figures(name, work))
+        entry.update(figures(name, work, started))
         summary["parts"][name] = entry
+        collect(name, args.out.parent, started)
+        write_summary(args.out, summary)  # after every part: a run cut short keeps what it measured
         print(f"{name:15s} {entry['status']:5s} {total:7.1f} s", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    summary["parts"] = {name: summary["parts"][name] for name in PARTS}  # in run order
+    write_summary(args.out, summary)
     print(f"wrote {args.out}")
     sys.exit(0 if all(p["status"] != "fail" for p in summary["parts"].values()) else 1)
 
 
-def figures(name: str, work: Path) -> dict:
+def write_summary(path: Path, summary: dict) -> None:
+    """Write the summary atomically (a temporary file renamed over it): a kill mid-write leaves the last one whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+# The result files each part writes into benchmarks/results, by its labels.
+RESULT_FILES = {
+    "sd-step": ["sd_training_gpu-check.json"],
+    "esd-step": ["sd_training_gpu-check-esd.json"],
+    "generation": [
+        "generation_throughput_gpu-check.json",
+        "generation_throughput_gpu-check-b32.json",
+        "generation_throughput_gpu-check-compiled.json",
+    ],
+    "cifar10-fast": ["classification_cifar10_random10_fast_gpu-check.json", "classification_cifar10_random10_fast_gpu-check.md"],
+}
+
+
+def fresh(name: str, since: float) -> list[Path]:
+    """Part ``name``'s result files in benchmarks/results written by this run (an older run's are not its figures)."""
+    paths = [RESULTS / file for file in RESULT_FILES.get(name, [])]
+    return [path for path in paths if path.is_file() and path.stat().st_mtime >= since]
+
+
+def figures(name: str, work: Path, since: float) -> dict:
     """The headline numbers a part produced, read from its own result files."""
     try:
         if name == "demo":
@@ -201,24 +246,26 @@ def figures(name: str, work: Path) -> dict:
             return {"esd_seconds": {k: json.loads(path.read_text())["seconds"] for k, path in done.items() if path.is_file()}}
         if name == "classification":
             return {"table": json.loads((work / "classification" / "results.json").read_text())["table"]}
+        results = {path.name: json.loads(path.read_text()) for path in fresh(name, since) if path.suffix == ".json"}
         if name == "cifar10-fast":
-            result = json.loads((ROOT / "benchmarks" / "results" / "classification_cifar10_random10_fast_gpu-check.json").read_text())
-            return {"table": result["table"], "total_seconds": result["total_seconds"]}
+            return {"table": r["table"], "total_seconds": r["total_seconds"]} if (r := next(iter(results.values()), None)) else {}
         if name in ("sd-step", "esd-step"):
-            label = "gpu-check" if name == "sd-step" else "gpu-check-esd"
-            rows = json.loads((ROOT / "benchmarks" / "results" / f"sd_training_{label}.json").read_text())["results"]
-            return {"rows": rows}
-        if name == "generation":
-            files = {
-                "eager": "generation_throughput_gpu-check.json",
-                "eager_batch32": "generation_throughput_gpu-check-b32.json",
-                "compiled": "generation_throughput_gpu-check-compiled.json",
-            }
-            found = {k: ROOT / "benchmarks" / "results" / f for k, f in files.items()}
-            return {k: json.loads(path.read_text())["measured"] for k, path in found.items() if path.is_file()}
+            return {"rows": r["results"]} if (r := next(iter(results.values()), None)) else {}
+        if name == "generation":  # eager at batch 8, at batch 32, and compiled
+            keys = dict(zip(RESULT_FILES["generation"], ("eager", "eager_batch32", "compiled")))
+            return {keys[file]: r["measured"] for file, r in results.items()}
     except (OSError, KeyError, ValueError) as e:
         return {"figures_error": str(e)}
     return {}
+
+
+def collect(name: str, folder: Path, since: float) -> None:
+    """Copy the result files part ``name`` wrote beside the summary (the device returns only its output folder)."""
+    if folder.resolve() == RESULTS.resolve():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in fresh(name, since):
+        shutil.copyfile(path, folder / path.name)
 
 
 if __name__ == "__main__":

@@ -278,3 +278,35 @@ def test_a_run_that_failed_before_making_anything_does_not_block_other_settings(
     with pytest.raises(ErasureError, match="wrong model path"):
         Stage(tmp_path, "old").run(CFG, fails_at_once)
     assert Stage(tmp_path, "new").run(CFG, lambda: {})
+
+
+def test_gpu_check_keeps_what_it_measured_within_its_budget(tmp_path):
+    """benchmarks/gpu_check.py on scarce GPU time: its summary lands in $OUT, parts left no time are skipped
+    (not killed with the run), and only result files written by this run are copied beside the summary."""
+    import importlib.util
+    import time
+
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out)}
+    command = [sys.executable, "benchmarks/gpu_check.py", "--budget", "1", "--skip", "tests"]
+    run = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    parts = json.loads((out / "gpu_check.json").read_text())["parts"]
+    assert parts["tests"] == {"status": "skipped"}
+    assert parts["demo"] == {"status": "skipped", "why": "--budget 1 s spent"}
+    assert not list(out.glob(".*.tmp"))
+
+    spec = importlib.util.spec_from_file_location("gpu_check", "benchmarks/gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    gpu_check.RESULTS = results = tmp_path / "results"
+    results.mkdir()
+    (results / "sd_training_gpu-check.json").write_text('{"results": [{"seconds_per_step": 1.0}]}')
+    os.utime(results / "sd_training_gpu-check.json", (0, 0))  # from an earlier run
+    since = time.time()
+    (results / "sd_training_gpu-check-esd.json").write_text('{"results": [{"seconds_per_step": 2.0}]}')
+    assert gpu_check.figures("sd-step", tmp_path, since) == {}
+    assert gpu_check.figures("esd-step", tmp_path, since) == {"rows": [{"seconds_per_step": 2.0}]}
+    gpu_check.collect("sd-step", out, since)
+    gpu_check.collect("esd-step", out, since)
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "sd_training_gpu-check-esd.json"]
