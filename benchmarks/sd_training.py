@@ -55,6 +55,7 @@ from erasure.sd.config import SDConfig, load_concept
 from erasure.sd.methods import SD_METHODS, SDContext
 from erasure.sd.methods.base import LatentSet
 from erasure.sd.model import encode_conditioning, noise_scheduler
+from erasure.sd.pipeline import hold_frozen_weights_in_bf16
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -128,6 +129,8 @@ def measure(
         starts.append(time.perf_counter())
     else:
         method.prepare(unet)
+        if precision == "bf16":
+            hold_frozen_weights_in_bf16(unet)  # as erasure.sd.pipeline.erase trains (a no-op where all weights train)
 
         def step_loss(m, g, step):
             sync()

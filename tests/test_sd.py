@@ -391,3 +391,39 @@ def test_a_training_step_never_waits_for_the_gpu(tiny_model, name):
         if device.type == "cuda":
             torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss.detach()).all()
+
+
+def test_frozen_weights_held_in_bf16_train_exactly_as_autocast_casts_them(tiny_model):
+    """hold_frozen_weights_in_bf16: under bf16 autocast an ESD-x step gives the same loss and gradients, bit for bit."""
+    from erasure.sd.pipeline import hold_frozen_weights_in_bf16
+
+    method, model = tiny_method(tiny_model, "esd-x", ["train.batch_size=1", "esd.ddim_steps=3"])
+    for name, p in model.named_parameters():
+        p.requires_grad_(method.trainable(name))
+
+    def step():
+        model.zero_grad()
+        with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+            loss, _ = method.loss(model, torch.Generator(DEVICE).manual_seed(0))
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    loss, grads = step()
+    hold_frozen_weights_in_bf16(model)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert dtypes["conv_in.weight"] == torch.bfloat16 and dtypes["conv_norm_out.weight"] == torch.float32  # norms stay fp32
+    assert all(dtypes[n] == torch.float32 for n in grads) and any(".attn2." in n for n in grads)  # trained weights stay fp32
+    held_loss, held_grads = step()
+    assert held_loss == loss
+    assert all(torch.equal(held_grads[n], g) for n, g in grads.items())
+
+
+def test_a_bf16_erase_exports_the_base_frozen_weights_exactly(tiny_model, tmp_path):
+    """Frozen weights held in bf16 while training are exported as the base's fp32 values, not rounded ones."""
+    folder = erase(sd_config(tiny_model, tmp_path, "method=esd-x", "mixed_precision=bf16"))
+    base, erased = load_unet(str(tiny_model)), dict(load_unet(str(folder / "model")).named_parameters())
+    changed = changed_params(base, load_unet(str(folder / "model")))
+    assert changed and all(".attn2." in n for n in changed)
+    rounded = [n for n, p in base.named_parameters() if not torch.equal(p, p.to(torch.bfloat16).float())]
+    assert any(n not in changed for n in rounded)  # bf16 rounding would show in the frozen weights
+    assert all(erased[n].dtype == torch.float32 for n in erased)

@@ -86,7 +86,8 @@ class ESD(SDMethod):
         ctx, w = self.ctx, self.ctx.config.esd.start_guidance
         size = ctx.pipe.unet.config.sample_size
         x = torch.randn((n, ctx.pipe.unet.config.in_channels, size, size), generator=g, device=g.device).to(ctx.device)
-        dtype = next(model.parameters()).dtype  # the frozen teacher runs in low precision
+        # The frozen teacher runs in low precision; the trained model takes fp32 inputs (autocast casts them where it computes in bf16).
+        dtype = next(self.teacher.parameters()).dtype if model is self.teacher else torch.float32
         emb = Conditioning.cat([ctx.uncond.expand(n), concept.expand(n)]).to(dtype)
         denoise = self._denoiser(model)
         # Host-side timesteps: a scheduler indexing its CPU tables with a CUDA tensor would wait for the GPU every step.
