@@ -118,7 +118,7 @@ def erase(config: SDConfig) -> Path:
     def work() -> dict:
         accelerator = make_accelerator(config.device, config.mixed_precision, config.log_with)
         device = accelerator.device
-        # Frozen parts (and data generation) run in low precision; the trained UNet is a separate fp32 copy.
+        # Frozen parts (and data generation) run in low precision; the trained UNet is a separate copy, fp32 where it trains.
         pipe = load_pipeline(config.model.pretrained, config.model.revision, frozen_dtype(config.model.frozen_dtype, device)).to(device)
         sets = training_sets(config, concept, pipe, method_cls.needs, device)
         size = resolution(config, pipe)
