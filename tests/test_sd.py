@@ -414,7 +414,7 @@ def test_frozen_weights_held_in_bf16_train_exactly_as_autocast_casts_them(tiny_m
     assert dtypes["conv_in.weight"] == torch.bfloat16 and dtypes["conv_norm_out.weight"] == torch.float32  # norms stay fp32
     assert all(dtypes[n] == torch.float32 for n in grads) and any(".attn2." in n for n in grads)  # trained weights stay fp32
     held_loss, held_grads = step()
-    assert held_loss == loss
+    assert held_loss == (loss if DEVICE == "cpu" else pytest.approx(loss, rel=1e-5))  # CUDA: kernels may differ in the last bits
     for n, g in grads.items():
         if DEVICE == "cpu":
             assert torch.equal(held_grads[n], g), n
