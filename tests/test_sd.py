@@ -372,6 +372,32 @@ def test_salun_trains_forget_and_retain_in_one_unet_call_with_the_separate_losse
     assert fused.item() == pytest.approx(separate.item(), rel=1e-4)
 
 
+def test_the_joint_unet_call_holds_no_more_activations_for_backward(tiny_model, monkeypatch):
+    """The memory that grows with the batch is what autograd saves for backward: the joint call saves the same bytes."""
+    import erasure.sd.methods.salun as salun
+    from erasure.sd.methods.base import eps
+
+    method, model = tiny_method(tiny_model, "salun", ["train.batch_size=4"])
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def saved_bytes() -> int:
+        storages = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.untyped_storage().data_ptr() not in weights:  # weights are saved by reference: no new memory
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, _ = method.loss(model, torch.Generator(DEVICE).manual_seed(0))
+        loss.backward()
+        return sum(storages.values())
+
+    joint = saved_bytes()
+    monkeypatch.setattr(salun, "eps_of_batches", lambda m, *batches: [eps(m, *b) for b in batches])
+    assert joint == saved_bytes() > 0
+
+
 @pytest.mark.parametrize("name", ["salun", "esd-x"])
 def test_a_training_step_never_waits_for_the_gpu(tiny_model, name):
     """No host synchronisation inside a step (on CUDA, sync debug mode raises at any): a sync per step
