@@ -72,6 +72,39 @@ def test_mask_holds_through_the_loop_and_its_resume(tmp_path):
         assert not keep.any() or not torch.equal(p.detach()[keep], before[n][keep]), n
 
 
+def test_a_resumed_run_keeps_its_state_beside_its_weights(tmp_path, monkeypatch):
+    """A checkpoint holds CPU, contiguous tensors; resumed, the optimizer state and the EMA take each weight's
+    device and layout. On CUDA, fused AdamW refused channels-last weights with contiguous moments."""
+    import erasure.core.loop as loop
+
+    def conv_net() -> torch.nn.Module:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 1))
+        return model.to(memory_format=torch.channels_last)  # what the SD and classification paths do on a GPU
+
+    def step_loss(model, g, step):
+        if step == 3 and len(optimizers) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        x = torch.randn(8, 2, 4, 4, generator=g, device=g.device).contiguous(memory_format=torch.channels_last)
+        return model(x).pow(2).mean(), {}
+
+    optimizers = []
+    make = loop.make_optimizer
+    monkeypatch.setattr(loop, "make_optimizer", lambda params, s: optimizers.append(make(params, s)) or optimizers[-1])
+    settings = LoopSettings(steps=6, lr=1e-2, ema_decay=0.9, checkpoint_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(conv_net(), step_loss, settings, tmp_path, make_accelerator(DEVICE), fingerprint="c")
+    model, ema = train(conv_net(), step_loss, settings, tmp_path, make_accelerator(DEVICE), fingerprint="c")
+    params = [p for p in model.parameters()]
+    assert params[0].stride() != params[0].contiguous().stride()  # the case in question: a channels-last weight
+    for p in params:
+        for key, value in optimizers[-1].state[p].items():
+            if value.shape == p.shape:
+                assert (value.device, value.stride()) == (p.device, p.stride()), key
+    for p, shadow in zip(params, ema.shadow_params):
+        assert (shadow.device, shadow.dtype, shadow.stride()) == (p.device, p.dtype, p.stride())
+
+
 def test_stages_with_different_precisions_share_one_process(tmp_path):
     """accelerate's state is process-wide: a bf16 stage then an fp32 stage crashed `erasure demo` on CUDA.
 
@@ -79,13 +112,23 @@ def test_stages_with_different_precisions_share_one_process(tmp_path):
     On the GPU, the model and data must follow the device.
     """
     bf16 = make_accelerator(DEVICE, "bf16")
+    ones = torch.ones(2, 2, device=bf16.device)  # autocast acts on its own device's tensors only
     with bf16.autocast():
-        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+        assert (ones @ ones).dtype == torch.bfloat16
     train(net(), make_step_loss(), LoopSettings(steps=2, lr=1e-2), tmp_path / "a", bf16)
     fp32 = make_accelerator(DEVICE, "no")  # raised ValueError: AcceleratorState has already been initialized
     with fp32.autocast():
-        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+        assert (ones @ ones).dtype == torch.float32
     train(net(), make_step_loss(), LoopSettings(steps=2, lr=1e-2), tmp_path / "b", fp32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU to move from")
+def test_one_process_moves_between_the_gpu_and_the_cpu(tmp_path):
+    """accelerate's state fixes the device too: a CPU stage after a CUDA one raised (the test suite on a GPU did)."""
+    for i, device in enumerate(["cuda", "cpu", "cuda"]):
+        accelerator = make_accelerator(device)
+        assert accelerator.device.type == device
+        train(net(), make_step_loss(), LoopSettings(steps=2, lr=1e-2), tmp_path / str(i), accelerator)
 
 
 def test_fp16_training_is_refused_clearly():
@@ -147,10 +190,12 @@ def test_graphed_call_replays_with_the_current_weights_under_autocast():
     layer = torch.nn.Linear(16, 16).cuda()  # a trainable leaf: the kind of weight autocast caches casts of
     call = GraphedCall(layer)
     x = torch.randn(4, 16, device="cuda")
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # one long region: its cast cache would hold stale weights
         for _ in range(3):
             with torch.no_grad():
-                torch.testing.assert_close(call(x), layer(x))
+                # The expected value casts by hand: an eager layer(x) here would itself read the cached cast.
+                expected = torch.nn.functional.linear(x.bfloat16(), layer.weight.bfloat16(), layer.bias.bfloat16())
+                torch.testing.assert_close(call(x), expected)
                 layer.weight.add_(0.5)  # in place, as an optimizer step
             x = x + 1
     assert len(call.graphs) == 1

@@ -135,6 +135,7 @@ def test_other_write_errors_pass_to_the_cli_boundary_and_leave_no_temporary_file
 
 # ----------------------------------------------------------------------------- concurrent jobs
 
+
 def _config():
     from erasure.ddpm.config import Config
 

@@ -375,7 +375,7 @@ def test_salun_trains_forget_and_retain_in_one_unet_call_with_the_separate_losse
 
 
 def test_the_joint_unet_call_holds_no_more_activations_for_backward(tiny_model, monkeypatch):
-    """The memory that grows with the batch is what autograd saves for backward: the joint call saves the same bytes."""
+    """The memory that grows with the batch is what autograd saves for backward: the joint call saves no more bytes."""
     import erasure.sd.methods.salun as salun
     from erasure.sd.methods.base import eps
 
@@ -397,7 +397,8 @@ def test_the_joint_unet_call_holds_no_more_activations_for_backward(tiny_model, 
 
     joint = saved_bytes()
     monkeypatch.setattr(salun, "eps_of_batches", lambda m, *batches: [eps(m, *b) for b in batches])
-    assert joint == saved_bytes() > 0
+    # Equal on a CPU; on an H200 the separate calls saved 128 bytes more (small tensors saved once per call).
+    assert 0 < joint <= saved_bytes()
 
 
 @pytest.mark.parametrize("name", ["salun", "esd-x"])

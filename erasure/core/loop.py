@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, PartialState
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
@@ -96,6 +97,7 @@ class StageAccelerator(Accelerator):
     """
 
     def __init__(self, cpu: bool, precision: str, tracking: tuple[str, ...] = ()) -> None:
+        _release_other_device(cpu)
         super().__init__(cpu=cpu, mixed_precision="no")
         self.precision = precision
         self.tracking = tracking
@@ -104,6 +106,26 @@ class StageAccelerator(Accelerator):
     def autocast(self, autocast_handler: object = None):
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             yield
+
+
+def _release_other_device(cpu: bool) -> None:
+    """Let a single process move between the CPU and a GPU from one stage to the next.
+
+    The singleton fixes the device too: a CPU stage after a CUDA one (a test suite on a GPU
+    machine, a notebook) raises in accelerate. One process owns its state and may reset it;
+    the processes of a launched job share a device type and may not.
+    """
+    if not PartialState._shared_state:
+        return
+    state = PartialState()
+    if (state.device.type == "cpu") == cpu:
+        return
+    if state.num_processes > 1:
+        raise ErasureError(
+            f"this job's {state.num_processes} processes run on {state.device.type}; a stage cannot switch to "
+            f"{'the CPU' if cpu else 'the GPU'} within it. Use one device setting for every stage of a launched job."
+        )
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def resolve_precision(mixed_precision: str, cpu: bool) -> str:
@@ -208,8 +230,11 @@ def train(
             raise ErasureError(f"the checkpoint in '{ckpt_dir}' was made with different settings; delete it to start over.")
         _load_trained_state(model, state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        _match_state_to_params(optimizer)
         if ema is not None:
             ema.load_state_dict({**state["ema_state"], "shadow_params": [state["ema"][n] for n in names]})
+            # The file's tensors are CPU and contiguous: the averages live beside their parameters.
+            ema.shadow_params = [_like(p, s) for p, s in zip(params, ema.shadow_params)]
         start = state["step"]
         accelerator.print(f"resuming {settings.desc} from step {start} ({ckpt_dir})")
 
@@ -358,6 +383,26 @@ def _trained_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """
     changing = {n for n, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}
     return {k: v for k, v in model.state_dict().items() if k in changing}
+
+
+def _like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` on ``param``'s device with its dtype and memory layout (channels-last included)."""
+    return torch.empty_like(param).copy_(value)
+
+
+def _match_state_to_params(optimizer: torch.optim.Optimizer) -> None:
+    """Give each loaded state tensor shaped like its parameter the parameter's strides.
+
+    A checkpoint stores contiguous tensors, while a GPU run keeps convolution weights
+    channels-last; fused AdamW refuses moments whose strides differ from the weight's.
+    (``load_state_dict`` already moved them to the parameter's device and dtype.)
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    state[key] = _like(p, value)
 
 
 def _load_trained_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
