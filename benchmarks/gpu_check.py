@@ -6,8 +6,8 @@ Runs, each part in its own process with its own time limit, and writes one JSON 
 1. ``tests``      - the test suite but the tests marked slow (``--all-tests``: all); tests that touch a device run
                     on CUDA when one is present
 2. ``demo``       - ``erasure demo`` (bf16 base DDPM, then the fp32 judge, in one process)
-3. ``ddpm-bf16``  - a bf16 ESD erase in the demo's workdir, then the same with its trajectory through CUDA graphs
-                    (``unlearn.esd_cuda_graph``, forget class 1); the seconds of both
+3. ``ddpm-bf16``  - a bf16 ESD erase in the demo's workdir with its trajectory eager (``unlearn.esd_cuda_graph=false``),
+                    then through CUDA graphs (the default; forget class 1); the seconds of both
 4. ``sd-tiny``    - tiny random SD and SDXL pipelines on CUDA: SalUn (and SDXL ESD-x) erases, generation, a NudeNet
                     audit and an adversarial-prompt attack
 5. ``classification`` - ``erasure unlearn-classifier`` on its embedded default
@@ -116,7 +116,7 @@ def main() -> None:
         "tests": [[py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *([] if args.all_tests else ["-m", "not slow"])]],
         "demo": [[*erasure, "demo", "--workdir", str(work / "demo")]],
         "ddpm-bf16": [
-            [*erasure, "erase", "--method", "esd", "--workdir", str(work / "demo"), "mixed_precision=bf16"],
+            [*erasure, "erase", "--method", "esd", "--workdir", str(work / "demo"), "mixed_precision=bf16", "unlearn.esd_cuda_graph=false"],
             [*erasure, "erase", "--method", "esd", "--workdir", str(work / "demo"), "mixed_precision=bf16",
              "unlearn.forget_class=1", "unlearn.esd_cuda_graph=true"],
         ],

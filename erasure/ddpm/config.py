@@ -122,7 +122,7 @@ class UnlearnConfig:
     # How far ESD's trajectory runs and the timestep then fed, as SD's esd.timestep:
     # "original" (train-esd.py's pairing) or "matched" (esd_sd.py's; x_t's own DDIM timestep).
     esd_timestep: Literal["original", "matched"] = "original"
-    esd_cuda_graph: bool = False  # the trajectory's UNet calls as CUDA graphs, as SD's esd.cuda_graph (GPU only)
+    esd_cuda_graph: bool = True  # the trajectory's UNet calls as CUDA graphs, as SD's esd.cuda_graph (GPU only; false: eager)
     # Timesteps of the forget, retain and mask batches: antithetic as the reference's
     # saliency_unlearn and generate_mask (each batch its own draw); iid: all drawn.
     timesteps: Literal["antithetic", "iid"] = "antithetic"
