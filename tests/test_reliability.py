@@ -311,3 +311,35 @@ def test_gpu_check_keeps_what_it_measured_within_its_budget(tmp_path):
     gpu_check.collect("sd-step", out, since)
     gpu_check.collect("esd-step", out, since)
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "sd_training_gpu-check-esd.json"]
+
+
+def test_gpu_check_runs_the_tests_beside_the_correctness_parts_and_times_the_rest_alone(tmp_path, monkeypatch):
+    """The check fits its 8 minutes by running the tests while the demo, ESD, tiny-SD and classification parts
+    (pass or fail only) share the GPU; the summary says which parts shared it."""
+    import importlib.util
+    import time
+
+    spec = importlib.util.spec_from_file_location("gpu_check", "benchmarks/gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    spans: dict[str, tuple[float, float]] = {}
+
+    def fake_run(cmd, env, timeout, log):  # each part's commands, timed instead of run
+        start = time.time()
+        time.sleep(0.5 if log.name.startswith("tests") else 0.05)
+        spans.setdefault(log.name.rsplit("-", 1)[0], (start, time.time()))
+        return True, 0.1, ""
+
+    monkeypatch.setattr(gpu_check, "run", fake_run)
+    out = tmp_path / "summary.json"
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--out", str(out), "--tokenizer", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_code:
+        gpu_check.main()
+    assert exit_code.value.code == 0
+    parts = json.loads(out.read_text())["parts"]
+    tests_start, tests_end = spans["tests"]
+    for name in gpu_check.SHARE_THE_GPU:
+        assert spans[name][0] < tests_end and parts[name]["shared_gpu_with"] == "tests", name
+    for name in ("sd-step", "esd-step", "generation"):
+        assert spans[name][0] >= tests_end and "shared_gpu_with" not in parts[name], name
+    assert "shared_gpu_with" not in parts["tests"]
