@@ -113,6 +113,7 @@ def main() -> None:
         "train.batch_size=4",
         "train.lr=1e-4",
     ]
+    # fmt: off
     parts: dict[str, list[list[str]]] = {
         # The tests marked slow exercise CPU multi-process jobs, notebooks and long CLI runs, which CI covers;
         # left out by default to keep the check within its 8 minutes.
@@ -120,178 +121,54 @@ def main() -> None:
         "demo": [[*erasure, "demo", "--workdir", str(work / "demo")]],
         "ddpm-bf16": [
             [*erasure, "erase", "--method", "esd", "--workdir", str(work / "demo"), "mixed_precision=bf16", "unlearn.esd_cuda_graph=false"],
-            [
-                *erasure,
-                "erase",
-                "--method",
-                "esd",
-                "--workdir",
-                str(work / "demo"),
-                "mixed_precision=bf16",
-                "unlearn.forget_class=1",
-                "unlearn.esd_cuda_graph=true",
-            ],
+            [*erasure, "erase", "--method", "esd", "--workdir", str(work / "demo"), "mixed_precision=bf16",
+             "unlearn.forget_class=1", "unlearn.esd_cuda_graph=true"],
         ],
         "sd-tiny": [
             [*erasure, "sd", "tiny-pipeline", str(tiny)],
             [*erasure, "sd", "erase", "-c", "configs/sd/nudity_salun.yaml", "--model", str(tiny), "--workdir", str(work / "sd")]
             + sd_overrides,
-            [
-                *erasure,
-                "audit",
-                "nudity",
-                "--model",
-                f"base={tiny}",
-                "--model",
-                f"salun={work / 'sd' / 'salun' / 'model'}",
-                "--prompts",
-                "prompts/template_forget.txt",
-                "--limit",
-                "4",
-                "--steps",
-                "4",
-                "--out",
-                str(work / "audit"),
-            ],
-            [
-                *erasure,
-                "audit",
-                "attack",
-                "--base",
-                str(tiny),
-                "--model",
-                f"salun={work / 'sd' / 'salun' / 'model'}",
-                "--prompts",
-                "prompts/template_forget.txt",
-                "--limit",
-                "2",
-                "--iterations",
-                "2",
-                "--timesteps",
-                "2",
-                "--steps",
-                "4",
-                "--target-steps",
-                "4",
-                "--size",
-                "32",
-                "--k",
-                "2",
-                "--out",
-                str(work / "attack"),
-            ],
+            [*erasure, "audit", "nudity", "--model", f"base={tiny}", "--model", f"salun={work / 'sd' / 'salun' / 'model'}",
+             "--prompts", "prompts/template_forget.txt", "--limit", "4", "--steps", "4", "--out", str(work / "audit")],
+            [*erasure, "audit", "attack", "--base", str(tiny), "--model", f"salun={work / 'sd' / 'salun' / 'model'}",
+             "--prompts", "prompts/template_forget.txt", "--limit", "2", "--iterations", "2", "--timesteps", "2", "--steps", "4",
+             "--target-steps", "4", "--size", "32", "--k", "2", "--out", str(work / "attack")],
             [*erasure, "sd", "tiny-pipeline", str(work / "tiny-xl"), "--xl"],
-            [
-                *erasure,
-                "sd",
-                "erase",
-                "-c",
-                "configs/sd/nudity_salun_sdxl.yaml",
-                "--model",
-                str(work / "tiny-xl"),
-                "--workdir",
-                str(work / "sdxl"),
-                "--method",
-                "salun",
-                "--method",
-                "esd-x",
-            ]
-            + sd_overrides,
+            [*erasure, "sd", "erase", "-c", "configs/sd/nudity_salun_sdxl.yaml", "--model", str(work / "tiny-xl"),
+             "--workdir", str(work / "sdxl"), "--method", "salun", "--method", "esd-x"] + sd_overrides,
         ],
         "classification": [[*erasure, "unlearn-classifier", "--workdir", str(work / "classification")]],
     }
     if args.tokenizer:
         compile_flags = ["--compile", "off", "on"] if args.compile else ["--compile", "off"]
-        parts["sd-step"] = [
-            [
-                py,
-                "benchmarks/sd_training.py",
-                "--tokenizer",
-                str(args.tokenizer),
-                "--label",
-                "gpu-check",
-                "--phases",
-                "salun",
-                "--batch-sizes",
-                "8",
-                "--precisions",
-                "no",
-                "bf16",
-                "--checkpointing",
-                "off",
-                *compile_flags,
-                "--warmup-steps",
-                "2",
-                "--measure-steps",
-                "5",
-            ]
-        ]
+        parts["sd-step"] = [[
+            py, "benchmarks/sd_training.py", "--tokenizer", str(args.tokenizer), "--label", "gpu-check", "--phases", "salun",
+            "--batch-sizes", "8", "--precisions", "no", "bf16", "--checkpointing", "off", *compile_flags,
+            "--warmup-steps", "2", "--measure-steps", "5",
+        ]]
         # ESD at the reference's batch 1; its step includes the sampled DDIM trajectory (25 of 50 steps on average).
-        parts["esd-step"] = [
-            [
-                py,
-                "benchmarks/sd_training.py",
-                "--tokenizer",
-                str(args.tokenizer),
-                "--label",
-                "gpu-check-esd",
-                "--phases",
-                "esd-x",
-                "--batch-sizes",
-                "1",
-                "--precisions",
-                "no",
-                "bf16",
-                "--checkpointing",
-                "off",
-                *compile_flags,
-                "--esd-cuda-graph",
-                "off",
-                "on",
-                "--warmup-steps",
-                "1",
-                "--measure-steps",
-                "5",
-                "--no-flops",
-            ]
-        ]
+        parts["esd-step"] = [[
+            py, "benchmarks/sd_training.py", "--tokenizer", str(args.tokenizer), "--label", "gpu-check-esd", "--phases", "esd-x",
+            "--batch-sizes", "1", "--precisions", "no", "bf16", "--checkpointing", "off", *compile_flags,
+            "--esd-cuda-graph", "off", "on", "--warmup-steps", "1", "--measure-steps", "5", "--no-flops",
+        ]]
         generation = [
-            py,
-            "benchmarks/generation_throughput.py",
-            "--tokenizer",
-            str(args.tokenizer),
-            "--label",
-            "gpu-check",
-            "--images",
-            "16",
-            "--batch-size",
-            "8",
-            "--steps",
-            "50",
-            "--nudenet-images",
-            "16",
+            py, "benchmarks/generation_throughput.py", "--tokenizer", str(args.tokenizer), "--label", "gpu-check",
+            "--images", "16", "--batch-size", "8", "--steps", "50", "--nudenet-images", "16",
         ]
         batch32 = [*generation[:5], "gpu-check-b32", "--images", "32", "--batch-size", "32", *generation[10:]]
         parts["generation"] = [generation, batch32, *([[*generation, "--compile"]] if args.compile else [])]
     if args.cifar10:
-        parts["cifar10-fast"] = [
-            [
-                py,
-                "benchmarks/classification.py",
-                "--config",
-                "configs/classification/cifar10_random10_fast.yaml",
-                "--data-path",
-                str(args.cifar10),
-                "--label",
-                "gpu-check",
-                "unlearn.methods=[retrain,rl,salun]",
-                f"workdir={work / 'cifar10-fast'}",
-            ]
-        ]
+        parts["cifar10-fast"] = [[
+            py, "benchmarks/classification.py", "--config", "configs/classification/cifar10_random10_fast.yaml",
+            "--data-path", str(args.cifar10), "--label", "gpu-check", "unlearn.methods=[retrain,rl,salun]",
+            f"workdir={work / 'cifar10-fast'}",
+        ]]
     limits = {
         "tests": 240, "demo": 120, "ddpm-bf16": 200, "sd-tiny": 240, "classification": 120,
         "sd-step": 360, "esd-step": 240, "generation": 420 if args.compile else 200, "cifar10-fast": 420,
-    }  # fmt: skip
+    }
+    # fmt: on
 
     summary: dict = {"benchmark": "gpu_check", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     try:
