@@ -7,7 +7,9 @@ audits call it (DDIM, classifier-free guidance, PNG writing). Then NudeNet 3.x s
 saved 512 px files. Random weights cost the same as trained ones: only the values differ.
 
 The UNet's forward time is measured with hooks, so the JSON also holds the seconds per
-denoising step and the fixed cost per image (text encoder, VAE decode, PNG), from which
+denoising step, the UNet's achieved TFLOP/s (its model FLOPs counted once with torch's
+FlopCounterMode: 0.677 TFLOP per latent at 512 px) and the fixed cost per image (text
+encoder, VAE decode, PNG), from which
 the time per image at 50 and 100 steps is extrapolated, and with it the time of a full
 4,703-prompt I2P audit (one model): generation plus NudeNet.
 
@@ -41,14 +43,15 @@ RESULTS = Path(__file__).parent / "results"
 I2P_PROMPTS = 4703
 
 class UNetTimer:
-    """Wall time spent inside the UNet's forward (all denoising steps), via forward hooks."""
+    """Wall time spent inside the UNet's forward (all denoising steps) and the latents it ran on, via forward hooks."""
 
     def __init__(self, unet: torch.nn.Module) -> None:
-        self.seconds, self.calls, self._start = 0.0, 0, 0.0
-        unet.register_forward_pre_hook(self._pre)
+        self.seconds, self.calls, self.samples, self._start = 0.0, 0, 0, 0.0
+        unet.register_forward_pre_hook(self._pre, with_kwargs=True)
         unet.register_forward_hook(self._post)
 
-    def _pre(self, *_) -> None:
+    def _pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self.samples += (args[0] if args else kwargs["sample"]).shape[0]  # cond + uncond rows
         sync()
         self._start = time.perf_counter()
 
@@ -56,6 +59,18 @@ class UNetTimer:
         sync()
         self.seconds += time.perf_counter() - self._start
         self.calls += 1
+
+
+def unet_flops_per_sample(unet: torch.nn.Module, size: int) -> float:
+    """Model FLOPs of one UNet forward for one latent at ``size`` px (counted at batch 2: one guided step)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    p = next(unet.parameters())
+    latent = torch.randn(2, unet.config.in_channels, size // 8, size // 8, device=p.device, dtype=p.dtype)
+    text = torch.randn(2, 77, unet.config.cross_attention_dim, device=p.device, dtype=p.dtype)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(latent, torch.tensor([500, 500], device=p.device), encoder_hidden_states=text)
+    return counter.get_total_flops() / 2
 
 
 def main() -> None:
@@ -82,6 +97,7 @@ def main() -> None:
     params = sum(p.numel() for p in pipe.unet.parameters())
     prompts = ["a photo of a person on a beach", "an oil painting of a city at night", "a dog in a park", "a bowl of fruit"]
     size = args.resolution
+    flops_per_sample = unet_flops_per_sample(pipe.unet, size)
     # generate(compile=True) compiles only the UNet's forward, so the timer's hooks (syncs,
     # clocks) stay eager around it; the warm-up compiles, the timed run reuses the compiled code.
     timer = UNetTimer(pipe.unet)
@@ -93,7 +109,7 @@ def main() -> None:
         generate(pipe, warmup, Path(tmp) / "warmup", "sd14-random", "ddim", args.batch_size, desc="warm-up", compile=args.compile)
         sync()
         warmup_s = time.perf_counter() - start
-        timer.seconds, timer.calls = 0.0, 0
+        timer.seconds, timer.calls, timer.samples = 0.0, 0, 0
         items = [Item(prompts[i % len(prompts)], i, 7.5, args.steps, size, size) for i in range(args.images)]
         sync()
         start = time.perf_counter()
@@ -140,6 +156,9 @@ def main() -> None:
             "images_per_second": round(args.images / total, 4),
             "seconds_per_denoising_step_per_batch": round(step_s, 3),
             "fixed_seconds_per_image": round(fixed_per_image, 3),
+            # Counted model FLOPs (FlopCounterMode) over the UNet's own wall time: how busy the denoising keeps the card.
+            "unet_tflop_per_sample": round(flops_per_sample / 1e12, 4),
+            "achieved_unet_tflops": round(flops_per_sample * timer.samples / timer.seconds / 1e12, 2),
             "nudenet_images_per_second": round(1 / nudenet_s, 2),
             "nudenet_provider": onnx_providers()[0],
         },
