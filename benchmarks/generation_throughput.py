@@ -42,6 +42,7 @@ from erasure.sd.generate import Item, generate
 RESULTS = Path(__file__).parent / "results"
 I2P_PROMPTS = 4703
 
+
 class UNetTimer:
     """Wall time spent inside the UNet's forward (all denoising steps) and the latents it ran on, via forward hooks."""
 
