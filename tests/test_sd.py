@@ -319,9 +319,11 @@ def test_auto_batch_size_halves_on_out_of_memory_and_keeps_saved_images(tiny_mod
 
 def test_esd_cuda_graph_trains_the_weights_of_the_eager_trajectory(runs, tmp_path):
     """esd.cuda_graph replays the trajectory's UNet calls (on CUDA; a CPU calls them as usual) and trains the same weights."""
-    model, _, folders = runs
-    graphed = erase(sd_config(model, tmp_path, "method=esd-x", "esd.cuda_graph=true"))
-    eager, replayed = load_unet(str(folders["esd-x"] / "model")), dict(load_unet(str(graphed / "model")).named_parameters())
+    model, _, _ = runs
+    # Both explicit: graphs are the default, so the fixture's ESD-x run is itself graphed on CUDA.
+    eager = erase(sd_config(model, tmp_path / "eager", "method=esd-x", "esd.cuda_graph=false"))
+    graphed = erase(sd_config(model, tmp_path / "graphed", "method=esd-x", "esd.cuda_graph=true"))
+    eager, replayed = load_unet(str(eager / "model")), dict(load_unet(str(graphed / "model")).named_parameters())
     base = dict(load_unet(str(model)).named_parameters())
     for name, p in eager.named_parameters():
         moved = (p - base[name]).norm()
