@@ -166,7 +166,7 @@ def main() -> None:
             f"workdir={work / 'cifar10-fast'}",
         ]]
     limits = {
-        "tests": 240, "demo": 120, "ddpm-bf16": 200, "sd-tiny": 240, "classification": 120,
+        "tests": 300, "demo": 120, "ddpm-bf16": 200, "sd-tiny": 240, "classification": 120,
         "sd-step": 360, "esd-step": 240, "generation": 420 if args.compile else 200, "cifar10-fast": 420,
     }
     # fmt: on
