@@ -8,8 +8,7 @@ saved 512 px files. Random weights cost the same as trained ones: only the value
 
 The UNet's forward time is measured with hooks, so the JSON also holds the seconds per
 denoising step, the UNet's achieved TFLOP/s (its model FLOPs counted once with torch's
-FlopCounterMode: 0.677 TFLOP per latent at 512 px) and the fixed cost per image (text
-encoder, VAE decode, PNG), from which
+FlopCounterMode) and the fixed cost per image (text encoder, VAE decode, PNG), from which
 the time per image at 50 and 100 steps is extrapolated, and with it the time of a full
 4,703-prompt I2P audit (one model): generation plus NudeNet.
 
@@ -63,13 +62,19 @@ class UNetTimer:
 
 
 def unet_flops_per_sample(unet: torch.nn.Module, size: int) -> float:
-    """Model FLOPs of one UNet forward for one latent at ``size`` px (counted at batch 2: one guided step)."""
+    """Model FLOPs of one UNet forward for one latent at ``size`` px (counted at batch 2: one guided step).
+
+    Attention is counted through its plain matrix products: the counter knows no formula for
+    some fused kernels (the CPU's flash attention counts 0 FLOPs), so the count would depend
+    on the device.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     p = next(unet.parameters())
     latent = torch.randn(2, unet.config.in_channels, size // 8, size // 8, device=p.device, dtype=p.dtype)
     text = torch.randn(2, 77, unet.config.cross_attention_dim, device=p.device, dtype=p.dtype)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         unet(latent, torch.tensor([500, 500], device=p.device), encoder_hidden_states=text)
     return counter.get_total_flops() / 2
 
