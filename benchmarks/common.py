@@ -8,6 +8,7 @@ from importlib.metadata import version
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 # Stable Diffusion v1.4's published component configs (CompVis/stable-diffusion-v1-4, unet/vae/text_encoder).
@@ -136,3 +137,24 @@ def sync() -> None:
     """Wait for queued GPU work, so wall times are real."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's FlopCounterMode, with the CPU's fused attention counted too.
+
+    The counter has formulas for the GPU's attention kernels but none for the CPU's, which it
+    would count as 0 FLOPs: a count made on a CPU would then leave out all of attention.
+    """
+    aten = torch.ops.aten
+
+    def forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    def backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+    cpu_attention = {
+        aten._scaled_dot_product_flash_attention_for_cpu: forward,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: backward,
+    }
+    return FlopCounterMode(display=False, custom_mapping=cpu_attention)

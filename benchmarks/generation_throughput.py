@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import machine, sd14, sync  # benchmarks/ is on sys.path when a script runs
+from common import flop_counter, machine, sd14, sync  # benchmarks/ is on sys.path when a script runs
 
 from erasure.core.io import write_json
 from erasure.sd.generate import Item, generate
@@ -62,19 +62,11 @@ class UNetTimer:
 
 
 def unet_flops_per_sample(unet: torch.nn.Module, size: int) -> float:
-    """Model FLOPs of one UNet forward for one latent at ``size`` px (counted at batch 2: one guided step).
-
-    Attention is counted through its plain matrix products: the counter knows no formula for
-    some fused kernels (the CPU's flash attention counts 0 FLOPs), so the count would depend
-    on the device.
-    """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
+    """Model FLOPs of one UNet forward for one latent at ``size`` px (counted at batch 2: one guided step)."""
     p = next(unet.parameters())
     latent = torch.randn(2, unet.config.in_channels, size // 8, size // 8, device=p.device, dtype=p.dtype)
     text = torch.randn(2, 77, unet.config.cross_attention_dim, device=p.device, dtype=p.dtype)
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), flop_counter() as counter:
         unet(latent, torch.tensor([500, 500], device=p.device), encoder_hidden_states=text)
     return counter.get_total_flops() / 2
 

@@ -43,9 +43,8 @@ from pathlib import Path
 
 import torch
 from accelerate.state import AcceleratorState
-from common import machine, sd14, sync  # benchmarks/ is on sys.path when a script runs
+from common import flop_counter, machine, sd14, sync  # benchmarks/ is on sys.path when a script runs
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-from torch.utils.flop_counter import FlopCounterMode
 
 from erasure.core.config import load_config
 from erasure.core.io import write_json
@@ -58,6 +57,7 @@ from erasure.sd.model import encode_conditioning, noise_scheduler
 from erasure.sd.pipeline import hold_frozen_weights_in_bf16
 
 RESULTS = Path(__file__).parent / "results"
+
 
 def context(pipe: StableDiffusionPipeline, config: SDConfig, latent: int, device: torch.device) -> SDContext:
     """The method context with random latents and the real prompts' embeddings."""
@@ -171,7 +171,7 @@ def count_flops(pipe: StableDiffusionPipeline, base: UNet2DConditionModel, phase
     g = torch.Generator(device).manual_seed(0)
     if phase != "salun-mask":
         method.prepare(unet)
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         loss = method.saliency_loss(unet, g) if phase == "salun-mask" else method.loss(unet, g)[0]
         loss.backward()
     pipe.unet = base
