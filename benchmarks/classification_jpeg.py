@@ -15,6 +15,13 @@ against exact / exact is the cost of the JPEG copy at this scale. ``--reference-
 trains with a plain torch loop (torchvision's crop and flip on each image, ``LambdaLR``): the
 same recipe written independently of erasure, as a check of our training pipeline.
 The full 45k-image table cannot be repeated on exact pixels here (only 5,085 are known).
+
+``--score CONFIG MODEL`` scores a model trained by a full run (its config builds the network)
+on the 1,017 test images in both forms: how much of its test accuracy the JPEG copy of the
+test set costs. The folder then needs only the test images of ``cifar10_exact_subset.npz``.
+
+    python benchmarks/classification_jpeg.py FOLDER --score configs/classification/cifar10_random10_fast.yaml \
+        runs/classification/cifar10_random10_fast/original/model.safetensors --label h100-fast
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ def load_pairs(folder: Path) -> dict[str, dict[str, np.ndarray]]:
     pairs = {}
     for split in ("train", "test"):
         sel = exact["split"] == split
+        if not sel.any():  # a copy trimmed to the test images is enough for --score
+            continue
         index = exact["index_in_split"][sel]
         blob, offsets = jpeg[f"{split}_jpeg"], jpeg[f"{split}_offsets"]
         assert (jpeg[f"{split}_labels"][index] == exact["labels"][sel]).all(), "the two files disagree on labels"
@@ -144,6 +153,28 @@ def train_and_score(pairs, args: argparse.Namespace) -> list[dict[str, object]]:
     return rows
 
 
+def score(pairs, config_path: Path, model_path: Path, device: str) -> dict[str, object]:
+    """Test accuracy of a trained model on the exact and the JPEG form of the same test images."""
+    from erasure.classification.config import ClassificationConfig
+    from erasure.classification.metrics import predict
+    from erasure.classification.train import build_model, load_weights
+    from erasure.core.config import load_config
+    from erasure.core.loop import make_accelerator
+
+    config = load_config(config_path, schema=ClassificationConfig)
+    accelerator = make_accelerator(device, "no")
+    dev = accelerator.device
+    model = load_weights(build_model(config, 3, 10, 0), model_path).to(dev)
+    labels = torch.from_numpy(pairs["test"]["labels"]).to(dev)
+    row: dict[str, object] = {"config": str(config_path), "model": str(model_path), "images": len(labels)}
+    for kind in ("exact", "jpeg"):
+        images = torch.from_numpy(pairs["test"][kind]).permute(0, 3, 1, 2).contiguous().to(dev)
+        row[f"test_{kind}"] = round(predict(model, images, labels, 512, accelerator).accuracy, 2)
+    row["jpeg_cost"] = round(row["test_exact"] - row["test_jpeg"], 2)
+    print(row, flush=True)
+    return row
+
+
 def summarize(rows: list[dict[str, object]]) -> dict[str, dict[str, float]]:
     """Mean test accuracy per (loop, trained on, tested on) over seeds."""
     out: dict[str, dict[str, float]] = {}
@@ -170,6 +201,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--score", nargs=2, type=Path, metavar=("CONFIG", "MODEL"), help="score a trained model (see above)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workdir", default="runs/jpeg-cost")
     parser.add_argument("--label", default=None, help="results/classification_jpeg_{label}.json (default: no file)")
@@ -177,6 +209,8 @@ def main() -> None:
 
     pairs = load_pairs(args.folder)
     result: dict[str, object] = {"benchmark": "classification_jpeg", "pixel_error": pixel_error(pairs)}
+    if args.score:
+        result["scored"] = score(pairs, *args.score, args.device)
     if args.train:
         start = time.time()
         rows = train_and_score(pairs, args)

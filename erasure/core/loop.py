@@ -19,18 +19,20 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
-from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from erasure.core.errors import ErasureError
 from erasure.core.io import load_checkpoint, save_checkpoint
 from erasure.core.saliency import MaskConstraint
 from erasure.core.tracking import TrackerRun, parse_log_with
+
+if TYPE_CHECKING:
+    from diffusers.training_utils import EMAModel
 
 # A step's loss and the numbers worth logging (floats, or 0-d tensors read only on logged steps).
 StepLoss = Callable[[torch.nn.Module, torch.Generator, int], tuple[torch.Tensor, dict[str, float | torch.Tensor]]]
@@ -221,7 +223,11 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, settings)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    ema = EMAModel(params, decay=settings.ema_decay) if settings.ema_decay else None
+    ema = None
+    if settings.ema_decay:  # imported here: the classification path runs without diffusers
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(params, decay=settings.ema_decay)
 
     start = 0
     state = load_checkpoint(ckpt_dir)
