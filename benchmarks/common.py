@@ -7,9 +7,7 @@ import platform
 from importlib.metadata import version
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 # Stable Diffusion v1.4's published component configs (CompVis/stable-diffusion-v1-4, unet/vae/text_encoder).
 UNET_CONFIG = {
@@ -99,8 +97,12 @@ SCHEDULER_CONFIG = {
 }
 
 
-def sd14(tokenizer_folder: str, dtype: torch.dtype) -> StableDiffusionPipeline:
+def sd14(tokenizer_folder: str, dtype: torch.dtype):
     """SD v1.4's architecture with random weights and the real tokenizer (nothing downloaded)."""
+    # Imported here: the classification benchmarks use this module on machines without diffusers.
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
     torch.manual_seed(0)
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_folder)
     text = CLIPTextConfig(

@@ -41,6 +41,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -119,7 +120,7 @@ def main() -> None:
     parts: dict[str, list[list[str]]] = {
         # The tests marked slow exercise CPU multi-process jobs, notebooks and long CLI runs, which CI covers;
         # left out by default to keep the check within its 8 minutes. No -x: one GPU run should show every failure.
-        "tests": [[py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *([] if args.all_tests else ["-m", "not slow"])]],
+        "tests": [[py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=short", *([] if args.all_tests else ["-m", "not slow"])]],
         "demo": [[*erasure, "demo", "--workdir", str(work / "demo")]],
         "ddpm-bf16": [
             [*erase_esd, "unlearn.esd_cuda_graph=false"],
@@ -201,6 +202,8 @@ def main() -> None:
         entry = {"status": "pass" if ok else "fail", "seconds": round(total, 1), "log": str(work / f"{name}-0.log")}
         if not ok:
             entry["tail"] = tail
+            if name == "tests":  # the log stays on the machine: keep what each failure said
+                entry["failures"] = test_failures((work / "tests-0.log").read_text())
         entry.update(figures(name, work, started))
         return entry
 
@@ -235,6 +238,17 @@ def write_summary(path: Path, summary: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def test_failures(log: str, chars: int = 1500) -> dict[str, str]:
+    """Each failed test's id and the end of its short traceback, from pytest's ``-q --tb=short`` output."""
+    sections: dict[str, str] = {}
+    for block in log.split("\n____")[1:]:  # each failure's section opens with a '____ name ____' rule
+        head, _, body = block.partition("\n")
+        body = re.split(r"\n=====|\n-+ Captured", body)[0]  # the traceback, without captured output or the summary
+        sections[head.strip("_ ")] = body[-chars:]
+    failed = [line.split(" - ")[0].split(" ", 1)[1] for line in log.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+    return {test: next((text for name, text in sections.items() if test.replace("::", ".").endswith(name)), "") for test in failed}
 
 
 # The result files each part writes into benchmarks/results, by its labels.

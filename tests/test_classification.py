@@ -268,3 +268,26 @@ def test_gpu_tables_script_runs_the_three_settings_on_a_tiny_dataset(tmp_path):
         report = json.loads((out / f"classification_{name}_tiny-original-{recipe}.json").read_text())
         assert [row["method"] for row in report["table"]] == ["original"] and report["settings"]["train"]["lr"] == lr
         assert report["settings"]["workdir"] == str(runs / f"recipe-{recipe}")
+
+
+def test_the_classification_path_needs_no_diffusers(tmp_path):
+    """A GPU image without diffusers (the device's) runs the classification table: diffusers is imported only where
+    an EMA or a diffusion model is used."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('diffusers', 'torch_fidelity', 'nudenet'):\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import torch\n"
+        "from erasure.classification import cli, pipeline\n"
+        "from erasure.core.loop import LoopSettings, make_accelerator, train\n"
+        "step = lambda model, g, s: (model(torch.ones(4, 2)).pow(2).mean(), {})\n"
+        "train(torch.nn.Linear(2, 1), step, LoopSettings(steps=2, lr=0.1), sys.argv[1], make_accelerator('cpu'))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr

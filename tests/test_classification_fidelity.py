@@ -305,7 +305,7 @@ def test_gradient_mask_mode_lets_weight_decay_shrink_masked_out_weights(tmp_path
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     out = get_method("salun")(ctx).run(model)
     mask = Mask.load(tmp_path / "hard" / "mask.safetensors")
-    assert all(torch.equal(p.detach()[~mask.tensors[n]], before[n][~mask.tensors[n]]) for n, p in out.named_parameters())
+    assert all(torch.equal(p.detach().cpu()[~mask.tensors[n]], before[n][~mask.tensors[n]]) for n, p in out.named_parameters())
 
 
 # ----------------------------------------------------------------------------- l1, IU, MIA

@@ -343,3 +343,24 @@ def test_gpu_check_runs_the_tests_beside_the_correctness_parts_and_times_the_res
     for name in ("sd-step", "esd-step", "generation"):
         assert spans[name][0] >= tests_end and "shared_gpu_with" not in parts[name], name
     assert "shared_gpu_with" not in parts["tests"]
+
+
+def test_gpu_check_keeps_what_each_failed_test_said(tmp_path):
+    """On a GPU machine the tests' log stays behind; the summary keeps each failure's traceback."""
+    import importlib.util
+
+    (tmp_path / "test_sample.py").write_text(
+        "import pytest\n"
+        "def test_ok(): pass\n"
+        "def test_bad():\n    print('noise')\n    assert 1 == 2, 'one is not two'\n"
+        "@pytest.mark.parametrize('v', [0.5])\ndef test_param(v):\n    raise ValueError(f'boom {v}')\n"
+    )
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=short", "test_sample.py"]
+    log = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True).stdout
+    spec = importlib.util.spec_from_file_location("gpu_check", "benchmarks/gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    failures = gpu_check.test_failures(log)
+    assert list(failures) == ["test_sample.py::test_bad", "test_sample.py::test_param[0.5]"]
+    assert "one is not two" in failures["test_sample.py::test_bad"] and "noise" not in failures["test_sample.py::test_bad"]
+    assert "ValueError: boom 0.5" in failures["test_sample.py::test_param[0.5]"]

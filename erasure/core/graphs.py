@@ -6,7 +6,9 @@ size a GPU spends longer launching the UNet's thousand-odd kernels one by one fr
 than running them; a captured graph launches them all at once. The captured calls still
 see the weights as they are at each step: the optimizer updates the parameters in place,
 and the low-precision casts are captured as kernels rather than served from autocast's
-cache, so each replay casts the current weights again.
+cache, so each replay casts the current weights again. A graph reads the memory it was
+captured with: a weight given new storage (``p.data = ...``, a dtype change) would leave it
+reading freed memory, so the call watches its module's tensors and captures again then.
 """
 
 from __future__ import annotations
@@ -25,12 +27,15 @@ class GraphedCall:
     stream (library handles and workspaces are created outside the capture), then captures
     it; later calls copy their inputs into the captured buffers and replay. ``fn`` must be
     capturable: no host synchronisation, no CPU tensors, no data-dependent shapes. On a
-    CPU it is simply called.
+    CPU it is simply called. ``watch`` is the module whose parameters and buffers ``fn``
+    reads: when any of them moves to new storage, every graph is captured again.
     """
 
-    def __init__(self, fn: Callable[..., torch.Tensor], option: str = "cuda_graph") -> None:
+    def __init__(self, fn: Callable[..., torch.Tensor], option: str = "cuda_graph", watch: torch.nn.Module | None = None) -> None:
         self.fn = fn
         self.option = option  # the setting that asked for graphs, named in the error if capture fails
+        self.watched = [*watch.parameters(), *watch.buffers()] if watch is not None else []
+        self.storage: list[int] = []  # the watched tensors' addresses when the graphs were captured
         self.graphs: dict[tuple, tuple[list[torch.Tensor], torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     @torch.no_grad()
@@ -40,6 +45,10 @@ class GraphedCall:
             return self.fn(*inputs)
         autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
         key = (autocast, *((tuple(x.shape), x.dtype, x.device) for x in inputs))
+        storage = [t.data_ptr() for t in self.watched]  # ~1 us per hundred tensors, against a call's milliseconds
+        if storage != self.storage:
+            self.graphs.clear()  # they read the old storage, which may be freed and reused by now
+            self.storage = storage
         if key not in self.graphs:
             self.graphs[key] = self._capture(inputs, *autocast)
         static, graph, out = self.graphs[key]

@@ -45,7 +45,7 @@ class ESD(Method):
             return lambda x, t, c: guided_eps(model, x, t, c, w, null)
         if self.graphed is None:
             net = getattr(model, "module", model)  # the UNet itself: a DDP wrapper's forward could synchronise
-            self.graphed = GraphedCall(lambda x, t, c: guided_eps(net.forward, x, t, c, w, null), "unlearn.esd_cuda_graph")
+            self.graphed = GraphedCall(lambda x, t, c: guided_eps(net.forward, x, t, c, w, null), "unlearn.esd_cuda_graph", watch=net)
         return self.graphed
 
     def loss(self, model: torch.nn.Module, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:

@@ -75,9 +75,11 @@ class ESD(SDMethod):
             net = getattr(model, "module", model)  # the UNet itself: a DDP wrapper's forward could synchronise
             keys = list(self.ctx.uncond.added)  # the family's extra inputs (SDXL's), passed as tensors
             # forward, not __call__: the eager UNet even when train.compile has compiled __call__
-            self.graphed = GraphedCall(
-                lambda x, t, hidden, *added: eps(net.forward, x, t, Conditioning(hidden, dict(zip(keys, added)))), "esd.cuda_graph"
-            )
+
+            def call(x: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor, *added: torch.Tensor) -> torch.Tensor:
+                return eps(net.forward, x, t, Conditioning(hidden, dict(zip(keys, added))))
+
+            self.graphed = GraphedCall(call, "esd.cuda_graph", watch=net)
         return lambda x, t, emb: self.graphed(x, t, emb.hidden, *emb.added.values())
 
     @torch.no_grad()
