@@ -16,11 +16,12 @@ trains with a plain torch loop (torchvision's crop and flip on each image, ``Lam
 same recipe written independently of erasure, as a check of our training pipeline.
 The full 45k-image table cannot be repeated on exact pixels here (only 5,085 are known).
 
-``--score CONFIG MODEL`` scores a model trained by a full run (its config builds the network)
-on the 1,017 test images in both forms: how much of its test accuracy the JPEG copy of the
-test set costs. The folder then needs only the test images of ``cifar10_exact_subset.npz``.
+``--score CONFIG MODEL`` scores a model trained by a full run on the 1,017 test images in
+both forms: how much of its test accuracy the JPEG copy of the test set costs. CONFIG builds
+the network (the run's own ``config.yaml`` beside the model will do); the folder then needs
+only the test images of ``cifar10_exact_subset.npz``.
 
-    python benchmarks/classification_jpeg.py FOLDER --score configs/classification/cifar10_random10_fast.yaml \
+    python benchmarks/classification_jpeg.py FOLDER --score runs/classification/cifar10_random10_fast/original/config.yaml \
         runs/classification/cifar10_random10_fast/original/model.safetensors --label h100-fast
 """
 
@@ -205,6 +206,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workdir", default="runs/jpeg-cost")
     parser.add_argument("--label", default=None, help="results/classification_jpeg_{label}.json (default: no file)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the JSON file (default: benchmarks/results)")
     args = parser.parse_args()
 
     pairs = load_pairs(args.folder)
@@ -225,8 +227,8 @@ def main() -> None:
         keys = ("width", "epochs", "batch_size", "lr", "seeds", "reference_loop")
         result |= {"label": args.label, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         result |= {"machine": machine(("torch", "torchvision")), "settings": {k: getattr(args, k) for k in keys}}
-        write_json(RESULTS / f"classification_jpeg_{args.label}.json", result)
-        print(f"wrote {RESULTS / f'classification_jpeg_{args.label}.json'}")
+        write_json(args.out / f"classification_jpeg_{args.label}.json", result)
+        print(f"wrote {args.out / f'classification_jpeg_{args.label}.json'}")
 
 
 if __name__ == "__main__":

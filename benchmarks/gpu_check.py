@@ -12,8 +12,8 @@ Runs, each part in its own process with its own time limit, and writes one JSON 
 4. ``sd-tiny``    - tiny random SD and SDXL pipelines on CUDA: SalUn (and SDXL ESD-x) erases, generation, a NudeNet
                     audit and an adversarial-prompt attack
 5. ``classification`` - ``erasure unlearn-classifier`` on its embedded default
-6. ``sd-step``    - the SD v1.4 SalUn step at batch 8 / 512 px: fp32 eager (the reference regime),
-                    bf16 eager and bf16 compiled, in the same run (``benchmarks/sd_training.py``)
+6. ``sd-step``    - the SD v1.4 SalUn step at batch 8 / 512 px: fp32 eager (the reference regime) and
+                    bf16 eager, then with ``--compile`` bf16 compiled (``benchmarks/sd_training.py``)
 7. ``esd-step``   - the SD v1.4 ESD-x step at batch 1 (the reference's), trajectory included: fp32 and bf16 eager,
                     and both with the trajectory through CUDA graphs (``esd.cuda_graph``)
 8. ``generation`` - SD v1.4 images/s at 512 px through the audit engine (``benchmarks/generation_throughput.py``)
@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument(
         "--cifar10",
         type=Path,
-        help="CIFAR-10 .npz (e.g. .gpu-data/cifar10_full_jpeg_q75.npz): also run the fast-recipe table (retrain, rl, salun; ~5 min)",
+        help="CIFAR-10 .npz (.gpu-data/cifar10/cifar10_full_jpeg_q75.npz): also run the fast-recipe table (retrain, rl, salun; ~5 min)",
     )
     args = parser.parse_args()
 
@@ -143,11 +143,15 @@ def main() -> None:
     }
     if args.tokenizer:
         compile_flags = ["--compile", "off", "on"] if args.compile else ["--compile", "off"]
-        parts["sd-step"] = [[
-            py, "benchmarks/sd_training.py", "--tokenizer", str(args.tokenizer), "--label", "gpu-check", "--phases", "salun",
-            "--batch-sizes", "8", "--precisions", "no", "bf16", "--checkpointing", "off", *compile_flags,
-            "--warmup-steps", "2", "--measure-steps", "5",
-        ]]
+        def sd_step(label: str, precisions: list[str], compiled: str) -> list[str]:
+            return [
+                py, "benchmarks/sd_training.py", "--tokenizer", str(args.tokenizer), "--label", label, "--phases", "salun",
+                "--batch-sizes", "8", "--precisions", *precisions, "--checkpointing", "off", "--compile", compiled,
+                "--warmup-steps", "2", "--measure-steps", "5",
+            ]
+        # Compiled in bf16 only, as a run of its own: fp32 compiled would cost another ~2 min of compiling.
+        parts["sd-step"] = [sd_step("gpu-check", ["no", "bf16"], "off")]
+        parts["sd-step"] += [sd_step("gpu-check-compiled", ["bf16"], "on")] if args.compile else []
         # ESD at the reference's batch 1; its step includes the sampled DDIM trajectory (25 of 50 steps on average).
         parts["esd-step"] = [[
             py, "benchmarks/sd_training.py", "--tokenizer", str(args.tokenizer), "--label", "gpu-check-esd", "--phases", "esd-x",
@@ -253,7 +257,7 @@ def test_failures(log: str, chars: int = 1500) -> dict[str, str]:
 
 # The result files each part writes into benchmarks/results, by its labels.
 RESULT_FILES = {
-    "sd-step": ["sd_training_gpu-check.json"],
+    "sd-step": ["sd_training_gpu-check.json", "sd_training_gpu-check-compiled.json"],
     "esd-step": ["sd_training_gpu-check-esd.json"],
     "generation": [
         "generation_throughput_gpu-check.json",
@@ -284,8 +288,9 @@ def figures(name: str, work: Path, since: float) -> dict:
         results = {path.name: json.loads(path.read_text()) for path in fresh(name, since) if path.suffix == ".json"}
         if name == "cifar10-fast":
             return {"table": r["table"], "total_seconds": r["total_seconds"]} if (r := next(iter(results.values()), None)) else {}
-        if name in ("sd-step", "esd-step"):
-            return {"rows": r["results"]} if (r := next(iter(results.values()), None)) else {}
+        if name in ("sd-step", "esd-step"):  # eager, then compiled
+            rows = [row for file in RESULT_FILES[name] if file in results for row in results[file]["results"]]
+            return {"rows": rows} if rows else {}
         if name == "generation":  # eager at batch 8, at batch 32, and compiled
             keys = dict(zip(RESULT_FILES["generation"], ("eager", "eager_batch32", "compiled")))
             return {keys[file]: r["measured"] for file, r in results.items()}

@@ -1,51 +1,45 @@
 #!/bin/sh
 # One 15-minute `device` session, as two calls on the same warm machine. A call carries at most
-# 64 MiB, so CIFAR-10 (54 MB) and the NudeNet wheel (11 MB) travel in different calls.
+# 64 MiB, so CIFAR-10 (.gpu-data/cifar10, 57 MiB) and the wheels (.whl, 17 MiB) travel in
+# different calls; the classification path needs none of the wheels.
 # Prepare here with `sh benchmarks/gpu_wheels.sh cifar10`, then:
-#   call 1: sh benchmarks/gpu_session.sh table [recipe|random10] [LABEL]   carry .whl-lite, .gpu-data/cifar10_full_jpeg_q75.npz (~8 min)
-#   call 2: sh benchmarks/gpu_session.sh speed [LABEL]                     carry .whl, .gpu-data/clip_tokenizer (~4 min)
+#   call 1: sh benchmarks/gpu_session.sh table [recipe|random10|others] [LABEL [key=value ...]]   carry .gpu-data/cifar10 (~5-8 min)
+#   call 2: sh benchmarks/gpu_session.sh speed [LABEL]                           carry .whl, .gpu-data/clip_tokenizer (~6 min)
 # Issue call 2 at once: the machine is given back after 30 s idle.
-# `table`: CIFAR-10 work in the foreground and the CUDA test suite beside it (a table's
-# accuracies do not depend on what else shares the GPU; its times do, and are not reported
-# as timings). `recipe` (the default) trains the original model with the reference recipe
-# (182 epochs) and the fast recipe at batch 256: can the JPEG copy reach 94% at all?
-# `random10`: the random-10% table with Retrain, RL, and SalUn through its lr x mask-mode
-# sweep. The tests that need NudeNet fail in this call, for want of its wheel; `speed` runs them last.
-# `speed`: the SD v1.4 SalUn step in fp32 and bf16 eager, then bf16 compiled (~2 min of
-# compiling), alone on the GPU; then the NudeNet tests.
+# `table recipe` (the default): the original model with the reference recipe (182 epochs),
+# each original model then scored on the exact-pixel test images against their JPEG copies
+# (benchmarks/classification_jpeg.py --score). `random10`, `others`: gpu_tables.sh's tables.
+# `speed`: gpu_check.py with the test suite on CUDA (alone), then the SD v1.4 SalUn step in fp32
+# and bf16 eager and bf16 compiled (~2 min of compiling); its summary keeps each failed test's traceback.
 # Everything lands in $OUT (the folder the device returns), at most 8 files.
 PART=${1:?table or speed}
 if [ "$PART" = table ]; then TABLE=${2:-recipe}; LABEL=${3:-h100}; else LABEL=${2:-h100}; fi
-case $PART:${TABLE:-} in  # gpu_tables.sh's arguments: part, label, overrides
-table:recipe) set -- "$LABEL" ;;
-table:random10) set -- "$LABEL-fast" "unlearn.methods=[retrain,rl]" ;;
-speed:) ;;
-*) echo "unknown part '$*': table [recipe|random10] [LABEL], or speed [LABEL]" >&2; exit 2 ;;
+if [ $# -gt 3 ]; then shift 3; else set --; fi  # the rest: overrides for every table (the tests run it tiny this way)
+case $PART:${TABLE:-} in
+table:recipe|table:random10|table:others|speed:) ;;
+*) echo "unknown part '$*': table [recipe|random10|others] [LABEL], or speed [LABEL]" >&2; exit 2 ;;
 esac
 : "${OUT:?set OUT to the folder the results go to (the device sets it)}"
 cd "$(dirname "$0")/.."
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+DATA_DIR=${DATA_DIR:-.gpu-data/cifar10}  # cifar10_full_jpeg_q75.npz and the exact test images (gpu_wheels.sh cifar10)
 case $PART in
 table)
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl-lite/*.whl || exit 1
-    export PYTHONPATH=/tmp/site:$PWD
-    (timeout 480 python3 -m pytest -q -p no:cacheprovider -m "not slow" -W ignore >"$OUT/tests_cuda.log" 2>&1
-     echo "pytest exit $?" >>"$OUT/tests_cuda.log") &
-    timeout 540 sh benchmarks/gpu_tables.sh "$TABLE" "$@" >"$OUT/table.log" 2>&1
+    RUNS=${RUNS:-runs/classification}
+    CIFAR10=$DATA_DIR/cifar10_full_jpeg_q75.npz timeout 520 sh benchmarks/gpu_tables.sh "$TABLE" "$LABEL" "$@" >"$OUT/table.log" 2>&1
     echo "table exit $?"
-    wait
-    grep -E "^(FAILED|ERROR)|passed|failed|pytest exit" "$OUT/tests_cuda.log" | tail -40
-    grep -vE "it/s|s/it" "$OUT/table.log" | tail -30
+    grep -vE "it/s|s/it" "$OUT/table.log" | tail -20
+    if [ "$TABLE" = recipe ]; then
+        for run in reference fast-b256; do
+            original=$RUNS/recipe-$run/original  # the run's own config.yaml builds its network
+            [ -f "$original/model.safetensors" ] || continue
+            ${PYTHON:-python3} benchmarks/classification_jpeg.py "$DATA_DIR" --score "$original/config.yaml" "$original/model.safetensors" \
+                --label "$LABEL-$run-score" --out "$OUT" | tail -2
+        done
+    fi
     ;;
 speed)
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site2 .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site2:$PWD
-    step="python3 benchmarks/sd_training.py --tokenizer .gpu-data/clip_tokenizer --phases salun --batch-sizes 8 --checkpointing off"
-    $step --label "$LABEL-eager" --precisions no bf16 --compile off --warmup-steps 2 --measure-steps 5 | grep -v "^flops"
-    timeout 300 $step --label "$LABEL-compiled" --precisions bf16 --compile on --warmup-steps 2 --measure-steps 10 | grep -v "^flops"
-    cp benchmarks/results/sd_training_"$LABEL"-eager.json benchmarks/results/sd_training_"$LABEL"-compiled.json "$OUT/"
-    timeout 120 python3 -m pytest -q -p no:cacheprovider -m "not slow" -W ignore tests/test_audit.py tests/test_security.py \
-        tests/test_card.py tests/test_ringabell.py tests/test_sdxl.py tests/test_docs_commands.py >"$OUT/tests_nudenet.log" 2>&1
-    grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests_nudenet.log" | tail -20
+    timeout 560 ${PYTHON:-python3} benchmarks/gpu_check.py --wheels .whl --tokenizer .gpu-data/clip_tokenizer --budget 540 --compile \
+        --skip demo ddpm-bf16 sd-tiny classification esd-step generation
     ;;
 esac

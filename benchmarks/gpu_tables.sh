@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 PART=${1:-all}
 LABEL=${2:-h100-fast}
 if [ $# -gt 2 ]; then shift 2; else set --; fi
-DATA=${CIFAR10:-.gpu-data/cifar10_full_jpeg_q75.npz}
+DATA=${CIFAR10:-.gpu-data/cifar10/cifar10_full_jpeg_q75.npz}
 RUNS=${RUNS:-runs/classification}
 run() {  # run CONFIG LABEL WORKDIR [args...]: one benchmarks/classification.py table
     config=$1; label=$2; workdir=$3; shift 3

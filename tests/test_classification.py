@@ -291,3 +291,45 @@ def test_the_classification_path_needs_no_diffusers(tmp_path):
     )
     run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+
+
+def test_gpu_session_recipe_call_scores_each_original_model_on_exact_and_jpeg_test_images(tmp_path):
+    """benchmarks/gpu_session.sh's `table recipe` call, run tiny on the CPU: the device call it prepares must not fail."""
+    import io
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "cifar10"
+    data.mkdir()
+    packed = {}
+    for split, n in (("train", 200), ("test", 40)):
+        images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        files = []
+        for image in images:
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, "JPEG", quality=75)
+            files.append(np.frombuffer(buffer.getvalue(), np.uint8))
+        packed |= {f"{split}_jpeg": np.concatenate(files), f"{split}_offsets": np.cumsum([0, *map(len, files)])}
+        packed[f"{split}_labels"] = np.arange(n) % 10
+        if split == "test":  # the exact-pixel copy of some test images, as cifar10_exact_subset.npz holds them
+            keep = np.arange(0, n, 2)
+            exact = {"images": images[keep], "labels": (np.arange(n) % 10)[keep], "split": np.array(["test"] * len(keep))}
+            exact |= {"index_in_split": keep, "source_batch": np.zeros(len(keep), np.int64)}
+    np.savez(data / "cifar10_full_jpeg_q75.npz", **packed, class_names=np.array([str(i) for i in range(10)]))
+    np.savez(data / "cifar10_exact_subset.npz", **exact, class_names=np.array([str(i) for i in range(10)]))
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    out.mkdir()
+    tiny = ["split.val_size=20", "model.width=4", "train.epochs=1", "train.warmup_epochs=0", "train.milestones=[]"]
+    tiny += ["train.batch_size=64", "eval_batch_size=64", f"device={DEVICE}"]
+    env = {**os.environ, "PYTHON": sys.executable, "DATA_DIR": str(data), "OUT": str(out), "RUNS": str(runs), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(["sh", "benchmarks/gpu_session.sh", "table", "recipe", "tiny", *tiny], env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and "table exit 0" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+    for run in ("reference", "fast-b256"):
+        scored = json.loads((out / f"classification_jpeg_tiny-{run}-score.json").read_text())["scored"]
+        assert scored["images"] == 20 and 0 <= scored["test_exact"] <= 100 and 0 <= scored["test_jpeg"] <= 100
+        assert scored["model"] == str(runs / f"recipe-{run}" / "original" / "model.safetensors")

@@ -364,3 +364,40 @@ def test_gpu_check_keeps_what_each_failed_test_said(tmp_path):
     assert list(failures) == ["test_sample.py::test_bad", "test_sample.py::test_param[0.5]"]
     assert "one is not two" in failures["test_sample.py::test_bad"] and "noise" not in failures["test_sample.py::test_bad"]
     assert "ValueError: boom 0.5" in failures["test_sample.py::test_param[0.5]"]
+
+
+def test_gpu_check_compiles_the_sd_step_in_bf16_only_and_reports_both_runs(tmp_path, monkeypatch):
+    """--compile adds a bf16 compiled SD step as a run of its own (an fp32 compile would cost ~2 more minutes)."""
+    import importlib.util
+    import time
+
+    spec = importlib.util.spec_from_file_location("gpu_check", "benchmarks/gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    commands: dict[str, list[list[str]]] = {}
+
+    def fake_run(cmd, env, timeout, log):  # records each part's commands instead of running them
+        commands.setdefault(log.name.rsplit("-", 1)[0], []).append(cmd)
+        return True, 0.1, ""
+
+    monkeypatch.setattr(gpu_check, "run", fake_run)
+    skip = ["tests", "demo", "ddpm-bf16", "sd-tiny", "classification", "esd-step", "generation"]
+    argv = ["gpu_check.py", "--out", str(tmp_path / "s.json"), "--tokenizer", str(tmp_path), "--compile", "--skip", *skip]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit):
+        gpu_check.main()
+    eager, compiled = commands["sd-step"]
+
+    def after(cmd: list[str], flag: str) -> list[str]:
+        return cmd[cmd.index(flag) + 1 : cmd.index(flag) + 3]
+
+    assert after(eager, "--precisions") == ["no", "bf16"] and after(eager, "--compile")[0] == "off"
+    assert after(compiled, "--precisions")[0] == "bf16" and after(compiled, "--precisions")[1].startswith("--")
+    assert after(compiled, "--compile")[0] == "on" and after(compiled, "--label")[0] == "gpu-check-compiled"
+
+    gpu_check.RESULTS = results = tmp_path / "results"
+    results.mkdir()
+    since = time.time()
+    (results / "sd_training_gpu-check.json").write_text('{"results": [{"compiled": false}]}')
+    (results / "sd_training_gpu-check-compiled.json").write_text('{"results": [{"compiled": true}]}')
+    assert gpu_check.figures("sd-step", tmp_path, since) == {"rows": [{"compiled": False}, {"compiled": True}]}
