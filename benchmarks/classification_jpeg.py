@@ -60,6 +60,11 @@ def load_pairs(folder: Path) -> dict[str, dict[str, np.ndarray]]:
     return pairs
 
 
+def as_batch(images: np.ndarray) -> torch.Tensor:
+    """HWC uint8 images -> an NCHW uint8 tensor, the layout erasure's models take."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+
+
 def pixel_error(pairs: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, float]]:
     out = {}
     for split, p in pairs.items():
@@ -123,9 +128,6 @@ def train_and_score(pairs, args: argparse.Namespace) -> list[dict[str, object]]:
     accelerator = make_accelerator(args.device, "auto")
     dev = accelerator.device
 
-    def tensors(split: str, kind: str) -> torch.Tensor:
-        return torch.from_numpy(pairs[split][kind]).permute(0, 3, 1, 2).contiguous()
-
     y_train, y_test = torch.from_numpy(pairs["train"]["labels"]), torch.from_numpy(pairs["test"]["labels"])
     loops = ["erasure", "reference"] if args.reference_loop else ["erasure"]
     rows = []
@@ -137,14 +139,14 @@ def train_and_score(pairs, args: argparse.Namespace) -> list[dict[str, object]]:
             for trained_on in ("exact", "jpeg"):
                 start = time.time()
                 model = build_model(config, 3, 10, seed).to(dev)
-                x = tensors("train", trained_on)
+                x = as_batch(pairs["train"][trained_on])
                 if loop == "erasure":
                     folder = Path(args.workdir) / f"{trained_on}-seed{seed}"
                     model = fit(model, x.to(dev), y_train.to(dev), recipe, folder, accelerator, "jpeg-cost", desc=f"{trained_on} s{seed}")
                 else:
                     model = reference_loop(model.cpu(), x, y_train, recipe).to(dev)
                 acc = {
-                    kind: predict(model, tensors("test", kind).to(dev), y_test.to(dev), 512, accelerator).accuracy
+                    kind: predict(model, as_batch(pairs["test"][kind]).to(dev), y_test.to(dev), 512, accelerator).accuracy
                     for kind in ("exact", "jpeg")
                 }
                 row = {"loop": loop, "seed": seed, "trained_on": trained_on, "test_exact": round(acc["exact"], 2)}
@@ -169,7 +171,7 @@ def score(pairs, config_path: Path, model_path: Path, device: str) -> dict[str, 
     labels = torch.from_numpy(pairs["test"]["labels"]).to(dev)
     row: dict[str, object] = {"config": str(config_path), "model": str(model_path), "images": len(labels)}
     for kind in ("exact", "jpeg"):
-        images = torch.from_numpy(pairs["test"][kind]).permute(0, 3, 1, 2).contiguous().to(dev)
+        images = as_batch(pairs["test"][kind]).to(dev)
         row[f"test_{kind}"] = round(predict(model, images, labels, 512, accelerator).accuracy, 2)
     row["jpeg_cost"] = round(row["test_exact"] - row["test_jpeg"], 2)
     print(row, flush=True)

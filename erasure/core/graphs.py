@@ -45,7 +45,7 @@ class GraphedCall:
             return self.fn(*inputs)
         autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
         key = (autocast, *((tuple(x.shape), x.dtype, x.device) for x in inputs))
-        storage = [t.data_ptr() for t in self.watched]  # ~1 us per hundred tensors, against a call's milliseconds
+        storage = [t.data_ptr() for t in self.watched]  # ~45 us for 700 tensors on a CPU core, against a call's milliseconds
         if storage != self.storage:
             self.graphs.clear()  # they read the old storage, which may be freed and reused by now
             self.storage = storage
