@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 import platform
 from importlib.metadata import version
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
 
 # Stable Diffusion v1.4's published component configs (CompVis/stable-diffusion-v1-4, unet/vae/text_encoder).
 UNET_CONFIG = {
@@ -97,7 +101,7 @@ SCHEDULER_CONFIG = {
 }
 
 
-def sd14(tokenizer_folder: str, dtype: torch.dtype):
+def sd14(tokenizer_folder: str, dtype: torch.dtype) -> StableDiffusionPipeline:
     """SD v1.4's architecture with random weights and the real tokenizer (nothing downloaded)."""
     # Imported here: the classification benchmarks use this module on machines without diffusers.
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel

@@ -2,6 +2,7 @@
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -285,11 +286,14 @@ def test_the_classification_path_needs_no_diffusers(tmp_path):
         "sys.meta_path.insert(0, Block())\n"
         "import torch\n"
         "from erasure.classification import cli, pipeline\n"
+        "sys.path.insert(0, 'benchmarks')\n"
+        "import common  # the benchmarks' machine() record, used by classification_jpeg.py --label\n"
         "from erasure.core.loop import LoopSettings, make_accelerator, train\n"
         "step = lambda model, g, s: (model(torch.ones(4, 2)).pow(2).mean(), {})\n"
         "train(torch.nn.Linear(2, 1), step, LoopSettings(steps=2, lr=0.1), sys.argv[1], make_accelerator('cpu'))\n"
     )
-    run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=root, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
 
 
