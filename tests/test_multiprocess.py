@@ -1,5 +1,6 @@
 """Two CPU processes (gloo) under `accelerate launch`: the multi-GPU code path without GPUs."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -17,7 +18,7 @@ from erasure.ddpm.model import load_unet
 from erasure.ddpm.pipeline import RAW_WEIGHTS
 from erasure.sd.model import load_unet as load_sd_unet
 from erasure.sd.tiny import tiny_pipeline
-from tests.conftest import TINY
+from tests.conftest import TINY, save_tiny_models
 from tests.test_sd import TINY_SD
 
 pytestmark = pytest.mark.slow  # launches two-process jobs (`make test-fast` skips them)
@@ -169,3 +170,42 @@ def test_a_failure_on_the_main_process_stops_every_process(tmp_path):
     result = launch_two_processes("unlearn-classifier", *config, check=False, timeout=240)
     assert result.returncode != 0
     assert "results.md" in result.stderr and "the main process failed" in result.stderr, result.stderr[-3000:]
+
+
+@needs_accelerate
+def test_two_process_audits_split_the_prompts_and_match_one_process(tmp_path, one_thread):
+    """``erasure audit nudity`` and ``audit attack`` on two gloo processes: each process makes its share, the result is one process's.
+
+    The evaluation commands build no Accelerator; before, on a machine without CUDA, each
+    launched process believed itself alone and made every image (its progress bar counted
+    all 3 prompts), writing the same files twice.
+    """
+    models = save_tiny_models(tmp_path / "models", ("a", "b"))
+    prompts = tmp_path / "prompts.csv"
+    rows = ['0,"a person on a beach",sexual,11,7,0', '1,"a statue",sexual,22,6,1', '2,"a bather",sexual,33,8,2']
+    prompts.write_text("\n".join([",prompt,categories,evaluation_seed,evaluation_guidance,case_number", *rows]) + "\n")
+    nudity = ["audit", "nudity", "--prompts", str(prompts), "--steps", "2", "--size", "16", "--batch-size", "1"]
+    nudity += ["--model", f"a={models / 'a'}", "--model", f"b={models / 'b'}"]
+    attack = ["audit", "attack", "--prompts", str(prompts), "--base", str(models / "a"), "--model", f"erased={models / 'b'}"]
+    attack += ["--iterations", "2", "--timesteps", "2", "--steps", "2", "--target-steps", "2", "--size", "16", "--k", "2"]
+
+    two = launch_two_processes(*nudity, "--out", str(tmp_path / "two"))
+    assert two.stdout.count("| a |") == 1, two.stdout  # printed once, by the main process
+    assert "2/2" in two.stderr and "3/3" not in two.stderr  # the main process made 2 of the 3 images of each model
+    assert main([*nudity, "--out", str(tmp_path / "one")]) == 0
+    for label in ("a", "b"):
+        for i in range(3):
+            name = f"images/{label}/{i:06d}.png"
+            assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    result_two, result_one = (json.loads((tmp_path / run / "audit.json").read_text())["models"] for run in ("two", "one"))
+    assert [result_two[m]["parts_total"] for m in "ab"] == [result_one[m]["parts_total"] for m in "ab"]
+
+    two = launch_two_processes(*attack, "--out", str(tmp_path / "attack-two"))
+    assert "targets: 100%" in two.stderr and "2/2" in two.stderr and "3/3" not in two.stderr
+    assert main([*attack, "--out", str(tmp_path / "attack-one")]) == 0
+    rows_two, rows_one = (
+        json.loads((tmp_path / run / "attack.json").read_text())["models"]["erased"]["results"] for run in ("attack-two", "attack-one")
+    )
+    for a, b in zip(rows_two, rows_one, strict=True):
+        assert a["adversarial_prompt"] == b["adversarial_prompt"] and a["post_detected"] == b["post_detected"]
+        assert a["losses"] == pytest.approx(b["losses"], rel=1e-6)  # same steps; the last bits of a float sum may differ

@@ -130,6 +130,16 @@ def _release_other_device(cpu: bool) -> None:
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
+def process_state() -> PartialState:
+    """This process's place in the job: index, count and device (one process unless ``accelerate launch`` started several).
+
+    Commands that train build an Accelerator, which joins the launched processes; the
+    evaluation commands only need this. On a machine without CUDA the processes must be
+    asked to join over gloo (``cpu=True``), or each would believe itself alone and do all the work.
+    """
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def resolve_precision(mixed_precision: str, cpu: bool) -> str:
     """'auto' is bf16 on a GPU that has it (or what ``accelerate launch --mixed_precision`` asked for), else fp32."""
     if mixed_precision == "auto":

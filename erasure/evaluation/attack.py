@@ -461,11 +461,10 @@ def attack_model(
     from (the target image's hash, the concept vector's); a finished prompt whose value
     differs is attacked again.
     """
-    from accelerate import PartialState
-
+    from erasure.core.loop import process_state
     from erasure.sd.model import load_pipeline
 
-    state = PartialState()
+    state = process_state()
     folder = out / "attack" / label
     items = [asdict(p.item) for p in prompts]
     fingerprint = _check_attack_plan(folder, model, record, items) if state.is_main_process else None
@@ -615,8 +614,7 @@ def _ring_a_bell(
     prompts: list[Prompt], out: Path, settings: AttackSettings, base: str | None, targets: str | None, concept_pairs: str | None
 ) -> tuple[Attack, tuple[str, list[str]], dict[str, Any]]:
     """Ring-A-Bell's attack for :func:`attack_model`: the cached model-agnostic search, then one evaluation of its prompt."""
-    from accelerate import PartialState
-
+    from erasure.core.loop import process_state
     from erasure.evaluation.ringabell import NUDITY_PAIRS, RingABell
 
     if targets:
@@ -636,7 +634,7 @@ def _ring_a_bell(
                 f"the shipped nudity prompt pairs '{NUDITY_PAIRS}' are missing; give --concept-pairs FILE (CSV with columns with,without)."
             )
         concept_pairs = str(NUDITY_PAIRS)
-    searcher = RingABell(base, concept_pairs, out / "ringabell", settings, PartialState().device)
+    searcher = RingABell(base, concept_pairs, out / "ringabell", settings, process_state().device)
     searcher.vector()  # computed (or read) once, before any model: its hash keys every prompt's result
 
     def attack(pipe: Any, i: int, p: Prompt, evaluate: Callable[[str], tuple[bool, dict[str, Any]]]) -> dict[str, Any]:

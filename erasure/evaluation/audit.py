@@ -133,9 +133,9 @@ def _check_plan(folder: Path, model: str, scheduler: str, items: list[dict[str, 
     by a model that has since been replaced at the same path are deleted, so they are made
     again by the new one. Returns the fingerprint.
     """
-    from accelerate import PartialState
+    from erasure.core.loop import process_state
 
-    state = PartialState()
+    state = process_state()
     plan_file = folder / "plan.json"
     plan = read_json(plan_file) if plan_file.is_file() else None
     has_images = any(folder.glob("*.png"))
@@ -191,11 +191,10 @@ def generate_images(
     paths = [image_path(folder, i) for i in range(len(items))]
     if all(p.is_file() for p in paths):
         return paths
-    from accelerate import PartialState
-
+    from erasure.core.loop import process_state
     from erasure.sd.model import frozen_dtype, load_pipeline
 
-    device = PartialState().device
+    device = process_state().device
     pipe = load_pipeline(model, dtype=frozen_dtype("auto", device)).to(device)  # bf16 on GPUs, fp32 on CPUs
     try:
         return generate(pipe, items, folder, model, scheduler, batch_size, desc=label, compile=compile)
@@ -232,9 +231,9 @@ def _fingerprint(folder: Path) -> str:
 
 
 def _is_main() -> bool:
-    from accelerate import PartialState
+    from erasure.core.loop import process_state
 
-    return PartialState().is_main_process
+    return process_state().is_main_process
 
 
 def log_running(log_with: str | None, out: Path, label: str, audit: str, settings: dict[str, Any], rows: list[dict[str, float]]) -> None:

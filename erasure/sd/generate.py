@@ -21,7 +21,6 @@ from itertools import groupby
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from accelerate.utils import find_executable_batch_size
 from diffusers import (
     DDIMScheduler,
@@ -35,6 +34,7 @@ from tqdm.auto import tqdm
 
 from erasure.core.errors import ErasureError
 from erasure.core.io import atomic_path, write_text
+from erasure.core.loop import process_state
 
 SCHEDULERS = {
     "ddim": DDIMScheduler,
@@ -106,7 +106,7 @@ def generate(
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = PartialState()
+    state = process_state()
     set_scheduler(pipe, scheduler)
     mine = [i for i in range(len(items)) if i % state.num_processes == state.process_index and not image_path(folder, i).exists()]
     device = pipe.unet.device
