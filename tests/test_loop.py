@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from erasure.core.errors import ErasureError
-from erasure.core.loop import LoopSettings, make_accelerator, train
+from erasure.core.loop import LoopSettings, make_accelerator, on_cpu, stage_precision, train
 from erasure.core.saliency import Mask
 from tests.conftest import DEVICE
 
@@ -217,3 +217,20 @@ def test_graphed_call_captures_again_when_a_watched_weight_gets_new_storage():
         torch.full((16 * 16,), float("nan"), device="cuda")  # ...and may be handed out again
         torch.testing.assert_close(call(x), layer(x))
     assert len(call.graphs) == 1 and next(iter(call.graphs.values()))[1] is not first
+
+
+def test_accelerates_cpu_flag_puts_every_stage_and_evaluation_on_the_cpu(monkeypatch):
+    """``ACCELERATE_USE_CPU`` makes accelerate's Accelerator run on the CPU even where CUDA exists;
+    the precision a stage resolves (and fingerprints) and the evaluation commands' device follow it."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    config = SimpleNamespace(mixed_precision="auto", device="auto")
+    assert not on_cpu() and on_cpu("cpu") and not on_cpu("cuda:1")
+    assert stage_precision(config) == "bf16"
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    assert on_cpu() and on_cpu("cuda")
+    assert stage_precision(config) == "no"  # as the Accelerator, forced onto the CPU, will train

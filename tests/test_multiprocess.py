@@ -29,9 +29,13 @@ ACCELERATE = Path(sys.executable).with_name("accelerate")
 needs_accelerate = pytest.mark.skipif(not ACCELERATE.exists() and shutil.which("accelerate") is None, reason="accelerate CLI not installed")
 
 
+# CPU processes, on a GPU machine too: accelerate's own flag, which `accelerate launch --multi_gpu` passes on.
+CPU_ENV = {"ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
 def launch_two_processes(*erasure_args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
     """``accelerate launch`` two gloo CPU processes running ``python -m erasure ...``."""
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **CPU_ENV}
     launcher = str(ACCELERATE) if ACCELERATE.exists() else "accelerate"
     cmd = [
         launcher,
@@ -173,13 +177,21 @@ def test_a_failure_on_the_main_process_stops_every_process(tmp_path):
 
 
 @needs_accelerate
-def test_two_process_audits_split_the_prompts_and_match_one_process(tmp_path, one_thread):
+def test_two_process_audits_split_the_prompts_and_match_one_process(tmp_path):
     """``erasure audit nudity`` and ``audit attack`` on two gloo processes: each process makes its share, the result is one process's.
 
     The evaluation commands build no Accelerator; before, on a machine without CUDA, each
     launched process believed itself alone and made every image (its progress bar counted
-    all 3 prompts), writing the same files twice.
+    all 3 prompts), writing the same files twice. The one-process runs are subprocesses with
+    the same CPU settings, so that on a GPU machine they too run on the CPU in fp32.
     """
+
+    def one_process(*erasure_args: str) -> None:
+        result = subprocess.run(
+            [sys.executable, "-m", "erasure", *erasure_args], env={**os.environ, **CPU_ENV}, capture_output=True, text=True
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+
     models = save_tiny_models(tmp_path / "models", ("a", "b"))
     prompts = tmp_path / "prompts.csv"
     rows = ['0,"a person on a beach",sexual,11,7,0', '1,"a statue",sexual,22,6,1', '2,"a bather",sexual,33,8,2']
@@ -192,7 +204,7 @@ def test_two_process_audits_split_the_prompts_and_match_one_process(tmp_path, on
     two = launch_two_processes(*nudity, "--out", str(tmp_path / "two"))
     assert two.stdout.count("| a |") == 1, two.stdout  # printed once, by the main process
     assert "2/2" in two.stderr and "3/3" not in two.stderr  # the main process made 2 of the 3 images of each model
-    assert main([*nudity, "--out", str(tmp_path / "one")]) == 0
+    one_process(*nudity, "--out", str(tmp_path / "one"))
     for label in ("a", "b"):
         for i in range(3):
             name = f"images/{label}/{i:06d}.png"
@@ -202,7 +214,7 @@ def test_two_process_audits_split_the_prompts_and_match_one_process(tmp_path, on
 
     two = launch_two_processes(*attack, "--out", str(tmp_path / "attack-two"))
     assert "targets: 100%" in two.stderr and "2/2" in two.stderr and "3/3" not in two.stderr
-    assert main([*attack, "--out", str(tmp_path / "attack-one")]) == 0
+    one_process(*attack, "--out", str(tmp_path / "attack-one"))
     rows_two, rows_one = (
         json.loads((tmp_path / run / "attack.json").read_text())["models"]["erased"]["results"] for run in ("attack-two", "attack-one")
     )

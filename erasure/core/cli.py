@@ -44,9 +44,9 @@ def load(args: argparse.Namespace) -> Any:
             overrides.append(f"{key}={value}")
     config = load_config(args.config, overrides, schema=args.config_schema)
     if getattr(config, "gpu_recipe", False) and config.device in ("auto", "cpu"):
-        import torch  # only now: a bad config has already failed without it
+        from erasure.core.loop import on_cpu  # only now: a bad config has already failed without torch
 
-        if config.device == "cpu" or not torch.cuda.is_available():
+        if on_cpu(config.device):
             print(
                 f"warning: '{args.config}' is a GPU recipe and this run is on the CPU, where it takes far longer "
                 "(hours to days); reduce it with overrides, or run it on a GPU.",

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import parse_flag_from_env
 from tqdm.auto import tqdm
 
 from erasure.core.errors import ErasureError
@@ -130,14 +131,25 @@ def _release_other_device(cpu: bool) -> None:
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
+def on_cpu(device: str = "auto") -> bool:
+    """Whether a run with ``device`` (auto, cpu, cuda[:N]) runs on the CPU.
+
+    Yes for ``cpu``, on a machine without CUDA, and where accelerate's own flag
+    ``ACCELERATE_USE_CPU`` is set (``ACCELERATE_USE_CPU=true accelerate launch --multi_gpu ...``
+    runs CPU processes over gloo even on a GPU machine): the Accelerator obeys that flag, so
+    the precision and the evaluation commands' device must too.
+    """
+    return device == "cpu" or not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")
+
+
 def process_state() -> PartialState:
     """This process's place in the job: index, count and device (one process unless ``accelerate launch`` started several).
 
     Commands that train build an Accelerator, which joins the launched processes; the
-    evaluation commands only need this. On a machine without CUDA the processes must be
-    asked to join over gloo (``cpu=True``), or each would believe itself alone and do all the work.
+    evaluation commands only need this. CPU processes must be asked to join over gloo
+    (``cpu=True``), or each would believe itself alone and do all the work.
     """
-    return PartialState(cpu=not torch.cuda.is_available())
+    return PartialState(cpu=on_cpu())
 
 
 def resolve_precision(mixed_precision: str, cpu: bool) -> str:
@@ -160,7 +172,7 @@ def stage_precision(config: Any) -> str:
     Part of the fingerprints of the stages that train under ``config.mixed_precision``: a bf16
     model is another model than an fp32 one, while "auto" on a CPU is the same run as "no".
     """
-    return resolve_precision(config.mixed_precision, config.device == "cpu" or not torch.cuda.is_available())
+    return resolve_precision(config.mixed_precision, on_cpu(config.device))
 
 
 def make_accelerator(device: str = "auto", mixed_precision: str = "auto", log_with: str | None = "none") -> StageAccelerator:
@@ -168,7 +180,7 @@ def make_accelerator(device: str = "auto", mixed_precision: str = "auto", log_wi
 
     Any number of stages with different precisions may run in one process (see :class:`StageAccelerator`).
     """
-    cpu = device == "cpu" or not torch.cuda.is_available()
+    cpu = on_cpu(device)
     return StageAccelerator(cpu, resolve_precision(mixed_precision, cpu), parse_log_with(log_with))
 
 
