@@ -547,3 +547,47 @@ def test_inputs_are_normalized_per_channel_as_the_reference_model_does():
     torch.testing.assert_close(seen[0], pixels * 2 - 1)  # symmetric: [-1, 1] as given
     digits = load_config(None, ["data.name=digits", "model.width=4"], schema=ClassificationConfig)
     assert not hasattr(build_model(digits, 1, 10, seed=0), "input_scale")  # no reference statistics: [-1, 1]
+
+
+def test_a_salun_classification_step_never_waits_for_the_gpu():
+    """Batch drawing (indices, random labels, crops, flips), forward, backward, SGD with weight decay
+    and the mask's restore: no host synchronisation inside a step (on CUDA, sync debug mode raises at
+    any), so the host queues the next step while the GPU runs this one. On a CPU the steps just run."""
+    from erasure.classification.data import to_input
+    from erasure.classification.methods.rl import uniform_labels
+    from erasure.classification.train import Pass
+    from erasure.core.saliency import Mask, MaskConstraint
+
+    device = torch.device(DEVICE)
+    torch.manual_seed(0)
+    model = resnet18(10, width=4, channel_stats=([0.5] * 3, [0.25] * 3)).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, 10, (64,), device=device)
+    passes = [Pass(images[:32], labels[:32], relabel=uniform_labels(10), name="forget"), Pass(images[32:], labels[32:], name="retain")]
+    schedule = PassSchedule(passes, batch_size=8, seed=0, augment_images=True)
+    mask = Mask.random(model, 0.5)  # the mask SalUn would use, as far as the step's work goes
+    constraint = MaskConstraint(model, mask)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+    def step(i: int) -> torch.Tensor:
+        b = schedule.batch(i, torch.Generator(device).manual_seed(i))
+        loss = F.cross_entropy(model(to_input(b.images)), b.labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        constraint.enforce(optimizer)
+        return loss
+
+    step(0)  # the epoch's permutations move to the device once (a copy that waits); cuDNN picks its kernels
+    step(4)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = [step(i) for i in (1, 2, 5, 6)]  # both passes: relabelled forget batches, then retain ones
+    finally:
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(loss.detach()) for loss in losses)
