@@ -270,3 +270,35 @@ def test_esd_cuda_graph_gives_the_eager_losses_as_the_weights_change(precision):
     # Stale weights would show: drawing x_t with the step-0 weights (esd_trajectory=frozen) moves
     # the third and fourth losses by 1.5% and 9% on this setup; kernel choices inside a graph move them far less.
     assert losses[True] == pytest.approx(losses[False], rel=1e-2 if precision == "bf16" else 1e-3)
+
+
+@pytest.mark.parametrize("name", ["salun", "rl", "ga", "esd"])
+def test_a_ddpm_erasure_step_never_waits_for_the_gpu(name):
+    """No host synchronisation inside a DDPM erasure step (on CUDA, sync debug mode raises at any),
+    as for the SD and classification steps; ESD's trajectory runs through its CUDA graph there. On a CPU the steps just run."""
+    import dataclasses
+
+    from erasure.ddpm.config import ModelConfig
+    from erasure.ddpm.model import build_unet
+    from tests.conftest import DEVICE
+
+    device = torch.device(DEVICE)
+    model = build_unet(ModelConfig(channels=[8, 16], layers_per_block=1, norm_groups=4), (1, 8, 8), 10).to(device)
+    ctx = context(esd_ddim_steps=4)
+    on_device = {k: getattr(ctx, k).to(device) for k in ("forget_images", "retain_images", "retain_labels")}
+    ctx = dataclasses.replace(ctx, config=dataclasses.replace(ctx.config, batch_size=4), **on_device)
+    method = get_method(name)(ctx)
+    method.prepare(model)
+    g = torch.Generator(device).manual_seed(0)
+    method.loss(model, g)[0].backward()  # the first step may initialise things (cuBLAS handles, ESD's graph capture)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):  # ESD's trajectory length varies with the draw
+            loss, _ = method.loss(model, g)
+            loss.backward()
+    finally:
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss.detach()).all()
