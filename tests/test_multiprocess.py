@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -33,26 +34,14 @@ needs_accelerate = pytest.mark.skipif(not ACCELERATE.exists() and shutil.which("
 CPU_ENV = {"ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
+LAUNCH = ["launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
 def launch_two_processes(*erasure_args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
     """``accelerate launch`` two gloo CPU processes running ``python -m erasure ...``."""
     env = {**os.environ, **CPU_ENV}
     launcher = str(ACCELERATE) if ACCELERATE.exists() else "accelerate"
-    cmd = [
-        launcher,
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "erasure",
-        *erasure_args,
-    ]
+    cmd = [launcher, *LAUNCH, "-m", "erasure", *erasure_args]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
@@ -221,3 +210,61 @@ def test_two_process_audits_split_the_prompts_and_match_one_process(tmp_path):
     for a, b in zip(rows_two, rows_one, strict=True):
         assert a["adversarial_prompt"] == b["adversarial_prompt"] and a["post_detected"] == b["post_detected"]
         assert a["losses"] == pytest.approx(b["losses"], rel=1e-6)  # same steps; the last bits of a float sum may differ
+
+
+def _rank_pid(marker: str, rank: int) -> int | None:
+    """The pid of the launched process of ``rank`` whose command line contains ``marker``."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:  # gone, or not ours
+            continue
+        if marker in cmdline and "-m erasure" in cmdline and f"RANK={rank}".encode() in environ:
+            return int(proc.name)
+    return None
+
+
+@needs_accelerate
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the launched processes through /proc")
+def test_two_process_training_stops_together_on_a_signal_and_resumes_exactly(tmp_path):
+    """A SIGTERM to one process of a launched job (what a cluster sends before it kills a job) stops
+    every process at the same step with a checkpoint; the rerun resumes there and ends with the
+    weights of a job that was never interrupted, bit for bit."""
+    import time
+
+    config = ["device=cpu", "model.width=4", "train.epochs=12", "train.batch_size=32", "unlearn.methods=[]"]
+    config += ["split.train_limit=320", "split.test_limit=40"]
+    stopped, straight = tmp_path / "stopped", tmp_path / "straight"
+    launcher = subprocess.Popen(
+        [
+            str(ACCELERATE) if ACCELERATE.exists() else "accelerate",
+            *LAUNCH,
+            "-m",
+            "erasure",
+            "unlearn-classifier",
+            *config,
+            f"workdir={stopped}",
+        ],
+        env={**os.environ, **CPU_ENV},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    log = stopped / "original" / "log.csv"
+    deadline = time.monotonic() + 240
+    while not (log.is_file() and len(log.read_text().splitlines()) >= 3) and launcher.poll() is None:
+        assert time.monotonic() < deadline, "the job logged no training steps"
+        time.sleep(0.1)
+    pid = _rank_pid(str(stopped), 1)
+    assert pid is not None and launcher.poll() is None, "the job ended before it could be interrupted"
+    os.kill(pid, signal.SIGTERM)
+    _, stderr = launcher.communicate(timeout=240)
+    assert launcher.returncode != 0 and "stopped after step" in stderr, stderr[-3000:]
+    state = json.loads((stopped / "original" / "checkpoint" / "state.json").read_text())
+    assert 0 < state["step"] < 120  # 12 epochs of 10 steps
+
+    launch_two_processes("unlearn-classifier", *config, f"workdir={stopped}")  # resumes
+    launch_two_processes("unlearn-classifier", *config, f"workdir={straight}")
+    a, b = (load_tensors(run / "original" / "model.safetensors") for run in (stopped, straight))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

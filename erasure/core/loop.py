@@ -458,11 +458,16 @@ class _StopRequests:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def agreed(self, accelerator: Accelerator) -> bool:
-        """Whether any process was asked to stop; all ranks must stop at the same step."""
+        """Whether any process was asked to stop; all ranks must stop at the same step.
+
+        The processes agree every step over a CPU (gloo) group: a flag on the GPU would have
+        to be read back, making the host wait for the GPU's whole queue once per step.
+        """
         if accelerator.num_processes == 1:
             return self.requested
-        flag = torch.tensor([float(self.requested)], device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+        flag = torch.tensor([float(self.requested)])
+        torch.distributed.all_reduce(flag, group=_host_group())
+        return bool(flag.item() > 0)
 
     def __enter__(self) -> _StopRequests:
         if threading.current_thread() is threading.main_thread():
@@ -473,6 +478,16 @@ class _StopRequests:
     def __exit__(self, *exc: object) -> None:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+
+_HOST_GROUP: list[Any] = []  # the job's CPU process group, made once (every rank makes it at the same point)
+
+
+def _host_group() -> Any:
+    """A gloo group over all of the job's processes, for small host-side agreements beside NCCL's GPU traffic."""
+    if not _HOST_GROUP:
+        _HOST_GROUP.append(torch.distributed.new_group(backend="gloo"))
+    return _HOST_GROUP[0]
 
 
 def _append_log(path: Path, row: dict[str, float]) -> None:
