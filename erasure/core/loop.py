@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import math
 import os
 import signal
@@ -480,14 +481,10 @@ class _StopRequests:
             signal.signal(s, handler)
 
 
-_HOST_GROUP: list[Any] = []  # the job's CPU process group, made once (every rank makes it at the same point)
-
-
+@functools.cache  # made once per process; every rank reaches the first call at the same point
 def _host_group() -> Any:
     """A gloo group over all of the job's processes, for small host-side agreements beside NCCL's GPU traffic."""
-    if not _HOST_GROUP:
-        _HOST_GROUP.append(torch.distributed.new_group(backend="gloo"))
-    return _HOST_GROUP[0]
+    return torch.distributed.new_group(backend="gloo")
 
 
 def _append_log(path: Path, row: dict[str, float]) -> None:
