@@ -1,7 +1,7 @@
 import pytest
 
 from erasure.cli import main
-from erasure.core.config import parse_override, to_yaml
+from erasure.core.config import load_config, parse_override, to_yaml
 from erasure.core.errors import ErasureError
 from erasure.ddpm.config import Config, load
 
@@ -152,3 +152,14 @@ def test_every_ddpm_config_key_is_documented():
 
     missing = [p + k for p, k in keys(Config()) if f"`{k}`" not in table]
     assert not missing, f"undocumented in docs/ddpm.md: {missing}"
+
+
+def test_a_missing_relative_config_names_the_folder_it_was_read_from(tmp_path, monkeypatch):
+    """The shipped SD configs name their concept specs from the repository root.
+
+    Run from elsewhere, the error says where it looked and what to do."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ErasureError, match=f"does not exist in the current folder \\({tmp_path}\\); run from the repository root"):
+        load_config("configs/sd/concepts/nudity.yaml", schema=Config)
+    with pytest.raises(ErasureError, match="missing.yaml' does not exist.$"):
+        load_config(tmp_path / "missing.yaml", schema=Config)  # an absolute path needs no hint

@@ -340,7 +340,10 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     fast config with another forget fraction and workdir).
     """
     if not path.is_file():
-        raise ErasureError(f"config file '{path}' does not exist.")
+        # The shipped configs name each other (concept specs) from the repository root.
+        here = f" in the current folder ({Path.cwd()}); run from the repository root or give an absolute path"
+        where = "" if path.is_absolute() else here
+        raise ErasureError(f"config file '{path}' does not exist{where}.")
     try:
         loaded = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
