@@ -80,6 +80,31 @@ def test_two_process_stable_diffusion_salun(tmp_path):
     assert_mask_held(base, erased, Mask.load(workdir / "salun" / "mask.safetensors", base))
 
 
+@needs_accelerate
+def test_two_process_fmn_trains_what_its_loss_reaches(tmp_path):
+    """FMN's loss reads attention probabilities, so the layers after the last cross-attention (and
+    to_v/to_out) get no gradient. One process leaves them alone; under DDP they made the second
+    step fail ("Expected to have finished reduction in the prior iteration"), until FMN asked DDP
+    for a static graph. Two processes now train the weights the loss reaches and no others."""
+    tiny_pipeline(tmp_path / "tokenizer").save_pretrained(tmp_path / "tiny")
+    workdir = tmp_path / "run"
+    config = ["-c", "configs/sd/nudity_fmn.yaml", *TINY_SD, f"model.pretrained={tmp_path / 'tiny'}", f"workdir={workdir}"]
+    launch_two_processes("sd", "erase", *config)
+    one = subprocess.run(
+        [sys.executable, "-m", "erasure", "sd", "erase", *config[:-1], f"workdir={tmp_path / 'one'}"], env={**os.environ, **CPU_ENV}
+    )
+    assert one.returncode == 0
+    base = load_sd_unet(str(tmp_path / "tiny")).state_dict()
+
+    def changed(run: Path) -> set[str]:
+        erased = load_sd_unet(str(run / "fmn" / "model")).state_dict()
+        return {k for k in base if not torch.equal(base[k], erased[k])}
+
+    assert changed(workdir) == changed(tmp_path / "one")  # the same weights move, whatever the number of processes
+    assert any(".attn2.to_k." in k for k in changed(workdir))  # the keys make the attention probabilities
+    assert not any(k.startswith(("conv_norm_out.", "conv_out.")) for k in changed(workdir))  # nothing reaches these
+
+
 def _read_log(path: Path) -> list[tuple[int, float]]:
     rows = path.read_text().splitlines()[1:]
     return [(int(r.split(",")[0]), float(r.split(",")[1])) for r in rows]

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
-from accelerate.utils import parse_flag_from_env
+from accelerate.utils import DistributedDataParallelKwargs, parse_flag_from_env
 from tqdm.auto import tqdm
 
 from erasure.core.errors import ErasureError
@@ -98,11 +98,17 @@ class StageAccelerator(Accelerator):
     Trackers likewise: accelerate binds them when the Accelerator is built, before a stage
     knows where its training run writes, so ``tracking`` only names them and :func:`train`
     opens them in the run's folder (see :mod:`erasure.core.tracking`).
+
+    ``unused_weights``: some trainable weights get no gradient in a step, and the loss does not
+    come from the model's output (FMN's attention loss never reaches the layers after the last
+    cross-attention). One process leaves them alone; DDP fails at the second step unless it
+    treats the graph as static: it then learns from the first step which weights get gradients.
     """
 
-    def __init__(self, cpu: bool, precision: str, tracking: tuple[str, ...] = ()) -> None:
+    def __init__(self, cpu: bool, precision: str, tracking: tuple[str, ...] = (), unused_weights: bool = False) -> None:
         _release_other_device(cpu)
-        super().__init__(cpu=cpu, mixed_precision="no")
+        handlers = [DistributedDataParallelKwargs(static_graph=True)] if unused_weights else None
+        super().__init__(cpu=cpu, mixed_precision="no", kwargs_handlers=handlers)
         self.precision = precision
         self.tracking = tracking
 
@@ -176,13 +182,16 @@ def stage_precision(config: Any) -> str:
     return resolve_precision(config.mixed_precision, on_cpu(config.device))
 
 
-def make_accelerator(device: str = "auto", mixed_precision: str = "auto", log_with: str | None = "none") -> StageAccelerator:
+def make_accelerator(
+    device: str = "auto", mixed_precision: str = "auto", log_with: str | None = "none", unused_weights: bool = False
+) -> StageAccelerator:
     """An Accelerator for the configured device, autocasting to this stage's precision, logging to ``log_with``'s trackers.
 
-    Any number of stages with different precisions may run in one process (see :class:`StageAccelerator`).
+    Any number of stages with different precisions may run in one process (see :class:`StageAccelerator`,
+    also for ``unused_weights``).
     """
     cpu = on_cpu(device)
-    return StageAccelerator(cpu, resolve_precision(mixed_precision, cpu), parse_log_with(log_with))
+    return StageAccelerator(cpu, resolve_precision(mixed_precision, cpu), parse_log_with(log_with), unused_weights)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], s: LoopSettings) -> torch.optim.Optimizer:

@@ -116,7 +116,7 @@ def erase(config: SDConfig) -> Path:
     stage = method_stage(config, concept)
 
     def work() -> dict:
-        accelerator = make_accelerator(config.device, config.mixed_precision, config.log_with)
+        accelerator = make_accelerator(config.device, config.mixed_precision, config.log_with, method_cls.unused_weights)
         device = accelerator.device
         # Frozen parts (and data generation) run in low precision; the trained UNet is a separate copy, fp32 where it trains.
         pipe = load_pipeline(config.model.pretrained, config.model.revision, frozen_dtype(config.model.frozen_dtype, device)).to(device)

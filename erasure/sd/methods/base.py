@@ -103,6 +103,7 @@ class SDMethod:
     needs: ClassVar[tuple[str, ...]] = ()  # image sets the method trains on ('forget', 'retain')
     section: ClassVar[str | None] = None  # the config section only this method reads; other methods' runs ignore it
     closed_form: ClassVar[bool] = False  # True: edit() sets the weights directly, without the training loop
+    unused_weights: ClassVar[bool] = False  # True: some trainable weights get no gradient (see StageAccelerator)
 
     def __init__(self, ctx: SDContext) -> None:
         self.ctx = ctx

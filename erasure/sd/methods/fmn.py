@@ -94,6 +94,7 @@ class FMN(SDMethod):
 
     section = "fmn"
     needs = ("forget",)
+    unused_weights = True  # the attention loss never reaches the last cross-attention's to_v/to_out, nor the layers after it
 
     def trainable(self, name: str) -> bool:
         return self.ctx.config.fmn.params == "unet" or ".attn2." in name
