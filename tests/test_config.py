@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from erasure.cli import main
@@ -163,3 +165,13 @@ def test_a_missing_relative_config_names_the_folder_it_was_read_from(tmp_path, m
         load_config("configs/sd/concepts/nudity.yaml", schema=Config)
     with pytest.raises(ErasureError, match="missing.yaml' does not exist.$"):
         load_config(tmp_path / "missing.yaml", schema=Config)  # an absolute path needs no hint
+
+
+def test_erase_help_names_every_ddpm_method(capsys):
+    """The help is written by hand (the parser imports no torch); it must keep up with the registry."""
+    from erasure.ddpm.methods import METHODS
+
+    with pytest.raises(SystemExit):
+        main(["erase", "--help"])
+    words = set(re.findall(r"[\w-]+", capsys.readouterr().out))
+    assert set(METHODS) <= words, sorted(set(METHODS) - words)

@@ -80,7 +80,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--out", help="mask file (.safetensors)"
     )
     add("erase", cmd_erase, "Erase unlearn.forget_class with one or more methods.").add_argument(
-        "--method", action="append", help="salun, rl, random or esd; repeat for several (default: unlearn.method)"
+        "--method", action="append", help="salun, rl, ga, random or esd; repeat for several (default: unlearn.method)"
     )
     add("evaluate", cmd_evaluate, "Score the original and erased models: UA, retained accuracy, FID, grid.").add_argument(
         "--method", action="append", help="erased models to include (default: eval.methods)"
