@@ -167,11 +167,14 @@ def test_a_missing_relative_config_names_the_folder_it_was_read_from(tmp_path, m
         load_config(tmp_path / "missing.yaml", schema=Config)  # an absolute path needs no hint
 
 
-def test_erase_help_names_every_ddpm_method(capsys):
+@pytest.mark.parametrize("command", [["erase"], ["sd", "erase"]])
+def test_erase_help_names_every_method(command, capsys):
     """The help is written by hand (the parser imports no torch); it must keep up with the registry."""
     from erasure.ddpm.methods import METHODS
+    from erasure.sd.methods import SD_METHODS
 
+    registry = METHODS if command == ["erase"] else SD_METHODS
     with pytest.raises(SystemExit):
-        main(["erase", "--help"])
+        main([*command, "--help"])
     words = set(re.findall(r"[\w-]+", capsys.readouterr().out))
-    assert set(METHODS) <= words, sorted(set(METHODS) - words)
+    assert set(registry) <= words, sorted(set(registry) - words)
