@@ -1,4 +1,5 @@
 import os
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -9,6 +10,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # machine covers the CUDA paths. accelerate fixes the device once per process, so every
 # test uses this one.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@contextmanager
+def no_host_sync():
+    """On CUDA, any host synchronisation inside the block raises (sync debug mode): a training step
+    that waits for the GPU leaves it idle while Python launches the next step. On a CPU, nothing."""
+    if DEVICE != "cuda":
+        yield
+        return
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
 
 # A CPU-sized experiment: every stage of the DDPM path in seconds.
 TINY = [
