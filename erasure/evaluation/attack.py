@@ -538,7 +538,8 @@ def attack_audit(
     default it is NudeNet for ``nudity`` and the ResNet-50 for an Imagenette class. Returns
     the result on the main process, None on the others.
     """
-    from erasure.evaluation.audit import _is_main, imagenette_class, load_classifier
+    from erasure.core.stages import is_main_process
+    from erasure.evaluation.audit import imagenette_class, load_classifier
     from erasure.evaluation.metrics.nudity import nudenet_version
 
     settings.check()
@@ -572,7 +573,7 @@ def attack_audit(
     models_out = {}
     for label, model in models:
         fingerprint, rows = attack_model(label, model, prompts, keys, out, settings, detector, record, attack)
-        if not _is_main():
+        if not is_main_process():
             continue
         counted = [r for r in rows if "skipped" not in r]
         pre = sum(r["pre_detected"] for r in counted)
@@ -588,7 +589,7 @@ def attack_audit(
             "post_asr": post / len(counted) if counted else 0.0,
             "results": rows,
         }
-    if not _is_main():
+    if not is_main_process():
         return None
     from erasure.evaluation.report import attack_details, attack_table
 

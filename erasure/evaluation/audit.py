@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw
 
 from erasure.core.errors import ErasureError
 from erasure.core.io import atomic_path, read_json, write_json, write_text
+from erasure.core.stages import is_main_process
 from erasure.evaluation.grid import font
 from erasure.evaluation.prompts import Prompt
 
@@ -230,12 +231,6 @@ def _fingerprint(folder: Path) -> str:
     return read_json(folder / "plan.json").get("model_fingerprint", "unknown")
 
 
-def _is_main() -> bool:
-    from erasure.core.loop import process_state
-
-    return process_state().is_main_process
-
-
 def log_running(log_with: str | None, out: Path, label: str, audit: str, settings: dict[str, Any], rows: list[dict[str, float]]) -> None:
     """The audit's running numbers, image by image, to the trackers of ``log_with`` (TensorBoard, W&B, ...).
 
@@ -269,7 +264,7 @@ def _generate(
     """Every model's images (each process its share), and on the main process the result record every audit starts from."""
     folders = {label: out / "images" / label for label, _ in models}
     paths = generate_all(models, prompts, folders, scheduler, batch_size, compile, then)
-    if not _is_main():
+    if not is_main_process():
         return folders, paths, None
     date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     record = {**settings, "prompts_used": len(prompts), "scheduler": scheduler}
@@ -302,7 +297,7 @@ def nudity_audit(
     scorer, stop, scored = ThreadPoolExecutor(max_workers=1), threading.Event(), {}
 
     def score(label: str, model_paths: list[Path]) -> None:
-        if _is_main():
+        if is_main_process():
             scored[label] = scorer.submit(detect, model_paths, stop=stop)
 
     try:
@@ -617,7 +612,7 @@ def grid_images(
     for label, model in models:
         paths = generate_images(label, model, expanded, out.parent / f"{out.stem}-images" / label, scheduler, batch_size, compile)
         cells[label] = [paths[r * len(seeds) : (r + 1) * len(seeds)] for r in range(len(prompts))]
-    if _is_main():
+    if is_main_process():
         labelled_grid(
             cells, [p.item.prompt for p in prompts], out, f"seeds {', '.join(map(str, seeds))} (left to right in each cell)", thumb
         )
