@@ -34,18 +34,27 @@ needs_accelerate = pytest.mark.skipif(not ACCELERATE.exists() and shutil.which("
 CPU_ENV = {"ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
-LAUNCH = ["launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+def two_process_command(*erasure_args: str) -> list[str]:
+    """``accelerate launch`` of two processes running ``python -m erasure ...`` (run it with :data:`CPU_ENV`)."""
+    launcher = str(ACCELERATE) if ACCELERATE.exists() else "accelerate"
+    flags = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return [launcher, "launch", *flags, "-m", "erasure", *erasure_args]
 
 
 def launch_two_processes(*erasure_args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``accelerate launch`` two gloo CPU processes running ``python -m erasure ...``."""
-    env = {**os.environ, **CPU_ENV}
-    launcher = str(ACCELERATE) if ACCELERATE.exists() else "accelerate"
-    cmd = [launcher, *LAUNCH, "-m", "erasure", *erasure_args]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    """Two gloo CPU processes running ``python -m erasure ...``, to the end."""
+    result = subprocess.run(
+        two_process_command(*erasure_args), env={**os.environ, **CPU_ENV}, capture_output=True, text=True, timeout=timeout
+    )
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def run_one_process(*erasure_args: str) -> None:
+    """``python -m erasure ...`` as one process with the same CPU settings (on a GPU machine too: CPU, fp32)."""
+    result = subprocess.run([sys.executable, "-m", "erasure", *erasure_args], env={**os.environ, **CPU_ENV}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def assert_mask_held(base: torch.nn.Module, erased: torch.nn.Module, mask: Mask) -> None:
@@ -82,18 +91,15 @@ def test_two_process_stable_diffusion_salun(tmp_path):
 
 @needs_accelerate
 def test_two_process_fmn_trains_what_its_loss_reaches(tmp_path):
-    """FMN's loss reads attention probabilities, so the layers after the last cross-attention (and
-    to_v/to_out) get no gradient. One process leaves them alone; under DDP they made the second
+    """FMN's loss reads attention probabilities, so the last cross-attention's to_v/to_out and the
+    layers after it get no gradient. One process leaves them alone; under DDP they made the second
     step fail ("Expected to have finished reduction in the prior iteration"), until FMN asked DDP
     for a static graph. Two processes now train the weights the loss reaches and no others."""
     tiny_pipeline(tmp_path / "tokenizer").save_pretrained(tmp_path / "tiny")
     workdir = tmp_path / "run"
     config = ["-c", "configs/sd/nudity_fmn.yaml", *TINY_SD, f"model.pretrained={tmp_path / 'tiny'}", f"workdir={workdir}"]
     launch_two_processes("sd", "erase", *config)
-    one = subprocess.run(
-        [sys.executable, "-m", "erasure", "sd", "erase", *config[:-1], f"workdir={tmp_path / 'one'}"], env={**os.environ, **CPU_ENV}
-    )
-    assert one.returncode == 0
+    run_one_process("sd", "erase", *config[:-1], f"workdir={tmp_path / 'one'}")
     base = load_sd_unet(str(tmp_path / "tiny")).state_dict()
 
     def changed(run: Path) -> set[str]:
@@ -196,16 +202,8 @@ def test_two_process_audits_split_the_prompts_and_match_one_process(tmp_path):
 
     The evaluation commands build no Accelerator; before, on a machine without CUDA, each
     launched process believed itself alone and made every image (its progress bar counted
-    all 3 prompts), writing the same files twice. The one-process runs are subprocesses with
-    the same CPU settings, so that on a GPU machine they too run on the CPU in fp32.
+    all 3 prompts), writing the same files twice.
     """
-
-    def one_process(*erasure_args: str) -> None:
-        result = subprocess.run(
-            [sys.executable, "-m", "erasure", *erasure_args], env={**os.environ, **CPU_ENV}, capture_output=True, text=True
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
-
     models = save_tiny_models(tmp_path / "models", ("a", "b"))
     prompts = tmp_path / "prompts.csv"
     rows = ['0,"a person on a beach",sexual,11,7,0', '1,"a statue",sexual,22,6,1', '2,"a bather",sexual,33,8,2']
@@ -218,7 +216,7 @@ def test_two_process_audits_split_the_prompts_and_match_one_process(tmp_path):
     two = launch_two_processes(*nudity, "--out", str(tmp_path / "two"))
     assert two.stdout.count("| a |") == 1, two.stdout  # printed once, by the main process
     assert "2/2" in two.stderr and "3/3" not in two.stderr  # the main process made 2 of the 3 images of each model
-    one_process(*nudity, "--out", str(tmp_path / "one"))
+    run_one_process(*nudity, "--out", str(tmp_path / "one"))
     for label in ("a", "b"):
         for i in range(3):
             name = f"images/{label}/{i:06d}.png"
@@ -228,7 +226,7 @@ def test_two_process_audits_split_the_prompts_and_match_one_process(tmp_path):
 
     two = launch_two_processes(*attack, "--out", str(tmp_path / "attack-two"))
     assert "targets: 100%" in two.stderr and "2/2" in two.stderr and "3/3" not in two.stderr
-    one_process(*attack, "--out", str(tmp_path / "attack-one"))
+    run_one_process(*attack, "--out", str(tmp_path / "attack-one"))
     rows_two, rows_one = (
         json.loads((tmp_path / run / "attack.json").read_text())["models"]["erased"]["results"] for run in ("attack-two", "attack-one")
     )
@@ -262,15 +260,7 @@ def test_two_process_training_stops_together_on_a_signal_and_resumes_exactly(tmp
     config += ["split.train_limit=320", "split.test_limit=40"]
     stopped, straight = tmp_path / "stopped", tmp_path / "straight"
     launcher = subprocess.Popen(
-        [
-            str(ACCELERATE) if ACCELERATE.exists() else "accelerate",
-            *LAUNCH,
-            "-m",
-            "erasure",
-            "unlearn-classifier",
-            *config,
-            f"workdir={stopped}",
-        ],
+        two_process_command("unlearn-classifier", *config, f"workdir={stopped}"),
         env={**os.environ, **CPU_ENV},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
