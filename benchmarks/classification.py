@@ -12,6 +12,8 @@ and each metric's gap to Retrain) into ``benchmarks/results/``.
 Extra ``key=value`` arguments override the config, as on the ``erasure`` command line.
 Finished stages are reused, so an interrupted benchmark resumes where it stopped (the
 JSON then marks which stages were reused and the total time covers the last run only).
+The JSON is written once the table is done and again after every sweep point
+(``sweep.points_done`` of ``sweep.points``), so a run stopped by a time limit keeps them.
 """
 
 from __future__ import annotations
@@ -97,13 +99,15 @@ def main() -> None:
     write_text(out / f"{name}.md", markdown(table))
     print(markdown(table))
     if config.sweep.grid:
-        sweep = run_sweep(config, experiment=experiment)  # the table's original model and Retrain, reused
-        result["sweep"] = {k: sweep[k] for k in ("grid", "rule", "table", "selected")}
-        result["total_seconds"] = round(time.perf_counter() - start, 1)
-        write_json(out / f"{name}.json", result)
-        text = (Path(config.workdir) / "sweep.md").read_text()
-        write_text(out / f"{name}_sweep.md", text)
-        print("\n" + text)
+
+        def save_sweep(sweep: dict) -> None:  # after every grid point: a run cut short keeps the points it finished
+            result["sweep"] = {k: sweep[k] for k in ("grid", "rule", "points", "points_done", "table", "selected")}
+            result["total_seconds"] = round(time.perf_counter() - start, 1)
+            write_json(out / f"{name}.json", result)
+            write_text(out / f"{name}_sweep.md", (Path(config.workdir) / "sweep.md").read_text())
+
+        run_sweep(config, experiment=experiment, on_point=save_sweep)  # the table's original model and Retrain, reused
+        print("\n" + (out / f"{name}_sweep.md").read_text())
     print(f"wrote {out / f'{name}.json'} in {result['total_seconds']} s")
 
 

@@ -254,7 +254,8 @@ def test_gpu_tables_script_runs_the_three_settings_on_a_tiny_dataset(tmp_path):
     assert made == sorted([*expected, "classification_cifar10_random10_fast_tiny_sweep.md"])
     random10 = json.loads((out / "classification_cifar10_random10_fast_tiny.json").read_text())
     assert [row["method"] for row in random10["table"]] == ["original", "retrain", "ft", "rl", "ga", "iu", "l1", "salun"]
-    assert len(random10["sweep"]["table"]) == 2 + 4  # original, Retrain, SalUn at two lrs x two mask modes
+    assert len(random10["sweep"]["table"]) == 2 + 6  # original, Retrain, SalUn at three lrs x two mask modes
+    assert (random10["sweep"]["points_done"], random10["sweep"]["points"]) == (6, 6)
     for setting, sizes in (("random50", {"forget": 150, "test_forget": 0}), ("class", {"test_forget": 6, "test": 54})):
         report = json.loads((out / f"classification_cifar10_{setting}_fast_tiny.json").read_text())
         assert sizes.items() <= report["sizes"].items()

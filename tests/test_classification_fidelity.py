@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from erasure.classification.methods.l1 import l1_gamma
 from erasure.classification.methods.rl import rl_passes
 from erasure.classification.metrics import predict
 from erasure.classification.model import resnet18
-from erasure.classification.sweep import grid_points, parse_grid, select, swept_methods
+from erasure.classification.sweep import grid_points, parse_grid, run_sweep, select, swept_methods
 from erasure.classification.train import PassSchedule
 from erasure.cli import main
 from erasure.core.config import load_config
@@ -496,6 +497,30 @@ def test_cli_sweep_runs_resumably_and_writes_the_table(tmp_path, capsys):
     assert main([*args, "--sweep", "unlearn.salun.lr=0.005,0.02,0.01"]) == 0
     out = capsys.readouterr().out
     assert out.count("unlearning ->") == 1 and "salun.lr=0.01/salun] unlearning" in out
+
+
+def test_a_sweep_cut_short_keeps_the_points_it_finished(tmp_path, monkeypatch):
+    """A time limit that stops a sweep mid-grid leaves sweep.json / sweep.md with every finished point."""
+    from erasure.classification.pipeline import Experiment
+
+    overrides = [*TINY_TABLE, f"workdir={tmp_path / 'run'}", "unlearn.methods=[retrain,salun]"]
+    config = load_config(None, [*overrides, "sweep.grid=['unlearn.salun.lr=0.005,0.02,0.01']"], schema=ClassificationConfig)
+    run_method = Experiment.run_method
+
+    def stopped_at_the_third_point(self, point, name, root=None):
+        if root is not None and Path(root).name == "salun.lr=0.01":
+            raise KeyboardInterrupt  # as `timeout` or Ctrl-C would stop it
+        return run_method(self, point, name, root)
+
+    monkeypatch.setattr(Experiment, "run_method", stopped_at_the_third_point)
+    seen = []
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(config, on_point=lambda report: seen.append((report["points_done"], len(report["table"]))))
+    assert seen == [(1, 3), (2, 4)]  # original, retrain, then one row per finished point
+    report = json.loads((tmp_path / "run" / "sweep.json").read_text())
+    assert (report["points_done"], report["points"]) == (2, 3)
+    assert [row["point"] for row in report["table"][2:]] == ["salun.lr=0.005", "salun.lr=0.02"]
+    assert "salun.lr=0.02" in (tmp_path / "run" / "sweep.md").read_text()
 
 
 def test_salun_mask_sees_the_training_augmentation_as_the_reference(tmp_path):

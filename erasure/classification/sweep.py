@@ -111,10 +111,18 @@ def sweep_markdown(table: list[dict[str, Any]], selected: dict[str, dict[str, An
     return "\n".join(lines) + "\n\n" + rule + "\n" + "\n".join(picks) + "\n"
 
 
-def run_sweep(config: ClassificationConfig, log: Callable[[str], None] = print, experiment: Experiment | None = None) -> dict[str, Any]:
+def run_sweep(
+    config: ClassificationConfig,
+    log: Callable[[str], None] = print,
+    experiment: Experiment | None = None,
+    on_point: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Run (or resume) every grid point of ``config.sweep`` and write ``sweep.json`` / ``sweep.md``; return the report.
 
-    ``experiment``: one already built for ``config`` (its data on the device), to reuse.
+    The files are rewritten after every finished point (``points_done`` of ``points``), so a
+    sweep cut short by a time limit still shows the rows it finished; ``on_point``, when
+    given, receives that partial report too. ``experiment``: one already built for
+    ``config`` (its data on the device), to reuse.
     """
     from erasure.classification.pipeline import Experiment
 
@@ -125,24 +133,30 @@ def run_sweep(config: ClassificationConfig, log: Callable[[str], None] = print, 
     experiment = experiment if experiment is not None else Experiment(config, log)
     rows: dict[str, dict[str, Any]] = {"original": experiment.original_metrics, "retrain": experiment.run_method(config, "retrain")}
     points = grid_points(config)
-    for label, point in points:
-        for name in methods:
-            row = experiment.run_method(point, name, workdir / "sweep" / label)
-            rows[f"{name} [{label}]"] = {**row, "base_method": name, "point": label}
-    table = make_table(rows)
-    selected = select(table)
-    report = {
-        "workdir": str(workdir),
-        "grid": config.sweep.grid,
-        "rule": "smallest average gap to Retrain per method; ties: first in grid order",
-        "sizes": experiment.sizes,
-        "table": table,
-        "selected": {m: {"point": r["point"], "avg_gap": r["avg_gap"]} for m, r in selected.items()},
-    }
 
-    def write() -> None:  # under accelerate launch, one process writes; the others wait for the files
+    def write(report: dict[str, Any], table: list[dict[str, Any]], selected: dict[str, dict[str, Any]]) -> None:
         write_json(workdir / "sweep.json", report)
         write_text(workdir / "sweep.md", sweep_markdown(table, selected))
 
-    on_main_process(write)
+    report: dict[str, Any] = {}
+    for done, (label, point) in enumerate(points, 1):
+        for name in methods:
+            row = experiment.run_method(point, name, workdir / "sweep" / label)
+            rows[f"{name} [{label}]"] = {**row, "base_method": name, "point": label}
+        table = make_table(rows)
+        selected = select(table)
+        report = {
+            "workdir": str(workdir),
+            "grid": config.sweep.grid,
+            "rule": "smallest average gap to Retrain per method; ties: first in grid order",
+            "points": len(points),
+            "points_done": done,
+            "sizes": experiment.sizes,
+            "table": table,
+            "selected": {m: {"point": r["point"], "avg_gap": r["avg_gap"]} for m, r in selected.items()},
+        }
+        # under accelerate launch, one process writes; the others wait for the files
+        on_main_process(lambda: write(report, table, selected))  # noqa: B023  (called at once, in this iteration)
+        if on_point is not None:
+            on_point(report)
     return report
