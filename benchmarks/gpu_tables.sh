@@ -1,7 +1,7 @@
 #!/bin/sh
 # The three CIFAR-10 forgetting settings with the fast recipe, on one GPU: every method of the
 # table, and for random 10% a SalUn sweep: lr (the reference tunes each method's lr by grid;
-# 0.013 is the paper's, 0.1 the lr of the SalUn command in the reference's Classification README)
+# 0.013 is its README's SalUn command, 0.1 that of the README's early version)
 # crossed with the mask mode (hard, or the reference's earlier gradient-only mask).
 # Random 50% and class-wise reuse the random-10% original model (original_from), as the
 # reference trains it once. Each table is one benchmarks/classification.py run writing its
