@@ -2,7 +2,9 @@
 # The three CIFAR-10 forgetting settings with the fast recipe, on one GPU: every method of the
 # table, and for random 10% a SalUn sweep: lr (the reference tunes each method's lr by grid;
 # 0.013 is its README's SalUn command, 0.1 that of the README's early version)
-# crossed with the mask mode (hard, or the reference's earlier gradient-only mask).
+# crossed with the mask mode (hard, or the reference's earlier gradient-only mask), and RL's lr,
+# so that SalUn is compared with a tuned baseline. Each method runs once per setting of its own
+# (6 SalUn runs, 2 RL runs), and the runs at the config's settings are the table's.
 # Random 50% and class-wise reuse the random-10% original model (original_from), as the
 # reference trains it once. Each table is one benchmarks/classification.py run writing its
 # JSON and Markdown into $OUT (default benchmarks/results); finished stages under $RUNS
@@ -39,7 +41,7 @@ if [ "$PART" = recipe ]; then
     exit 0
 fi
 if [ "$PART" != others ]; then
-    table random10 --sweep unlearn.salun.lr=0.013,0.03,0.1 --sweep unlearn.salun.mask_mode=hard,gradient "$@"
+    table random10 --sweep unlearn.salun.lr=0.013,0.03,0.1 --sweep unlearn.salun.mask_mode=hard,gradient --sweep unlearn.rl.lr=0.01,0.03 "$@"
 fi
 if [ "$PART" != random10 ]; then
     for setting in random50 class; do

@@ -254,8 +254,12 @@ def test_gpu_tables_script_runs_the_three_settings_on_a_tiny_dataset(tmp_path):
     assert made == sorted([*expected, "classification_cifar10_random10_fast_tiny_sweep.md"])
     random10 = json.loads((out / "classification_cifar10_random10_fast_tiny.json").read_text())
     assert [row["method"] for row in random10["table"]] == ["original", "retrain", "ft", "rl", "ga", "iu", "l1", "salun"]
-    assert len(random10["sweep"]["table"]) == 2 + 6  # original, Retrain, SalUn at three lrs x two mask modes
-    assert (random10["sweep"]["points_done"], random10["sweep"]["points"]) == (6, 6)
+    # original, Retrain, SalUn at three lrs x two mask modes, RL at two lrs: 10 rows from 12 grid points
+    assert len(random10["sweep"]["table"]) == 2 + 6 + 2
+    assert (random10["sweep"]["points_done"], random10["sweep"]["points"]) == (12, 12)
+    rows = {(row.get("base_method"), row.get("point")): row for row in random10["sweep"]["table"]}
+    for method, point in (("salun", "salun.lr=0.013,salun.mask_mode=hard"), ("rl", "rl.lr=0.01")):  # the configs' own settings
+        assert random10["stages"][method]["metrics"] == {k: rows[method, point][k] for k in ("UA", "RA", "TA", "MIA")}
     for setting, sizes in (("random50", {"forget": 150, "test_forget": 0}), ("class", {"test_forget": 6, "test": 54})):
         report = json.loads((out / f"classification_cifar10_{setting}_fast_tiny.json").read_text())
         assert sizes.items() <= report["sizes"].items()

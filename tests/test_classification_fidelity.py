@@ -18,7 +18,7 @@ from erasure.classification.methods.l1 import l1_gamma
 from erasure.classification.methods.rl import rl_passes
 from erasure.classification.metrics import predict
 from erasure.classification.model import resnet18
-from erasure.classification.sweep import grid_points, parse_grid, run_sweep, select, swept_methods
+from erasure.classification.sweep import grid_points, own_label, parse_grid, run_sweep, select, swept_methods
 from erasure.classification.train import PassSchedule
 from erasure.cli import main
 from erasure.core.config import load_config
@@ -521,6 +521,26 @@ def test_a_sweep_cut_short_keeps_the_points_it_finished(tmp_path, monkeypatch):
     assert (report["points_done"], report["points"]) == (2, 3)
     assert [row["point"] for row in report["table"][2:]] == ["salun.lr=0.005", "salun.lr=0.02"]
     assert "salun.lr=0.02" in (tmp_path / "run" / "sweep.md").read_text()
+
+
+def test_a_grid_over_two_methods_runs_each_method_once_per_setting_of_its_own(tmp_path, capsys):
+    """salun.lr x rl.lr is 4 points but 2 + 2 runs: a method's run reads only its own keys (and the common ones)."""
+    assert own_label("salun.lr=0.01,rl.lr=0.1,batch_size=8", "rl") == "rl.lr=0.1,batch_size=8"
+    workdir = tmp_path / "run"
+    args = ["unlearn-classifier", "--workdir", str(workdir), *TINY_TABLE, "unlearn.methods=[retrain,rl,salun]"]
+    assert main([*args, "--sweep", "unlearn.salun.lr=0.005,0.02", "--sweep", "unlearn.rl.lr=0.01,0.03"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((workdir / "sweep.json").read_text())
+    assert (report["points_done"], report["points"]) == (4, 4)
+    runs = [(row["base_method"], row["point"]) for row in report["table"][2:]]
+    assert runs == [("rl", "rl.lr=0.01"), ("salun", "salun.lr=0.005"), ("rl", "rl.lr=0.03"), ("salun", "salun.lr=0.02")]
+    assert out.count("salun] unlearning ->") == 2 and out.count("rl] unlearning ->") == 2
+    # rl.lr=0.01 is the config's own setting: the table's folder holds that run, and the table reuses it
+    assert sorted(p.parent.parent.name for p in (workdir / "sweep").glob("*/*/model.safetensors")) == sorted(p for _, p in runs[1:])
+    assert (workdir / "rl" / "model.safetensors").is_file() and not (workdir / "sweep" / "rl.lr=0.01").exists()
+    assert main(args) == 0
+    assert "rl] unlearning ->" not in capsys.readouterr().out
+    assert set(report["selected"]) == {"rl", "salun"}
 
 
 def test_salun_mask_sees_the_training_augmentation_as_the_reference(tmp_path):

@@ -1,10 +1,14 @@
 """Grid sweeps over unlearning settings: ``erasure unlearn-classifier -c CONFIG --sweep unlearn.salun.lr=0.005,0.01``.
 
 The reference tunes each method's lr (and SalUn's mask ratio) by grid search. A sweep
-runs every point of a grid against one original model and one Retrain, each point's
-methods in ``{workdir}/sweep/{point}/{method}`` (so an interrupted sweep resumes, and a
-finished point is reused), and writes ``{workdir}/sweep.json`` and ``sweep.md``: one row
-per run, and the run selected for each method.
+runs every point of a grid against one original model and one Retrain, each method's run
+in ``{workdir}/sweep/{its settings}/{method}``, where its settings are the point's keys that
+the method reads (so an interrupted sweep resumes, a finished run is reused, and a grid
+crossing two methods' settings runs each method once per setting of its own). A point that
+leaves a method at the config's own settings shares the table's run (``{workdir}/{method}``),
+so ``benchmarks/classification.py``, which makes the table first, does not repeat it. It writes
+``{workdir}/sweep.json`` and ``sweep.md``: one row per run, and the run selected for each
+method.
 
 Selection rule: for each method, the grid point with the smallest average gap to Retrain
 (mean of |UA|, |RA|, |TA|, |MIA| differences; ties go to the first point in grid order).
@@ -73,6 +77,17 @@ def grid_points(config: ClassificationConfig) -> list[tuple[str, ClassificationC
     return points
 
 
+def own_label(label: str, method: str) -> str:
+    """The part of a grid point's label that ``method``'s run reads: its own keys and the common ones.
+
+    A method's run depends on nothing else (see ``pipeline.method_stage``), so in a grid that
+    crosses several methods' settings each distinct run is made once: ``salun.lr=0.01,rl.lr=0.1``
+    -> ``salun.lr=0.01`` for SalUn.
+    """
+    parts = [part for part in label.split(",") if "." not in part.split("=", 1)[0] or part.startswith(f"{method}.")]
+    return ",".join(parts)
+
+
 def swept_methods(config: ClassificationConfig) -> list[str]:
     """The methods whose runs the grid changes, in ``unlearn.methods`` order (Retrain is never swept)."""
     keys = [key.split(".") for key, _ in parse_grid(config.sweep.grid)]
@@ -124,7 +139,7 @@ def run_sweep(
     given, receives that partial report too. ``experiment``: one already built for
     ``config`` (its data on the device), to reuse.
     """
-    from erasure.classification.pipeline import Experiment
+    from erasure.classification.pipeline import Experiment, method_stage
 
     methods = swept_methods(config)
     if not methods:
@@ -141,8 +156,14 @@ def run_sweep(
     report: dict[str, Any] = {}
     for done, (label, point) in enumerate(points, 1):
         for name in methods:
-            row = experiment.run_method(point, name, workdir / "sweep" / label)
-            rows[f"{name} [{label}]"] = {**row, "base_method": name, "point": label}
+            own = own_label(label, name)  # a run another point already made (same settings for this method) is not repeated
+            if f"{name} [{own}]" in rows:
+                continue
+            if method_stage(point, name).fingerprint == method_stage(config, name).fingerprint:
+                row = experiment.run_method(config, name)  # the config's own settings: the table's run, made or reused there
+            else:
+                row = experiment.run_method(point, name, workdir / "sweep" / own)
+            rows[f"{name} [{own}]"] = {**row, "base_method": name, "point": own}
         table = make_table(rows)
         selected = select(table)
         report = {
