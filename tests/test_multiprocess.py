@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -75,6 +76,29 @@ def test_two_process_erase_keeps_the_mask(tmp_path):
     base, erased = load_unet(tmp_path / "run" / "ddpm" / "model"), load_unet(folder / "model")
     base.load_state_dict(load_tensors(tmp_path / "run" / "ddpm" / RAW_WEIGHTS))  # the weights erasure starts from
     assert_mask_held(base, erased, Mask.load(folder / "mask.safetensors", base))
+
+
+@needs_accelerate
+def test_two_process_evaluate_shares_the_sampling_and_matches_one_process(tmp_path):
+    """``erasure evaluate`` under launch: each process samples every other batch (before, each sampled
+    every image, all on the first GPU); the main process joins them, and the samples and the report
+    are one process's, bit for bit."""
+    args = [*TINY, f"workdir={tmp_path / 'run'}", "eval.samples_per_class=6", "eval.batch_size=16", "sample.eta=1.0"]
+    for command in ("train-ddpm", "train-classifier", "erase"):
+        assert main([command, *args]) == 0
+    two = launch_two_processes("evaluate", *args)
+    assert two.stdout.count("salun: UA") == 1, two.stdout  # scored and printed once, by the main process
+    # 60 images are 4 batches of 16; the main process's bar counts its 2 (the bar shows only there)
+    assert re.search(r"sampling salun: +0%.* 0/2 ", two.stderr) and "/4 " not in two.stderr, two.stderr[-2000:]
+    samples = tmp_path / "run" / "eval" / "samples"
+    assert sorted(p.name for p in samples.iterdir()) == ["original.safetensors", "salun.safetensors"]  # the parts are gone
+    two_samples = {name: load_tensors(samples / f"{name}.safetensors")["images"] for name in ("original", "salun")}
+    two_report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
+    shutil.rmtree(tmp_path / "run" / "eval")
+    run_one_process("evaluate", *args)
+    for name, images in two_samples.items():
+        assert torch.equal(images, load_tensors(samples / f"{name}.safetensors")["images"]), name
+    assert json.loads((tmp_path / "run" / "eval" / "report.json").read_text())["models"] == two_report["models"]
 
 
 @needs_accelerate

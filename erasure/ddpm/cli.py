@@ -55,6 +55,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from erasure.evaluation.report import table
 
     report = evaluate(config, args.method)
+    if not report:  # another process of an `accelerate launch` job: the main one reports
+        return
     print("\n" + table(report))
     print(f"\nreport: {Path(config.workdir) / 'eval' / 'report.md'}")
 

@@ -150,6 +150,9 @@ class EvalConfig:
     samples_per_class: int = 100
     grid_samples: int = 6  # images per cell of the comparison grid
     seed: int = 1234
+    # Images per sampling batch; under accelerate launch the batches are shared out among the
+    # processes. With eta > 0 the sampler's noise is drawn per batch, so it is part of the samples' key.
+    batch_size: int = 256
     methods: list[str] = field(default_factory=lambda: ["salun"])
     fid: FidConfig = field(default_factory=FidConfig)
     # Which real split the retained-class FID compares against: the training images (as
@@ -180,6 +183,8 @@ class Config(RunConfig):
         defaults = SampleConfig()
         if self.sample.protocol == "reference" and (self.sample.steps, self.sample.eta) != (defaults.steps, defaults.eta):
             raise ErasureError("sample.protocol=reference fixes steps=1000 and eta=1; leave sample.steps and sample.eta unset.")
+        if self.eval.batch_size < 1:
+            raise ErasureError(f"eval.batch_size={self.eval.batch_size}: give a whole number >= 1 (images per sampling batch).")
         if self.unlearn.target_shift % 10 == 0:
             raise ErasureError("unlearn.target_shift must not map the forgotten class onto itself.")
         if not self.model.channels or any(c % self.model.norm_groups for c in self.model.channels):

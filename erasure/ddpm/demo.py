@@ -25,6 +25,8 @@ def run_demo(config: Config) -> dict[str, Any]:
     erase(config, method)
     print("[4/4] evaluating the original and the erased model")
     report = evaluate(config, [method])
+    if not report:  # another process of an `accelerate launch` job: the main one reports
+        return report
     print("\n" + table(report) + "\n")
     stage = erase_stage(config, method).folder
     print(f"erased model: {stage / 'model'}")

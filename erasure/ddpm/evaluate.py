@@ -14,12 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from erasure.core.card import write_cards
 from erasure.core.config import fingerprint
 from erasure.core.data import load_data, to_uint8
 from erasure.core.errors import ErasureError
 from erasure.core.io import load_tensors, read_json, read_metadata, save_tensors
+from erasure.core.loop import process_state
+from erasure.core.stages import wait_for_everyone
 from erasure.ddpm.config import Config
 from erasure.ddpm.model import load_scheduler, load_unet, sample, sampling_record
 from erasure.ddpm.pipeline import erase_stage, finished_base, judge_stage, load_judge, resolve_device
@@ -42,27 +45,63 @@ def model_folders(config: Config, methods: list[str]) -> dict[str, Path]:
     return folders
 
 
-def generate_cached(folder: Path, labels: torch.Tensor, config: Config, cache: Path, device: torch.device) -> torch.Tensor:
-    """uint8 samples of the model in ``folder`` for ``labels``, reusing a cached set."""
+def generate_cached(
+    folder: Path, labels: torch.Tensor, config: Config, cache: Path, device: torch.device, desc: str = "sampling"
+) -> torch.Tensor | None:
+    """uint8 samples of the model in ``folder`` for ``labels``, reusing a cached set.
+
+    Under ``accelerate launch`` every process calls this: each samples every N-th batch on
+    its own device and saves it beside the cache; the main process joins them (the same
+    images one process makes) and returns them, the others return None.
+    """
     provenance = (folder.parent / "done.json").read_text()  # changes whenever the model is redone
-    key = hashlib.sha256(f"{fingerprint(config.sample)}|{config.eval.seed}|{labels.tolist()}|{provenance}".encode()).hexdigest()
+    seed, size = config.eval.seed, config.eval.batch_size
+    key = hashlib.sha256(f"{fingerprint(config.sample)}|{seed}|{size}|{labels.tolist()}|{provenance}".encode()).hexdigest()
+    state = process_state()
     if cache.is_file() and read_metadata(cache).get("key") == key:
-        return load_tensors(cache)["images"]
+        return load_tensors(cache)["images"] if state.is_main_process else None
     unet = load_unet(folder, device)
     steps = load_scheduler(folder).config.num_train_timesteps
-    images = to_uint8(sample(unet, labels, config.sample, seed=config.eval.seed, num_train_timesteps=steps))
+    starts = range(0, len(labels), size)
+    mine = starts[state.process_index :: state.num_processes]
+    bar = tqdm(mine, desc=desc, disable=not state.is_main_process or len(mine) < 2, leave=False)
+    # Batch s is sampled as one call over all labels would sample it (first=s): the images do not depend on the process count.
+    parts = {str(s): to_uint8(sample(unet, labels[s : s + size], config.sample, seed, steps, size, progress=False, first=s)) for s in bar}
+    if state.num_processes > 1:
+        if parts and not state.is_main_process:
+            save_tensors(cache.with_name(f"{cache.stem}.part{state.process_index}.safetensors"), parts, {"key": key})
+        wait_for_everyone()
+        if not state.is_main_process:
+            return None
+        for rank in range(1, min(state.num_processes, len(starts))):  # the ranks that had a batch
+            other = cache.with_name(f"{cache.stem}.part{rank}.safetensors")
+            parts.update(load_tensors(other))
+            other.unlink()
+    images = torch.cat([parts[str(s)] for s in starts])
     save_tensors(cache, {"images": images}, {"key": key})
     return images
 
 
 def evaluate(config: Config, methods: list[str] | None = None) -> dict[str, Any]:
-    """Evaluate; writes ``report.json``, ``report.md`` and ``grid.png`` into ``{workdir}/eval``."""
+    """Evaluate; writes ``report.json``, ``report.md`` and ``grid.png`` into ``{workdir}/eval``.
+
+    Under ``accelerate launch`` the processes share the sampling (each on its own GPU); the
+    main process scores, writes and returns the report, the others return an empty dict.
+    """
     methods = config.eval.methods if methods is None else methods
     folders = model_folders(config, methods)
-    device = resolve_device(config.device)
-    judge = load_judge(config, device)
+    state = process_state()
+    device = state.device if config.device == "auto" else resolve_device(config.device)
     real = load_data(config.data, "train")
     k, n = real.num_classes, config.eval.samples_per_class
+    labels = torch.arange(k).repeat_interleave(n)
+    out = Path(config.workdir) / "eval"
+    if not state.is_main_process:  # sample this process's share of every model, in the main process's order
+        for name, folder in folders.items():
+            generate_cached(folder, labels, config, out / "samples" / f"{name}.safetensors", device, f"sampling {name}")
+        wait_for_everyone()  # the main process has written the report
+        return {}
+    judge = load_judge(config, device)
     forget = config.unlearn.forget_class
     retained = [c for c in range(k) if c != forget]
     held = real if config.eval.fid_real_split == "train" else load_data(config.data, config.eval.fid_real_split)
@@ -71,8 +110,6 @@ def evaluate(config: Config, methods: list[str] | None = None) -> dict[str, Any]
     if cap is not None and cap < len(real_retained):
         pick = torch.randperm(len(real_retained), generator=torch.Generator().manual_seed(config.eval.seed))[:cap]
         real_retained = real_retained[pick]
-    labels = torch.arange(k).repeat_interleave(n)
-    out = Path(config.workdir) / "eval"
 
     models: dict[str, Any] = {}
     grid_columns: dict[str, torch.Tensor] = {}
@@ -80,7 +117,7 @@ def evaluate(config: Config, methods: list[str] | None = None) -> dict[str, Any]
     record = sampling_record(config.sample)
     print(f"sampling: {record['protocol']} protocol, DDIM {record['steps']} steps, eta {record['eta']}, guidance w={record['guidance']}")
     for name, folder in folders.items():
-        images = generate_cached(folder, labels, config, out / "samples" / f"{name}.safetensors", device)
+        images = generate_cached(folder, labels, config, out / "samples" / f"{name}.safetensors", device, f"sampling {name}")
         predicted = judge.predict(images)
         scores = unlearning_scores(predicted, labels, forget)
         keep = labels != forget
@@ -125,4 +162,5 @@ def evaluate(config: Config, methods: list[str] | None = None) -> dict[str, Any]
     write_report(out, report)
     for method in methods:  # the erased models' cards show this evaluation
         write_cards(erase_stage(config, method).folder)
+    wait_for_everyone()
     return report

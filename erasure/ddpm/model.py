@@ -115,11 +115,14 @@ def sample(
     num_train_timesteps: int = 1000,
     batch_size: int = 256,
     progress: bool = True,
+    first: int = 0,
 ) -> torch.Tensor:
     """DDIM samples in [-1, 1], one per label.
 
     Image ``i``'s starting noise depends only on ``seed`` and ``i``, so two models sampled
     with the same labels and seed start from the same noise: comparisons are paired.
+    ``first`` is the index of ``labels[0]`` in a larger set sampled in parts: the part
+    starting at a multiple of ``batch_size`` gets exactly the images the whole call makes.
     """
     device = next(unet.parameters()).device
     # No x0 clipping inside the loop: with guidance it collapses small models' samples
@@ -133,11 +136,12 @@ def sample(
     batches = range(0, len(labels), batch_size)
     for start in tqdm(batches, desc="sampling", disable=not progress or len(batches) < 2, leave=False):
         chunk = labels[start : start + batch_size].to(device)
+        at = first + start
         noise = torch.stack(
-            [torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + start + i)) for i in range(len(chunk))]
+            [torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + at + i)) for i in range(len(chunk))]
         )
         x = noise.to(device)
-        g = torch.Generator(device=device).manual_seed(seed + start)
+        g = torch.Generator(device=device).manual_seed(seed + at)
         for t in scheduler.timesteps:
             e = guided_eps(unet, x, t.to(device), chunk, config.guidance, null)
             x = scheduler.step(e, t, x, eta=eta, generator=g).prev_sample
