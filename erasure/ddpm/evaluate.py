@@ -91,7 +91,7 @@ def evaluate(config: Config, methods: list[str] | None = None) -> dict[str, Any]
     methods = config.eval.methods if methods is None else methods
     folders = model_folders(config, methods)
     state = process_state()
-    device = state.device if config.device == "auto" else resolve_device(config.device)
+    device = resolve_device(config.device)
     real = load_data(config.data, "train")
     k, n = real.num_classes, config.eval.samples_per_class
     labels = torch.arange(k).repeat_interleave(n)

@@ -19,7 +19,7 @@ from erasure.core.card import command_line, write_cards
 from erasure.core.data import load_data, to_model_range
 from erasure.core.errors import ErasureError
 from erasure.core.io import load_tensors, save_tensors
-from erasure.core.loop import LoopSettings, make_accelerator, on_cpu, stage_precision, train
+from erasure.core.loop import LoopSettings, make_accelerator, process_state, stage_precision, train
 from erasure.core.saliency import Mask
 from erasure.core.stages import Stage, config_fingerprint, is_main_process, shared_mask
 from erasure.ddpm.config import Config
@@ -194,9 +194,9 @@ def compute_mask(config: Config, out: str | Path) -> Mask:
 
 
 def resolve_device(device: str) -> torch.device:
-    """'auto' is the GPU when there is one."""
+    """'auto' is this process's GPU when there is one (under ``accelerate launch``, each process its own), else the CPU."""
     if device == "auto":
-        return torch.device("cpu" if on_cpu() else "cuda")
+        return process_state().device
     return torch.device(device)
 
 
