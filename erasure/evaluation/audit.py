@@ -410,8 +410,10 @@ def classify_imagenette(model: torch.nn.Module, paths: list[Path], batch_size: i
 
     if label_space not in LABEL_SPACES:
         raise ErasureError(f"unknown label space '{label_space}'; choose one of: {', '.join(LABEL_SPACES)}.")
+    from erasure.core.loop import on_cpu
+
     preprocess = ResNet50_Weights.IMAGENET1K_V2.transforms()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cpu" if on_cpu() else "cuda"  # ACCELERATE_USE_CPU keeps it on the CPU, as it keeps the generation
     model = model.to(device)
     index = torch.tensor(list(IMAGENETTE.values()))
     out = []

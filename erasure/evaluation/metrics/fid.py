@@ -176,8 +176,10 @@ def inception_features(images: torch.Tensor, weights: InceptionWeights | str | P
     """2048-d pool features of torch-fidelity's Inception-v3, from checked weights (see :func:`resolve_inception`)."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
+    from erasure.core.loop import on_cpu  # (imported here: accelerate loads only where a metric runs)
+
     checked = _as_weights(weights)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cpu" if on_cpu() else "cuda"  # "cuda" is this process's GPU once accelerate has joined the processes
     extractor = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=checked.stream()).to(device)
     with torch.no_grad():
         batches = range(0, len(images), batch_size)
@@ -327,7 +329,9 @@ def make_extractor(protocol: FidProtocol, weights: InceptionWeights | None) -> t
             f"could not load the {protocol.extractor} weights ({str(e).splitlines()[0] if str(e) else type(e).__name__}). "
             "Pass torch-fidelity's weights-inception-2015-12-05 file (or a copy converted to its layout) with --weights."
         ) from None
-    return extractor.eval().to("cuda" if torch.cuda.is_available() else "cpu")
+    from erasure.core.loop import on_cpu
+
+    return extractor.eval().to("cpu" if on_cpu() else "cuda")
 
 
 def folder_features(
