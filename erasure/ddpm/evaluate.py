@@ -92,6 +92,7 @@ def evaluate(config: Config, methods: list[str] | None = None) -> dict[str, Any]
     folders = model_folders(config, methods)
     state = process_state()
     device = resolve_device(config.device)
+    judge = load_judge(config, device)  # in every process: a missing classifier stops them all at once
     real = load_data(config.data, "train")
     k, n = real.num_classes, config.eval.samples_per_class
     labels = torch.arange(k).repeat_interleave(n)
@@ -101,7 +102,6 @@ def evaluate(config: Config, methods: list[str] | None = None) -> dict[str, Any]
             generate_cached(folder, labels, config, out / "samples" / f"{name}.safetensors", device, f"sampling {name}")
         wait_for_everyone()  # the main process has written the report
         return {}
-    judge = load_judge(config, device)
     forget = config.unlearn.forget_class
     retained = [c for c in range(k) if c != forget]
     held = real if config.eval.fid_real_split == "train" else load_data(config.data, config.eval.fid_real_split)
