@@ -45,8 +45,8 @@ gpu-check:
 		$(if $(wildcard .gpu-data/clip_tokenizer),--tokenizer .gpu-data/clip_tokenizer) \
 		$(if $(wildcard .gpu-data/cifar10/cifar10_full_jpeg_q75.npz),--cifar10 .gpu-data/cifar10/cifar10_full_jpeg_q75.npz)
 
-# The three CIFAR-10 tables (fast recipe, every method, a SalUn sweep of lr x mask mode) on one GPU, ~10 min on
-# an H100; PART=random10 or PART=others runs half. Needs .gpu-data/cifar10/.
+# The three CIFAR-10 tables (fast recipe, every method, sweeps of SalUn's and RL's lr; random 10% also SalUn's
+# mask mode) on one GPU, ~16 min on an H100 (estimated); PART=random10 or PART=others runs half. Needs .gpu-data/cifar10/.
 gpu-tables:
 	PYTHON=$(PYTHON) sh benchmarks/gpu_tables.sh $${PART:-all}
 

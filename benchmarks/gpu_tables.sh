@@ -4,7 +4,8 @@
 # 0.013 is its README's SalUn command, 0.1 that of the README's early version)
 # crossed with the mask mode (hard, or the reference's earlier gradient-only mask), and RL's lr,
 # so that SalUn is compared with a tuned baseline. Each method runs once per setting of its own
-# (6 SalUn runs, 2 RL runs), and the runs at the config's settings are the table's.
+# (6 SalUn runs, 2 RL runs), and the runs at the config's settings are the table's. Random 50%
+# and class-wise sweep the same lrs (hard mask only) after both their tables are done.
 # Random 50% and class-wise reuse the random-10% original model (original_from), as the
 # reference trains it once. Each table is one benchmarks/classification.py run writing its
 # JSON and Markdown into $OUT (default benchmarks/results); finished stages under $RUNS
@@ -44,7 +45,16 @@ if [ "$PART" != others ]; then
     table random10 --sweep unlearn.salun.lr=0.013,0.03,0.1 --sweep unlearn.salun.mask_mode=hard,gradient --sweep unlearn.rl.lr=0.01,0.03 "$@"
 fi
 if [ "$PART" != random10 ]; then
-    for setting in random50 class; do
-        table $setting "$@" "original_from=$RUNS/cifar10_random10_fast"
+    # Both tables first, then each one's sweep of SalUn's and RL's lr (its finished stages are
+    # reused), so a time limit that stops a sweep still leaves both tables.
+    for sweep in no yes; do
+        for setting in random50 class; do
+            if [ $sweep = no ]; then
+                table $setting "$@" "original_from=$RUNS/cifar10_random10_fast"
+            else
+                table $setting --sweep unlearn.salun.lr=0.013,0.03,0.1 --sweep unlearn.rl.lr=0.01,0.03 "$@" \
+                    "original_from=$RUNS/cifar10_random10_fast"
+            fi
+        done
     done
 fi

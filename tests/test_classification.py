@@ -250,8 +250,8 @@ def test_gpu_tables_script_runs_the_three_settings_on_a_tiny_dataset(tmp_path):
     result = subprocess.run(["sh", "benchmarks/gpu_tables.sh", "all", "tiny", *tiny], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     made = sorted(p.name for p in out.iterdir())
-    expected = [f"classification_cifar10_{s}_fast_tiny{x}" for s in ("random10", "random50", "class") for x in (".json", ".md")]
-    assert made == sorted([*expected, "classification_cifar10_random10_fast_tiny_sweep.md"])
+    expected = [f"classification_cifar10_{s}_fast_tiny{x}" for s in ("random10", "random50", "class") for x in (".json", ".md", "_sweep.md")]
+    assert made == sorted(expected)
     random10 = json.loads((out / "classification_cifar10_random10_fast_tiny.json").read_text())
     assert [row["method"] for row in random10["table"]] == ["original", "retrain", "ft", "rl", "ga", "iu", "l1", "salun"]
     # original, Retrain, SalUn at three lrs x two mask modes, RL at two lrs: 10 rows from 12 grid points
@@ -263,6 +263,8 @@ def test_gpu_tables_script_runs_the_three_settings_on_a_tiny_dataset(tmp_path):
     for setting, sizes in (("random50", {"forget": 150, "test_forget": 0}), ("class", {"test_forget": 6, "test": 54})):
         report = json.loads((out / f"classification_cifar10_{setting}_fast_tiny.json").read_text())
         assert sizes.items() <= report["sizes"].items()
+        assert len(report["sweep"]["table"]) == 2 + 3 + 2  # SalUn at three lrs, RL at two; the table itself is kept
+        assert [row["method"] for row in report["table"]] == ["original", "retrain", "ft", "rl", "ga", "iu", "l1", "salun"]
         assert report["stages"]["original"]["reused_from"] == str(runs / "cifar10_random10_fast" / "original")
 
     no_drops = ["train.milestones=[]", "retrain.milestones=[]"]  # the reference's lr drops at epochs 91, 136: none in 1 epoch
