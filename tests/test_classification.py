@@ -250,7 +250,8 @@ def test_gpu_tables_script_runs_the_three_settings_on_a_tiny_dataset(tmp_path):
     result = subprocess.run(["sh", "benchmarks/gpu_tables.sh", "all", "tiny", *tiny], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     made = sorted(p.name for p in out.iterdir())
-    expected = [f"classification_cifar10_{s}_fast_tiny{x}" for s in ("random10", "random50", "class") for x in (".json", ".md", "_sweep.md")]
+    settings, suffixes = ("random10", "random50", "class"), (".json", ".md", "_sweep.md")
+    expected = [f"classification_cifar10_{s}_fast_tiny{x}" for s in settings for x in suffixes]
     assert made == sorted(expected)
     random10 = json.loads((out / "classification_cifar10_random10_fast_tiny.json").read_text())
     assert [row["method"] for row in random10["table"]] == ["original", "retrain", "ft", "rl", "ga", "iu", "l1", "salun"]
