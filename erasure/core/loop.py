@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import functools
 import math
 import os
 import signal
@@ -31,6 +30,7 @@ from tqdm.auto import tqdm
 from erasure.core.errors import ErasureError
 from erasure.core.io import load_checkpoint, save_checkpoint
 from erasure.core.saliency import MaskConstraint
+from erasure.core.stages import any_process
 from erasure.core.tracking import TrackerRun, parse_log_with
 
 if TYPE_CHECKING:
@@ -322,7 +322,7 @@ def train(
             if ema is not None:
                 ema.step(params)
             bar.update(1)
-            stopping = stop.agreed(accelerator)
+            stopping = stop.agreed()
             every = settings.checkpoint_every
             saving = stopping or (bool(every) and (step + 1) % every == 0 and step + 1 < settings.steps)
             if logging or saving or step == settings.steps - 1:
@@ -467,17 +467,9 @@ class _StopRequests:
         self.requested = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    def agreed(self, accelerator: Accelerator) -> bool:
-        """Whether any process was asked to stop; all ranks must stop at the same step.
-
-        The processes agree every step over a CPU (gloo) group: a flag on the GPU would have
-        to be read back, making the host wait for the GPU's whole queue once per step.
-        """
-        if accelerator.num_processes == 1:
-            return self.requested
-        flag = torch.tensor([float(self.requested)])
-        torch.distributed.all_reduce(flag, group=_host_group())
-        return bool(flag.item() > 0)
+    def agreed(self) -> bool:
+        """Whether any process was asked to stop; all ranks must stop at the same step."""
+        return any_process(self.requested)
 
     def __enter__(self) -> _StopRequests:
         if threading.current_thread() is threading.main_thread():
@@ -488,12 +480,6 @@ class _StopRequests:
     def __exit__(self, *exc: object) -> None:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
-
-
-@functools.cache  # made once per process; every rank reaches the first call at the same point
-def _host_group() -> Any:
-    """A gloo group over all of the job's processes, for small host-side agreements beside NCCL's GPU traffic."""
-    return torch.distributed.new_group(backend="gloo")
 
 
 def _append_log(path: Path, row: dict[str, float]) -> None:

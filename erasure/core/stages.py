@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
+import functools
 import json
 import os
 import shutil
@@ -92,7 +93,7 @@ def on_main_process(work: Callable[[], T]) -> T | None:
             result = work()
         except BaseException as e:  # noqa: B036  (re-raised below, after telling the other processes)
             error = e
-    failed = _any_process(error is not None)
+    failed = any_process(error is not None)
     if error is not None:
         raise error
     if failed:
@@ -100,14 +101,23 @@ def on_main_process(work: Callable[[], T]) -> T | None:
     return result
 
 
-def _any_process(flag: bool) -> bool:
-    """Whether ``flag`` is set on any process of the job; a barrier too."""
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` is set on any process of the job; a barrier too.
+
+    The processes agree over a CPU (gloo) group: a flag on the GPU would have to be read
+    back, making the host wait for the GPU's whole queue (the training loop asks every step).
+    """
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return flag
-    cuda = torch.distributed.get_backend() == "nccl"
-    t = torch.tensor([float(flag)], device=torch.device("cuda", torch.cuda.current_device()) if cuda else "cpu")
-    torch.distributed.all_reduce(t)
+    t = torch.tensor([float(flag)])
+    torch.distributed.all_reduce(t, group=_host_group())
     return bool(t.item() > 0)
+
+
+@functools.cache  # made once per process; every rank reaches the first call at the same point
+def _host_group() -> Any:
+    """A gloo group over all of the job's processes, for small host-side agreements beside NCCL's GPU traffic."""
+    return torch.distributed.new_group(backend="gloo")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -328,7 +338,7 @@ class Stage:
                 error = e
             # Every process agrees before finishing: one that failed alone (saving, say) must not
             # leave the others waiting for it at the barrier in finish().
-            if _any_process(error is not None):
+            if any_process(error is not None):
                 if error is not None:
                     raise error
                 raise ErasureError("another process of this job failed (its error is printed above); this one stops too.")
