@@ -47,14 +47,10 @@ fi
 if [ "$PART" != random10 ]; then
     # Both tables first, then each one's sweep of SalUn's and RL's lr (its finished stages are
     # reused), so a time limit that stops a sweep still leaves both tables.
-    for sweep in no yes; do
-        for setting in random50 class; do
-            if [ $sweep = no ]; then
-                table $setting "$@" "original_from=$RUNS/cifar10_random10_fast"
-            else
-                table $setting --sweep unlearn.salun.lr=0.013,0.03,0.1 --sweep unlearn.rl.lr=0.01,0.03 "$@" \
-                    "original_from=$RUNS/cifar10_random10_fast"
-            fi
-        done
+    for setting in random50 class; do
+        table $setting "$@" "original_from=$RUNS/cifar10_random10_fast"
+    done
+    for setting in random50 class; do
+        table $setting --sweep unlearn.salun.lr=0.013,0.03,0.1 --sweep unlearn.rl.lr=0.01,0.03 "$@" "original_from=$RUNS/cifar10_random10_fast"
     done
 fi

@@ -17,6 +17,7 @@ Selection rule: for each method, the grid point with the smallest average gap to
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from collections.abc import Callable
 from pathlib import Path
@@ -176,8 +177,7 @@ def run_sweep(
             "table": table,
             "selected": {m: {"point": r["point"], "avg_gap": r["avg_gap"]} for m, r in selected.items()},
         }
-        # under accelerate launch, one process writes; the others wait for the files
-        on_main_process(lambda: write(report, table, selected))  # noqa: B023  (called at once, in this iteration)
+        on_main_process(functools.partial(write, report, table, selected))  # one process writes; the others wait for the files
         if on_point is not None:
             on_point(report)
     return report

@@ -97,9 +97,13 @@ def evaluate(config: Config, methods: list[str] | None = None) -> dict[str, Any]
     k, n = real.num_classes, config.eval.samples_per_class
     labels = torch.arange(k).repeat_interleave(n)
     out = Path(config.workdir) / "eval"
-    if not state.is_main_process:  # sample this process's share of every model, in the main process's order
-        for name, folder in folders.items():
-            generate_cached(folder, labels, config, out / "samples" / f"{name}.safetensors", device, f"sampling {name}")
+
+    def samples(name: str) -> torch.Tensor | None:  # every process calls it for every model, in the same order
+        return generate_cached(folders[name], labels, config, out / "samples" / f"{name}.safetensors", device, f"sampling {name}")
+
+    if not state.is_main_process:  # this process samples its share of each model; the main one does the rest
+        for name in folders:
+            samples(name)
         wait_for_everyone()  # the main process has written the report
         return {}
     forget = config.unlearn.forget_class
@@ -116,8 +120,8 @@ def evaluate(config: Config, methods: list[str] | None = None) -> dict[str, Any]
     fid_name = ""
     record = sampling_record(config.sample)
     print(f"sampling: {record['protocol']} protocol, DDIM {record['steps']} steps, eta {record['eta']}, guidance w={record['guidance']}")
-    for name, folder in folders.items():
-        images = generate_cached(folder, labels, config, out / "samples" / f"{name}.safetensors", device, f"sampling {name}")
+    for name in folders:
+        images = samples(name)
         predicted = judge.predict(images)
         scores = unlearning_scores(predicted, labels, forget)
         keep = labels != forget
