@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from erasure.classification.config import ClassificationConfig
-from erasure.classification.data import EpochSampler
+from erasure.classification.data import EpochSampler, make_split
 from erasure.classification.methods import UnlearnContext, get_method
 from erasure.classification.methods.iu import woodbury_solve, woodfisher_reference
 from erasure.classification.methods.l1 import l1_gamma
@@ -19,7 +19,7 @@ from erasure.classification.methods.rl import rl_passes
 from erasure.classification.metrics import predict
 from erasure.classification.model import resnet18
 from erasure.classification.sweep import grid_points, own_label, parse_grid, run_sweep, select, swept_methods
-from erasure.classification.train import PassSchedule
+from erasure.classification.train import PassSchedule, fit
 from erasure.cli import main
 from erasure.core.config import load_config
 from erasure.core.errors import ErasureError
@@ -61,6 +61,90 @@ def schedule_batches(ctx: UnlearnContext, schedule: str, epochs: int, seed: int 
     plan = PassSchedule(passes, ctx.config.unlearn.batch_size, seed)
     dev = torch.device("cpu")
     return [plan.batch(s, step_generator(seed, s, 0, dev)) for s in range(epochs * plan.steps_per_epoch)], plan
+
+
+# ----------------------------------------------------------------------------- split and the original model
+
+
+def test_the_validation_split_takes_each_class_its_share_as_the_reference():
+    """The reference draws 10% of each CIFAR-10 class (500 each) for validation; split.stratify=false draws over all images."""
+    labels = torch.arange(50_000) % 10
+    labels = labels[torch.randperm(50_000, generator=torch.Generator().manual_seed(1))]
+    config = load_config(None, ["split.val_size=5000"], schema=ClassificationConfig)
+    split = make_split(labels, torch.arange(10_000) % 10, config.split, config.forget)
+    assert torch.bincount(labels[split.val]).tolist() == [500] * 10
+    assert len(split.train) == 45_000 and not set(split.val.tolist()) & set(split.train.tolist())
+    assert len(split.forget) == 4_500  # random 10% of the 45k, as the reference's 4,500
+    # Uneven classes: each gets its share, rounded so that the shares sum to val_size.
+    uneven = torch.tensor([0] * 70 + [1] * 30 + [2] * 50)
+    config = load_config(None, ["split.val_size=40"], schema=ClassificationConfig)
+    assert torch.bincount(uneven[make_split(uneven, uneven, config.split, config.forget).val]).tolist() == [19, 8, 13]
+    plain = load_config(None, ["split.val_size=5000", "split.stratify=false"], schema=ClassificationConfig)
+    counts = torch.bincount(labels[make_split(labels, labels, plain.split, plain.forget).val])
+    assert counts.sum() == 5000 and counts.tolist() != [500] * 10
+
+
+def original_fit(folder, epochs: int, select: str, val=None):
+    """The tiny original model's training (constant lr, so a shorter run is the longer run's prefix)."""
+    recipe = {"epochs": epochs, "batch_size": 16, "lr": 0.05, "schedule": "constant", "select": select}
+    opts = [*TINY_TABLE, *(f"train.{k}={v}" for k, v in recipe.items())]
+    config = load_config(None, opts, schema=ClassificationConfig)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 8, 8), generator=g, dtype=torch.uint8)
+    labels = (images.float().mean((1, 2, 3)) > 127.5).long() + 2 * (images[:, 0, 0, 0] > 127).long()
+    torch.manual_seed(0)
+    model = resnet18(K, 3, width=4)
+    accelerator = make_accelerator(DEVICE)
+    val = (images[:32], labels[:32]) if val is None else val
+    return fit(model, images, labels, config.train, folder, accelerator, "test", desc="original", val=val), val
+
+
+def test_the_original_model_is_the_best_validation_epoch_as_the_reference(tmp_path):
+    """The reference's original model is model_SA_best: the first epoch with the highest validation accuracy.
+
+    Its weights are the ones that epoch ended with: training only that many epochs with
+    select=last gives the same tensors, bit for bit.
+    """
+    model, val = original_fit(tmp_path / "best", 6, "best_val")
+    record = json.loads((tmp_path / "best" / "selection.json").read_text())
+    scores = record["scores"]
+    assert len(scores) == 6 and record["epoch"] == scores.index(max(scores)) + 1 and record["val_images"] == 32
+    assert predict(model, *val, 64, make_accelerator(DEVICE)).accuracy == record["val_accuracy"] == max(scores)
+    prefix, _ = original_fit(tmp_path / "prefix", record["epoch"], "last")
+    for name, value in prefix.state_dict().items():
+        assert torch.equal(value, model.state_dict()[name]), name
+    assert not (tmp_path / "prefix" / "selection.json").exists()
+    # The defaults: the original model keeps its best epoch, Retrain its last (the reference's unlearn loop keeps no best).
+    defaults = load_config(None, [], schema=ClassificationConfig)
+    assert (defaults.train.select, defaults.retrain.select) == ("best_val", "last")
+    yaml_like = load_config(None, ["train.epochs=3"], schema=ClassificationConfig)  # a partial train: section keeps it
+    assert yaml_like.train.select == "best_val"
+    with pytest.raises(ErasureError, match="select=best_val needs a validation split"):
+        load_config(None, ["split.val_size=0"], schema=ClassificationConfig)
+
+
+def test_the_best_epoch_survives_an_interruption(tmp_path, monkeypatch):
+    """The kept weights and the scores travel with the checkpoint: a resumed run selects what the straight one did."""
+    straight, _ = original_fit(tmp_path / "straight", 6, "best_val")
+    original_ce, calls = F.cross_entropy, []
+
+    def interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 14:  # in epoch 4 (4 steps an epoch), after three epochs' scores
+            os.kill(os.getpid(), signal.SIGINT)
+        return original_ce(*args, **kwargs)
+
+    monkeypatch.setattr(F, "cross_entropy", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        original_fit(tmp_path / "resumed", 6, "best_val")
+    state = load_checkpoint(tmp_path / "resumed" / "checkpoint")
+    assert state["step"] == 14 and len(state["monitor_values"]["scores"]) == 3 and state["monitor"]
+    monkeypatch.setattr(F, "cross_entropy", original_ce)
+    resumed, _ = original_fit(tmp_path / "resumed", 6, "best_val")
+    read = [json.loads((tmp_path / run / "selection.json").read_text()) for run in ("straight", "resumed")]
+    assert read[0] == read[1]
+    for name, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
 
 
 # ----------------------------------------------------------------------------- RL / SalUn schedule

@@ -25,6 +25,17 @@ def test_yaml_then_overrides(tmp_path):
     assert config.workdir == "here"
 
 
+def test_a_section_given_in_part_keeps_its_fields_defaults(tmp_path):
+    """GA's section defaults to 5 epochs, its class to 10: a YAML or override naming only its lr keeps the 5."""
+    from erasure.classification.config import ClassificationConfig
+
+    path = tmp_path / "c.yaml"
+    path.write_text("unlearn:\n  ga:\n    lr: 5.0e-4\n")
+    for config in (load_config(path, schema=ClassificationConfig), load_config(None, ["unlearn.ga.lr=5e-4"], schema=ClassificationConfig)):
+        assert (config.unlearn.ga.epochs, config.unlearn.ga.lr) == (5, 5e-4)
+    assert load_config(None, ["unlearn.ga.epochs=2"], schema=ClassificationConfig).unlearn.ga.epochs == 2
+
+
 def test_unknown_key_names_the_closest_valid_one(tmp_path):
     with pytest.raises(ErasureError, match=r"unknown config key 'unlearn.alhpa'.*'alpha'"):
         load(None, ["unlearn.alhpa=0.5"])

@@ -20,6 +20,9 @@ class SplitConfig:
     """Train / validation / test split (seeded)."""
 
     val_size: int = 137  # carved out of the dataset's train split (CIFAR-10: 5000 -> 45k / 5k)
+    # true: each class gives its share of val_size (CIFAR-10: 500 of each class), as the reference's
+    # per-class draw of 10%; false: a seeded draw over all images (erasure's earlier split).
+    stratify: bool = True
     train_limit: int | None = None  # keep a seeded subset of this many train images (reduced runs)
     test_limit: int | None = None  # keep a seeded subset of this many test images (reduced runs)
     seed: int = 0
@@ -65,6 +68,10 @@ class RecipeConfig:
     augment: bool = False  # random crop (pad 4) + horizontal flip, on the device
     drop_last: bool = False  # skip each pass's last, smaller batch (the reference's loaders keep it)
     checkpoint_every: int = 0  # epochs; 0: only on interruption
+    # Which epoch's weights the run keeps. best_val: the epoch with the highest accuracy on the
+    # validation split (the first, on ties), as the reference's original model (model_SA_best,
+    # chosen by validation accuracy after every epoch); last: the final epoch's, as its Retrain.
+    select: Literal["last", "best_val"] = "last"
     seed: int = 0
 
 
@@ -209,7 +216,7 @@ class ClassificationConfig(RunConfig):
     split: SplitConfig = field(default_factory=SplitConfig)
     forget: ForgetConfig = field(default_factory=ForgetConfig)
     model: NetConfig = field(default_factory=NetConfig)
-    train: RecipeConfig = field(default_factory=RecipeConfig)  # the original model
+    train: RecipeConfig = field(default_factory=lambda: RecipeConfig(select="best_val"))  # the original model
     retrain: RecipeConfig = field(default_factory=RecipeConfig)  # Retrain (the gold standard)
     unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
@@ -238,6 +245,8 @@ class ClassificationConfig(RunConfig):
                 raise ErasureError(f"{key}.label_smoothing must lie in [0, 1), got {recipe.label_smoothing}.")
             if recipe.warmup_epochs < 0 or recipe.warmup_epochs >= recipe.epochs:
                 raise ErasureError(f"{key}.warmup_epochs={recipe.warmup_epochs} must lie in [0, {key}.epochs={recipe.epochs}).")
+            if recipe.select == "best_val" and self.split.val_size == 0:
+                raise ErasureError(f"{key}.select=best_val needs a validation split: set split.val_size > 0, or {key}.select=last.")
             if recipe.schedule == "multistep" and any(not 0 < m < recipe.epochs for m in recipe.milestones):
                 raise ErasureError(f"{key}.milestones {recipe.milestones} must lie between 0 and {key}.epochs={recipe.epochs}.")
         l1 = self.unlearn.l1

@@ -61,7 +61,9 @@ def make_split(train_labels: torch.Tensor, test_labels: torch.Tensor, split: Spl
     if split.val_size >= n:
         raise ErasureError(f"split.val_size={split.val_size} leaves no training images (the train split has {n}).")
     order = seeded_perm(n, split.seed)
-    val, train = order[: split.val_size].sort().values, order[split.val_size :]
+    is_val = torch.zeros(n, dtype=torch.bool)
+    is_val[stratified(train_labels[order], split.val_size) if split.stratify else slice(0, split.val_size)] = True
+    val, train = order[is_val].sort().values, order[~is_val]  # train stays in seeded order for train_limit
     if split.train_limit is not None:
         train = train[: split.train_limit]
     train = train.sort().values
@@ -83,6 +85,20 @@ def make_split(train_labels: torch.Tensor, test_labels: torch.Tensor, split: Spl
             raise ErasureError(f"class {c} has no training images to forget.")
         test_forget, test = test[test_labels[test] == c], test[test_labels[test] != c]
     return Split(train, val, train[is_forget], train[~is_forget], test, test_forget)
+
+
+def stratified(labels: torch.Tensor, size: int) -> torch.Tensor:
+    """Positions of the first images of each class in ``labels``' order, ``size`` in all, each class its share.
+
+    Class c gives size * n_c / n images, rounded so that the shares sum to ``size`` (the
+    largest remainders round up): 500 of each CIFAR-10 class for 5,000.
+    """
+    classes, counts = labels.unique(return_counts=True)
+    exact = counts.double() * size / len(labels)
+    quota = exact.floor().long()
+    quota[(exact - quota).argsort(descending=True, stable=True)[: size - int(quota.sum())]] += 1
+    picked = [torch.nonzero(labels == c).flatten()[:q] for c, q in zip(classes.tolist(), quota.tolist())]
+    return torch.cat(picked).sort().values
 
 
 class EpochSampler:

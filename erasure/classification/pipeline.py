@@ -100,6 +100,8 @@ class Experiment:
             "test_forget": (test_data.images[split.test_forget], test_data.labels[split.test_forget]),
         }
         self.sets = {k: (x.to(dev), y.to(dev)) for k, (x, y) in sets.items()}
+        # Scored after every epoch where a recipe keeps its best epoch (select: best_val); never a metric.
+        self.val = (train_data.images[split.val].to(dev), train_data.labels[split.val].to(dev))
         self.in_channels, self.num_classes = train_data.shape[0], train_data.num_classes
         self.sizes = {name: len(getattr(split, name)) for name in ("train", "val", "forget", "retain", "test", "test_forget")}
         log(f"{config.data.name}: " + ", ".join(f"{name} {n}" for name, n in self.sizes.items()))
@@ -119,13 +121,18 @@ class Experiment:
                 model = self.fresh_model(config.train.seed).to(dev)
                 images, labels = train_data.images[split.train].to(dev), train_data.labels[split.train].to(dev)
                 fp, sync_bn = stage.fingerprint, config.sync_batchnorm
-                model = fit(model, images, labels, config.train, stage.folder, self.accelerator, fp, desc="original", sync_bn=sync_bn)
+                model = fit(
+                    model, images, labels, config.train, stage.folder, self.accelerator, fp, desc="original", sync_bn=sync_bn, val=self.val
+                )
                 minutes = (time.time() - start) / 60
             if not self.accelerator.is_main_process:
                 return {}  # only the main process's summary is written
             save_model(model, stage.folder / "model.safetensors")
             # Scored here, on this config's sets: UA and MIA depend on the forget set.
             summary = {"train_minutes": minutes, "metrics": self.evaluate(model), "eval_precision": config.eval_precision}
+            if (stage.folder / "selection.json").is_file():
+                chosen = read_json(stage.folder / "selection.json")
+                summary["selected"] = {"epoch": chosen["epoch"], "val_accuracy": chosen["val_accuracy"]}
             return {**summary, "reused_from": source["folder"]} if source else summary
 
         stage.run(config, train_original)
@@ -167,7 +174,7 @@ class Experiment:
             resumed = (stage.checkpoint / "state.json").is_file()
             model = load_weights(self.fresh_model(config.train.seed), self.original).to(dev)
             forget, retain = self.sets["forget"], self.sets["retain"]
-            ctx = UnlearnContext(config, self.accelerator, stage.folder, stage.fingerprint, *forget, *retain, num_classes=self.num_classes)
+            ctx = UnlearnContext(config, self.accelerator, stage.folder, stage.fingerprint, *forget, *retain, self.num_classes, *self.val)
             method = get_method(name)(ctx)
             if dev.type == "cuda":
                 torch.cuda.synchronize()

@@ -22,10 +22,11 @@ from accelerate import Accelerator
 
 from erasure.classification.config import ClassificationConfig, RecipeConfig
 from erasure.classification.data import EpochSampler, augment, to_input
+from erasure.classification.metrics import predict
 from erasure.classification.model import CHANNEL_STATS, resnet18
 from erasure.core.errors import ErasureError
-from erasure.core.io import load_tensors, save_tensors
-from erasure.core.loop import LoopSettings, train
+from erasure.core.io import load_tensors, save_tensors, write_json
+from erasure.core.loop import LoopSettings, Monitor, train
 from erasure.core.saliency import Mask
 
 # (model, inputs, labels, epoch) -> (loss, numbers to log)
@@ -155,15 +156,19 @@ def fit(
     constraint_mask: Mask | None = None,
     desc: str = "training",
     sync_bn: bool = True,
+    val: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> nn.Module:
     """Train ``model`` on uint8 ``images`` (already on the device) for ``recipe.epochs`` epochs.
 
     The loss defaults to cross-entropy with the recipe's label smoothing (the original model
     and Retrain). Resumes from ``folder/checkpoint``; ``constraint_mask`` freezes its False
-    entries bit for bit; ``sync_bn`` as in :func:`fit_passes`.
+    entries bit for bit; ``sync_bn`` as in :func:`fit_passes`. With ``recipe.select`` =
+    ``best_val`` the returned weights are those of the epoch that scored best on ``val``
+    (images, labels), and ``folder/selection.json`` records every epoch's score.
     """
     loss_fn = loss_fn if loss_fn is not None else smoothed_cross_entropy(recipe.label_smoothing)
-    return fit_passes(model, [Pass(images, labels, loss_fn)], recipe, folder, accelerator, fingerprint, constraint_mask, desc, sync_bn)
+    passes = [Pass(images, labels, loss_fn)]
+    return fit_passes(model, passes, recipe, folder, accelerator, fingerprint, constraint_mask, desc, sync_bn, val=val)
 
 
 def fit_passes(
@@ -177,6 +182,7 @@ def fit_passes(
     desc: str = "training",
     sync_bn: bool = True,
     mask_hold: bool = True,
+    val: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> nn.Module:
     """Train ``model`` for ``recipe.epochs`` epochs, each running ``passes`` in order (see :class:`PassSchedule`).
 
@@ -185,7 +191,9 @@ def fit_passes(
     (and zeroes their optimizer state) after every step, or with ``mask_hold=False`` only
     masks their gradients. With several processes each trains
     on its shard of every global batch (see the module's docstring); ``sync_bn`` (the
-    config's ``sync_batchnorm``) normalizes with the global batch's statistics.
+    config's ``sync_batchnorm``) normalizes with the global batch's statistics. With
+    ``recipe.select`` = ``best_val`` the returned weights are those of the epoch that scored
+    best on ``val`` (images, labels), and ``folder/selection.json`` records every epoch's score.
     """
     schedule = PassSchedule(passes, recipe.batch_size, recipe.seed, recipe.augment, recipe.drop_last)
     spe = schedule.steps_per_epoch
@@ -223,11 +231,65 @@ def fit_passes(
         mask_hold=mask_hold,
         desc=desc,
     )
+    best = None
+    if recipe.select == "best_val":
+        if val is None or not len(val[1]):
+            raise ErasureError(f"{desc}: select=best_val needs validation images; set split.val_size > 0, or select=last.")
+        best = BestOnValidation(*val, spe, accelerator)
     if accelerator.device.type == "cuda":
         model = model.to(accelerator.device, memory_format=torch.channels_last)
     with synced_batchnorm(model, accelerator, sync_bn):
-        model, _ = train(model, step_loss, settings, folder, accelerator, constraint_mask=constraint_mask, fingerprint=fingerprint)
+        model, _ = train(model, step_loss, settings, folder, accelerator, constraint_mask, fingerprint, monitor=best)
+    if best is not None:
+        best.restore(model)
+        if accelerator.is_main_process:
+            write_json(Path(folder) / "selection.json", best.record())
     return model
+
+
+class BestOnValidation(Monitor):
+    """After every epoch, score the model on the validation images and keep the best epoch's weights.
+
+    The reference keeps its original model this way (``model_SA_best``: validation accuracy
+    after each epoch, a strictly higher score replacing the kept one). The kept weights and
+    every epoch's score travel with the run's checkpoints, so a resumed run keeps what the
+    uninterrupted one would.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, steps_per_epoch: int, accelerator: Accelerator) -> None:
+        self.images, self.labels, self.steps_per_epoch, self.accelerator = images, labels, steps_per_epoch, accelerator
+        self.scores: list[float] = []  # validation accuracy (percent) after each epoch
+        self.weights: dict[str, torch.Tensor] = {}  # the best epoch's state dict, on the CPU
+
+    @property
+    def best_epoch(self) -> int:
+        """The 1-based epoch with the highest score (the first, on ties); 0 before the first epoch ends."""
+        return max(range(len(self.scores)), key=self.scores.__getitem__) + 1 if self.scores else 0
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        if step % self.steps_per_epoch:
+            return
+        score = predict(model, self.images, self.labels, 512, self.accelerator).accuracy
+        model.train()
+        self.scores.append(score)
+        if self.best_epoch == len(self.scores):
+            self.weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        return self.weights, {"scores": self.scores}
+
+    def load(self, tensors: dict[str, torch.Tensor], values: dict) -> None:
+        self.weights, self.scores = dict(tensors), list(values.get("scores", []))
+
+    def restore(self, model: nn.Module) -> None:
+        """Put the best epoch's weights into ``model``."""
+        model.load_state_dict(self.weights)
+
+    def record(self) -> dict:
+        """What ``selection.json`` holds."""
+        best = self.best_epoch
+        scores = self.scores
+        return {"select": "best_val", "epoch": best, "val_accuracy": scores[best - 1], "val_images": len(self.labels), "scores": scores}
 
 
 def shard(n: int, rank: int, processes: int) -> slice:

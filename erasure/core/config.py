@@ -292,11 +292,18 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
-        if key not in names:
-            raise ErasureError(f"unknown config key '{prefix}{key}'.{_closest(key, names)}")
+        if key not in fields:
+            raise ErasureError(f"unknown config key '{prefix}{key}'.{_closest(key, list(fields))}")
+        factory = fields[key].default_factory
+        if isinstance(value, dict) and factory is not dataclasses.MISSING:
+            default = factory()
+            if dataclasses.is_dataclass(default):
+                # A section given in part keeps the schema's defaults for the rest: those of the
+                # field (e.g. GA's 5 epochs), which may differ from its section class's own.
+                value = _merge(to_dict(default), value)
         kwargs[key] = _coerce(value, hints[key], prefix + key)
     return cls(**kwargs)
 

@@ -36,6 +36,27 @@ from erasure.core.tracking import TrackerRun, parse_log_with
 if TYPE_CHECKING:
     from diffusers.training_utils import EMAModel
 
+
+class Monitor:
+    """Watches a run after every step and keeps its own state in the run's checkpoints.
+
+    The classification path keeps the weights of the epoch with the best validation
+    accuracy this way (:class:`erasure.classification.train.BestOnValidation`): what it
+    holds at a checkpoint is what it held at that step, so a resumed run ends as the
+    uninterrupted one would.
+    """
+
+    def after_step(self, model: torch.nn.Module, step: int) -> None:
+        """Called with the unwrapped model after ``step`` optimizer steps (1-based), before any checkpoint of that step."""
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Tensors and JSON-able values to keep in the checkpoint."""
+        return {}, {}
+
+    def load(self, tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
+        """Restore what :meth:`state` returned, from a checkpoint being resumed."""
+
+
 # A step's loss and the numbers worth logging (floats, or 0-d tensors read only on logged steps).
 StepLoss = Callable[[torch.nn.Module, torch.Generator, int], tuple[torch.Tensor, dict[str, float | torch.Tensor]]]
 
@@ -241,10 +262,12 @@ def train(
     accelerator: Accelerator,
     constraint_mask=None,  # a saliency.Mask: only its True entries may change
     fingerprint: str = "",
+    monitor: Monitor | None = None,
 ) -> tuple[torch.nn.Module, EMAModel | None]:
     """Optimize ``model`` for ``settings.steps`` steps, resuming from ``folder/checkpoint``.
 
-    Returns the trained (unwrapped) model and its EMA, if one was kept.
+    Returns the trained (unwrapped) model and its EMA, if one was kept. ``monitor`` sees
+    the model after every step, and its state travels with the checkpoints.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -273,6 +296,8 @@ def train(
             ema.load_state_dict({**state["ema_state"], "shadow_params": [state["ema"][n] for n in names]})
             # The file's tensors are CPU and contiguous: the averages live beside their parameters.
             ema.shadow_params = [_like(p, s) for p, s in zip(params, ema.shadow_params)]
+        if monitor is not None:
+            monitor.load(state.get("monitor", {}), state.get("monitor_values", {}))
         start = state["step"]
         accelerator.print(f"resuming {settings.desc} from step {start} ({ckpt_dir})")
 
@@ -289,6 +314,8 @@ def train(
             ema_state = ema.state_dict()
             tensors["ema"] = dict(zip(names, ema_state.pop("shadow_params")))
             extra["ema_state"] = ema_state
+        if monitor is not None:
+            tensors["monitor"], extra["monitor_values"] = monitor.state()
         save_checkpoint(ckpt_dir, step, tensors, extra)
 
     log_path = folder / "log.csv"
@@ -321,6 +348,8 @@ def train(
                 constraint.enforce(optimizer)
             if ema is not None:
                 ema.step(params)
+            if monitor is not None:
+                monitor.after_step(accelerator.unwrap_model(model), step + 1)
             bar.update(1)
             stopping = stop.agreed()
             every = settings.checkpoint_every

@@ -29,6 +29,8 @@ class UnlearnContext:
     retain_images: torch.Tensor
     retain_labels: torch.Tensor
     num_classes: int
+    val_images: torch.Tensor | None = None  # the validation split: only a recipe with select=best_val reads it
+    val_labels: torch.Tensor | None = None
 
     def recipe(self, epochs: int, lr: float) -> RecipeConfig:
         """The unlearning recipe: SGD with momentum at a constant lr, the shared batch size and augmentation."""

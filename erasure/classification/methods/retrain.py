@@ -11,5 +11,6 @@ class Retrain(Method):
     def run(self, model: nn.Module) -> nn.Module:
         ctx, recipe = self.ctx, self.ctx.config.retrain
         fresh = build_model(ctx.config, ctx.retain_images.shape[1], ctx.num_classes, recipe.seed).to(ctx.accelerator.device)
-        data = (ctx.retain_images, ctx.retain_labels)
-        return fit(fresh, *data, recipe, ctx.folder, ctx.accelerator, ctx.fingerprint, desc="retrain", sync_bn=ctx.config.sync_batchnorm)
+        data, val = (ctx.retain_images, ctx.retain_labels), (ctx.val_images, ctx.val_labels)
+        sync_bn = ctx.config.sync_batchnorm
+        return fit(fresh, *data, recipe, ctx.folder, ctx.accelerator, ctx.fingerprint, desc="retrain", sync_bn=sync_bn, val=val)
