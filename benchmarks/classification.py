@@ -13,7 +13,8 @@ Extra ``key=value`` arguments override the config, as on the ``erasure`` command
 Finished stages are reused, so an interrupted benchmark resumes where it stopped (the
 JSON then marks which stages were reused and the total time covers the last run only).
 The JSON is written once the table is done and again after every sweep point
-(``sweep.points_done`` of ``sweep.points``), so a run stopped by a time limit keeps them.
+(``sweep.points_done`` of ``sweep.points``) or trial (``trials.trials_done``, with
+``--trials N``), so a run stopped by a time limit keeps them.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from erasure.classification.config import ClassificationConfig
 from erasure.classification.metrics import markdown
 from erasure.classification.pipeline import Experiment, method_stage, original_stage, run_table
 from erasure.classification.sweep import run_sweep
+from erasure.classification.trials import run_trials
 from erasure.core.config import load_config, to_dict
 from erasure.core.io import write_json, write_text
 
@@ -58,6 +60,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and Markdown (default benchmarks/results)")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...", help="also run this grid (as the CLI's --sweep)")
+    parser.add_argument("--trials", type=int, metavar="N", help="also run N trials of the table (as the CLI's --trials)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     if args.threads:
@@ -108,6 +111,16 @@ def main() -> None:
 
         run_sweep(config, experiment=experiment, on_point=save_sweep)  # the table's original model and Retrain, reused
         print("\n" + (out / f"{name}_sweep.md").read_text())
+    if args.trials:
+
+        def save_trials(trials: dict) -> None:  # after every trial: a run cut short keeps the trials it finished
+            result["trials"] = {k: trials[k] for k in ("trials", "trials_done", "varied", "summary", "tables")}
+            result["total_seconds"] = round(time.perf_counter() - start, 1)
+            write_json(out / f"{name}.json", result)
+            write_text(out / f"{name}_trials.md", (Path(config.workdir) / "trials.md").read_text())
+
+        run_trials(config, args.trials, experiment=experiment, on_trial=save_trials)  # trial 0: the table's runs, reused
+        print("\n" + (out / f"{name}_trials.md").read_text())
     print(f"wrote {out / f'{name}.json'} in {result['total_seconds']} s")
 
 

@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import signal
+import statistics
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ from erasure.classification.train import PassSchedule, fit
 from erasure.cli import main
 from erasure.core.config import load_config
 from erasure.core.errors import ErasureError
-from erasure.core.io import load_checkpoint
+from erasure.core.io import load_checkpoint, load_tensors
 from erasure.core.loop import LoopSettings, make_accelerator, step_generator, train
 from erasure.core.saliency import Mask, MaskConstraint
 from tests.conftest import DEVICE, no_host_sync
@@ -625,6 +626,41 @@ def test_a_grid_over_two_methods_runs_each_method_once_per_setting_of_its_own(tm
     assert main(args) == 0
     assert "rl] unlearning ->" not in capsys.readouterr().out
     assert set(report["selected"]) == {"rl", "salun"}
+
+
+def test_trials_rerun_retrain_and_every_method_with_raised_seeds_and_report_mean_and_spread(tmp_path, capsys):
+    """Trial 0 is the table (reused); trial k reruns Retrain and the methods at seed + k on the same original model."""
+    workdir = tmp_path / "run"
+    args = ["unlearn-classifier", "--workdir", str(workdir), *TINY_TABLE, "unlearn.methods=[retrain,rl]"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main([*args, "--trials", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("unlearning ->") == 4 and "[seed+2/retrain] unlearning" in out and "[retrain] unlearning" not in out
+    report = json.loads((workdir / "trials.json").read_text())
+    assert (report["trials"], report["trials_done"], len(report["tables"])) == (3, 3, 3)
+    for k in (1, 2):
+        settings = (workdir / "trials" / f"seed+{k}" / "rl" / "config.yaml").read_text()
+        assert f"seed: {k}" in settings.split("unlearn:")[1] and f"seed: {k}" in settings.split("retrain:")[1].split("unlearn:")[0]
+    retrains = [load_tensors(folder / "retrain" / "model.safetensors") for folder in (workdir, workdir / "trials" / "seed+1")]
+    assert any(not torch.equal(retrains[0][n], retrains[1][n]) for n in retrains[0])  # another Retrain, not a copy
+    rl = [next(r for r in table if r["method"] == "rl") for table in report["tables"]]
+    gaps = [r["avg_gap"] for r in rl]
+    assert report["summary"]["rl"]["avg_gap"] == {"mean": statistics.fmean(gaps), "std": statistics.stdev(gaps)}
+    assert report["summary"]["original"]["TA"]["std"] == 0  # one original model
+    md = (workdir / "trials.md").read_text()
+    assert md in out and "| rl |" in md and " ± " in md
+
+    # A rerun reuses every run; one more trial runs only its own.
+    stamps = {p: p.stat().st_mtime_ns for p in workdir.rglob("model.safetensors")}
+    assert main([*args, "--trials", "3"]) == 0
+    assert "unlearning ->" not in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in workdir.rglob("model.safetensors")} == stamps
+    assert main([*args, "--trials", "4"]) == 0
+    assert capsys.readouterr().out.count("unlearning ->") == 2
+    for bad, message in [(["--trials", "0"], "at least 1"), (["--trials", "2", "--sweep", "unlearn.rl.lr=0.02"], "two different runs")]:
+        assert main([*args, *bad]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_salun_mask_sees_the_training_augmentation_as_the_reference(tmp_path):

@@ -203,6 +203,7 @@ SCENARIOS: dict[str, tuple[list[Run], bool]] = {
                 TINY_TABLE,
                 replace={"/tmp/cls-demo": "cls-demo"},
             ),
+            Run("erasure unlearn-classifier --workdir /tmp/cls-demo --trials 3", TINY_TABLE, replace={"/tmp/cls-demo": "cls-demo"}),
         ],
         True,
     ),

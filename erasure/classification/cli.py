@@ -9,14 +9,18 @@ from pathlib import Path
 from erasure.classification.config import ClassificationConfig
 from erasure.core.cli import config_command, load
 from erasure.core.config import to_yaml
+from erasure.core.errors import ErasureError
 
 
 def cmd_unlearn_classifier(args: argparse.Namespace) -> None:
-    """Run (or resume) every method of the table and print it; with a sweep grid, run the sweep instead."""
+    """Run (or resume) every method of the table and print it; with a sweep grid or --trials, run those instead."""
     config = load(args)
     if args.sweep:  # added to the config's own grid, then checked like it
         config.sweep.grid = [*config.sweep.grid, *args.sweep]
         config.validate()
+    if args.trials is not None and (args.trials < 1 or config.sweep.grid):
+        why = "must be at least 1" if args.trials < 1 else "and a sweep are two different runs; give one of them"
+        raise ErasureError(f"--trials {why}.")
     if args.print_config:
         print(to_yaml(config), end="")
         return
@@ -26,6 +30,16 @@ def cmd_unlearn_classifier(args: argparse.Namespace) -> None:
 
     start = time.time()
     main = is_main_process()  # under accelerate launch every process runs this; the main one prints
+    if args.trials is not None:
+        from erasure.classification.trials import run_trials
+
+        run_trials(config, args.trials)
+        if not main:
+            return
+        print("\n" + (Path(config.workdir) / "trials.md").read_text(), end="")
+        print(f"trials: {Path(config.workdir) / 'trials.md'} (+ trials.json, every trial's table)")
+        print(f"done in {time.time() - start:.0f} s")
+        return
     if config.sweep.grid:
         from erasure.classification.sweep import run_sweep
 
@@ -56,5 +70,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default=[],
         metavar="KEY=V1,V2,...",
         help="grid over an unlearning setting (repeatable; adds to sweep.grid), e.g. unlearn.salun.lr=0.005,0.01,0.013,0.02",
+    )
+    p.add_argument(
+        "--trials",
+        type=int,
+        metavar="N",
+        help="run the table N times, retrain.seed and unlearn.seed + 0..N-1, and report each metric's mean and spread",
     )
     return p
