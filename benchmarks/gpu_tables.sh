@@ -10,8 +10,10 @@
 # reference trains it once. Each table is one benchmarks/classification.py run writing its
 # JSON and Markdown into $OUT (default benchmarks/results); finished stages under $RUNS
 # (default runs/classification) are reused when a run is repeated on the same machine.
-#   sh benchmarks/gpu_tables.sh [random10|others|all|recipe] [LABEL] [key=value ...]   (default: all h100-fast)
+#   sh benchmarks/gpu_tables.sh [random10|others|all|recipe|trials] [LABEL] [key=value ...]   (default: all h100-fast)
 # `recipe` trains only original models: the reference recipe and a fast variant, for the TA question.
+# `trials`: the random-10% table (Retrain, RL, SalUn) in three trials (retrain.seed and unlearn.seed
+# + 0, 1, 2; trial 0 is the table's own runs), for the seed noise of each gap (~8 min on one H100).
 # The overrides go to every table (the tests run the script on a tiny dataset this way).
 # One H100, measured: original ~106 s, Retrain ~96 s (random 10%); each half of `all` is
 # meant for one 600 s device call. CIFAR-10 comes from .gpu-data/ (gpu_wheels.sh cifar10).
@@ -31,7 +33,11 @@ table() {  # table SETTING [args...]: the fast-recipe table of a forgetting sett
     setting=$1; shift
     run "cifar10_${setting}_fast" "$LABEL" "$RUNS/cifar10_${setting}_fast" "$@"
 }
-case $PART in random10|others|all|recipe) ;; *) echo "unknown part '$PART': random10, others, all or recipe" >&2; exit 2 ;; esac
+case $PART in random10|others|all|recipe|trials) ;; *) echo "unknown part '$PART': random10, others, all, recipe or trials" >&2; exit 2 ;; esac
+if [ "$PART" = trials ]; then
+    table random10 --trials 3 "unlearn.methods=[retrain,rl,salun]" "$@"
+    exit 0
+fi
 if [ "$PART" = recipe ]; then
     # Is 94% reachable on the JPEG copy? The original model alone, with the reference recipe
     # (182 epochs, batch 256; ~5 min on an H100 in bf16, hence mixed_precision=auto: the question is the

@@ -278,6 +278,13 @@ def test_gpu_tables_script_runs_the_three_settings_on_a_tiny_dataset(tmp_path):
         assert [row["method"] for row in report["table"]] == ["original"] and report["settings"]["train"]["lr"] == lr
         assert report["settings"]["workdir"] == str(runs / f"recipe-{recipe}")
 
+    # trials: the random-10% table (Retrain, RL, SalUn) three times; trial 0 is the table made above
+    result = subprocess.run(["sh", "benchmarks/gpu_tables.sh", "trials", "tiny-trials", *tiny], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "classification_cifar10_random10_fast_tiny-trials.json").read_text())
+    assert (report["trials"]["trials_done"], list(report["trials"]["summary"])) == (3, ["original", "retrain", "rl", "salun"])
+    assert report["reused"]["salun"] and (out / "classification_cifar10_random10_fast_tiny-trials_trials.md").is_file()
+
 
 def test_the_classification_path_needs_no_diffusers(tmp_path):
     """A GPU image without diffusers (the device's) runs the classification table: diffusers is imported only where
