@@ -17,7 +17,7 @@ from erasure.classification.methods import UnlearnContext, get_method
 from erasure.classification.methods.iu import woodbury_solve, woodfisher_reference
 from erasure.classification.methods.l1 import l1_gamma
 from erasure.classification.methods.rl import rl_passes
-from erasure.classification.metrics import predict
+from erasure.classification.metrics import mia_efficacy, predict
 from erasure.classification.model import resnet18
 from erasure.classification.sweep import grid_points, own_label, parse_grid, run_sweep, select, swept_methods
 from erasure.classification.train import PassSchedule, fit
@@ -465,6 +465,39 @@ def test_metrics_and_mia_use_fp32_outputs():
     dtypes.clear()
     predict(model, images, labels, 8, _FakeAccelerator(), autocast=True)  # the named option
     assert set(dtypes) == {torch.bfloat16}
+
+
+def test_the_mia_learns_members_from_the_first_retain_images_as_the_reference(tmp_path, monkeypatch, capsys):
+    """SVC_MIA's members are Subset(retain, range(len(test))); mia_members=random draws them; changing it re-scores only."""
+    from sklearn import svm
+
+    fitted = []
+
+    class Recording(svm.SVC):
+        def fit(self, x, y):
+            fitted.append((torch.from_numpy(x[:, 0].copy()), torch.from_numpy(y.copy())))
+            return super().fit(x, y)
+
+    monkeypatch.setattr(svm, "SVC", Recording)
+    g = torch.Generator().manual_seed(0)
+    retain, test, forget = torch.rand(50, generator=g), torch.rand(20, generator=g), torch.rand(10, generator=g)
+    mia_efficacy(retain, test, forget)
+    x, y = fitted[-1]
+    assert torch.equal(x, torch.cat([retain[:20], test]).double()) and y.tolist() == [1.0] * 20 + [0.0] * 20
+    mia_efficacy(retain, test, forget, members="random")
+    assert not torch.equal(fitted[-1][0][:20], x[:20]) and fitted[-1][1].tolist() == y.tolist()
+    assert ClassificationConfig().mia_members == "first"
+
+    workdir = tmp_path / "run"
+    args = ["unlearn-classifier", "--workdir", str(workdir), *TINY_TABLE, "unlearn.methods=[retrain,rl]"]
+    assert main(args) == 0
+    stamps = {p: p.stat().st_mtime_ns for p in workdir.rglob("model.safetensors")}
+    capsys.readouterr()
+    assert main([*args, "mia_members=random"]) == 0
+    assert "->" not in capsys.readouterr().out  # nothing trained or unlearned again
+    assert {p: p.stat().st_mtime_ns for p in workdir.rglob("model.safetensors")} == stamps
+    for stage in ("original", "retrain", "rl"):
+        assert json.loads((workdir / stage / "done.json").read_text())["mia_members"] == "random"
 
 
 def test_config_defaults_are_the_reference_settings():

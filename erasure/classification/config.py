@@ -204,6 +204,9 @@ class ClassificationConfig(RunConfig):
     # fp32: metrics (and the MIA's confidences) from fp32 forward passes, as in the reference;
     # autocast: under the training precision (bf16 confidences near 1 are coarse and move the MIA).
     eval_precision: Literal["fp32", "autocast"] = "fp32"
+    # The MIA's member examples (as many retain images as test images): first, the first ones in
+    # dataset order, as the reference's SVC_MIA; random, a seeded draw over the retain set.
+    mia_members: Literal["first", "random"] = "first"
     # Several processes (accelerate launch): BatchNorm normalizes each step with the statistics of
     # the whole global batch, as the reference's one-GPU run does (SyncBatchNorm on GPUs). false:
     # each process's shard only (plain DDP). No effect on one process.

@@ -58,12 +58,22 @@ def predict(
     return Predictions(torch.cat(correct), torch.cat(confidence))
 
 
-def mia_efficacy(retain_conf: torch.Tensor, test_conf: torch.Tensor, forget_conf: torch.Tensor, seed: int = 0) -> float:
-    """MIA-efficacy in percent: how much of the forget set a confidence-based attack calls non-member."""
+def mia_efficacy(
+    retain_conf: torch.Tensor, test_conf: torch.Tensor, forget_conf: torch.Tensor, seed: int = 0, members: str = "first"
+) -> float:
+    """MIA-efficacy in percent: how much of the forget set a confidence-based attack calls non-member.
+
+    The attack learns members from as many retain images as there are test images: the first
+    ones in dataset order (``members="first"``, the reference's ``Subset(retain, range(len(test)))``)
+    or a seeded random draw (``"random"``).
+    """
     from sklearn.svm import SVC
 
-    g = torch.Generator().manual_seed(seed)
-    members = retain_conf[torch.randperm(len(retain_conf), generator=g)[: len(test_conf)]]
+    if members == "first":
+        chosen = torch.arange(min(len(retain_conf), len(test_conf)))
+    else:
+        chosen = torch.randperm(len(retain_conf), generator=torch.Generator().manual_seed(seed))[: len(test_conf)]
+    members = retain_conf[chosen]
     x = torch.cat([members, test_conf]).double().numpy()[:, None]
     y = np.concatenate([np.ones(len(members)), np.zeros(len(test_conf))])
     clf = SVC(C=3, gamma="auto", kernel="rbf").fit(x, y)
@@ -78,6 +88,7 @@ def score(
     accelerator: Accelerator,
     seed: int = 0,
     autocast: bool = False,
+    mia_members: str = "first",
 ) -> dict[str, float]:
     """UA, RA, TA, MIA (percent) of ``model``; class-wise runs add the forgotten class's test accuracy."""
     p = {name: predict(model, x, y, batch_size, accelerator, autocast) for name, (x, y) in sets.items() if len(y)}
@@ -87,7 +98,7 @@ def score(
         "UA": 100.0 - p["forget"].accuracy,
         "RA": p["retain"].accuracy,
         "TA": p["test"].accuracy,
-        "MIA": mia_efficacy(p["retain"].confidence, p["test"].confidence, p["forget"].confidence, seed),
+        "MIA": mia_efficacy(p["retain"].confidence, p["test"].confidence, p["forget"].confidence, seed, mia_members),
     }
     if "test_forget" in p:
         out["TA_forget_class"] = p["test_forget"].accuracy

@@ -38,6 +38,14 @@ from erasure.core.io import read_json, write_json, write_text
 from erasure.core.loop import make_accelerator, stage_precision
 from erasure.core.stages import Stage, config_fingerprint, on_main_process, wait_for_everyone
 
+# How a finished stage's metrics were taken; a stage recorded before a key existed used these.
+EARLIER_EVAL = {"eval_precision": "autocast", "mia_members": "random"}
+
+
+def eval_settings(config: ClassificationConfig) -> dict[str, str]:
+    """The settings that score a model (not part of any stage's fingerprint: changing one re-scores, never retrains)."""
+    return {"eval_precision": config.eval_precision, "mia_members": config.mia_members}
+
 
 def original_stage(config: ClassificationConfig) -> Stage:
     """The model trained on the whole train split (the forget set does not matter to it)."""
@@ -129,7 +137,7 @@ class Experiment:
                 return {}  # only the main process's summary is written
             save_model(model, stage.folder / "model.safetensors")
             # Scored here, on this config's sets: UA and MIA depend on the forget set.
-            summary = {"train_minutes": minutes, "metrics": self.evaluate(model), "eval_precision": config.eval_precision}
+            summary = {"train_minutes": minutes, "metrics": self.evaluate(model), **eval_settings(config)}
             if (stage.folder / "selection.json").is_file():
                 chosen = read_json(stage.folder / "selection.json")
                 summary["selected"] = {"epoch": chosen["epoch"], "val_accuracy": chosen["val_accuracy"]}
@@ -146,17 +154,18 @@ class Experiment:
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         """UA, RA, TA, MIA of ``model`` on this experiment's sets."""
         c = self.config
-        return score(model, self.sets, c.eval_batch_size, self.accelerator, seed=c.split.seed, autocast=c.eval_precision == "autocast")
+        autocast = c.eval_precision == "autocast"
+        return score(model, self.sets, c.eval_batch_size, self.accelerator, c.split.seed, autocast, c.mia_members)
 
     def _metrics(self, stage: Stage) -> dict[str, float]:
-        """A finished stage's metrics; re-scored from its saved model if they were taken at another eval precision."""
+        """A finished stage's metrics; re-scored from its saved model if they were taken with other eval settings."""
         done = read_json(stage.folder / "done.json")
-        if done.get("eval_precision", "autocast") != self.config.eval_precision:
+        if any(done.get(key, EARLIER_EVAL[key]) != value for key, value in eval_settings(self.config).items()):
             wait_for_everyone()  # every process has read the old record, so all take this branch, before it is rewritten
 
             def rescore() -> None:
                 model = load_weights(self.fresh_model(0), stage.folder / "model.safetensors").to(self.accelerator.device)
-                done.update(metrics=self.evaluate(model), eval_precision=self.config.eval_precision)
+                done.update(metrics=self.evaluate(model), **eval_settings(self.config))
                 write_json(stage.folder / "done.json", done)
 
             on_main_process(rescore)
@@ -187,7 +196,7 @@ class Experiment:
                 return {}  # only the main process's summary is written
             save_model(model, stage.folder / "model.safetensors")
             summary = {"method": name, "rte_minutes": rte, "resumed": resumed, "metrics": self.evaluate(model), **method.info}
-            return {**summary, "eval_precision": config.eval_precision}
+            return {**summary, **eval_settings(config)}
 
         stage.run(config, unlearn)
         row = {**self._metrics(stage), "RTE": read_json(stage.folder / "done.json")["rte_minutes"]}
