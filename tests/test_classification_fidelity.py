@@ -122,6 +122,16 @@ def test_the_original_model_is_the_best_validation_epoch_as_the_reference(tmp_pa
     assert yaml_like.train.select == "best_val"
     with pytest.raises(ErasureError, match="select=best_val needs a validation split"):
         load_config(None, ["split.val_size=0"], schema=ClassificationConfig)
+    # Retrain may keep its best epoch too (a named option): the table hands it the validation split.
+    workdir = tmp_path / "table"
+    args = ["unlearn-classifier", "--workdir", str(workdir), *TINY_TABLE, "unlearn.methods=[retrain]", "retrain.select=best_val"]
+    assert main(args) == 0
+    for stage in ("original", "retrain"):
+        kept = json.loads((workdir / stage / "selection.json").read_text())
+        assert json.loads((workdir / stage / "done.json").read_text())["selected"] == {k: kept[k] for k in ("epoch", "val_accuracy")}
+    ctx, model = tiny_context(tmp_path / "no-val", **{"retrain.select": "best_val"})  # a context without validation images
+    with pytest.raises(ErasureError, match="retrain: select=best_val needs validation images"):
+        get_method("retrain")(ctx).run(model)
 
 
 def test_the_best_epoch_survives_an_interruption(tmp_path, monkeypatch):

@@ -47,6 +47,15 @@ def eval_settings(config: ClassificationConfig) -> dict[str, str]:
     return {"eval_precision": config.eval_precision, "mia_members": config.mia_members}
 
 
+def selected(stage: Stage) -> dict[str, Any]:
+    """For ``done.json``: the epoch a run kept and its validation accuracy, where it kept its best (select: best_val)."""
+    path = stage.folder / "selection.json"
+    if not path.is_file():
+        return {}
+    chosen = read_json(path)
+    return {"selected": {"epoch": chosen["epoch"], "val_accuracy": chosen["val_accuracy"]}}
+
+
 def original_stage(config: ClassificationConfig) -> Stage:
     """The model trained on the whole train split (the forget set does not matter to it)."""
     return Stage(
@@ -137,10 +146,7 @@ class Experiment:
                 return {}  # only the main process's summary is written
             save_model(model, stage.folder / "model.safetensors")
             # Scored here, on this config's sets: UA and MIA depend on the forget set.
-            summary = {"train_minutes": minutes, "metrics": self.evaluate(model), **eval_settings(config)}
-            if (stage.folder / "selection.json").is_file():
-                chosen = read_json(stage.folder / "selection.json")
-                summary["selected"] = {"epoch": chosen["epoch"], "val_accuracy": chosen["val_accuracy"]}
+            summary = {"train_minutes": minutes, "metrics": self.evaluate(model), **eval_settings(config), **selected(stage)}
             return {**summary, "reused_from": source["folder"]} if source else summary
 
         stage.run(config, train_original)
@@ -196,7 +202,7 @@ class Experiment:
                 return {}  # only the main process's summary is written
             save_model(model, stage.folder / "model.safetensors")
             summary = {"method": name, "rte_minutes": rte, "resumed": resumed, "metrics": self.evaluate(model), **method.info}
-            return {**summary, **eval_settings(config)}
+            return {**summary, **eval_settings(config), **selected(stage)}
 
         stage.run(config, unlearn)
         row = {**self._metrics(stage), "RTE": read_json(stage.folder / "done.json")["rte_minutes"]}

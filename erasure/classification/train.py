@@ -233,7 +233,7 @@ def fit_passes(
     )
     best = None
     if recipe.select == "best_val":
-        if val is None or not len(val[1]):
+        if val is None or val[1] is None or not len(val[1]):
             raise ErasureError(f"{desc}: select=best_val needs validation images; set split.val_size > 0, or select=last.")
         best = BestOnValidation(*val, spe, accelerator)
     if accelerator.device.type == "cuda":
