@@ -24,37 +24,28 @@ def cmd_unlearn_classifier(args: argparse.Namespace) -> None:
     if args.print_config:
         print(to_yaml(config), end="")
         return
-    from erasure.classification.metrics import markdown
     from erasure.classification.pipeline import run_table
     from erasure.core.stages import is_main_process
 
     start = time.time()
-    main = is_main_process()  # under accelerate launch every process runs this; the main one prints
+    workdir = Path(config.workdir)
     if args.trials is not None:
         from erasure.classification.trials import run_trials
 
         run_trials(config, args.trials)
-        if not main:
-            return
-        print("\n" + (Path(config.workdir) / "trials.md").read_text(), end="")
-        print(f"trials: {Path(config.workdir) / 'trials.md'} (+ trials.json, every trial's table)")
-        print(f"done in {time.time() - start:.0f} s")
-        return
-    if config.sweep.grid:
+        shown, note = workdir / "trials.md", "(+ trials.json, every trial's table)"
+    elif config.sweep.grid:
         from erasure.classification.sweep import run_sweep
 
-        report = run_sweep(config)
-        if not main:
-            return
-        print("\n" + (Path(config.workdir) / "sweep.md").read_text(), end="")
-        print(f"sweep: {Path(config.workdir) / 'sweep.md'} (+ sweep.json), {len(report['table'])} rows")
-        print(f"done in {time.time() - start:.0f} s")
+        rows = len(run_sweep(config)["table"])
+        shown, note = workdir / "sweep.md", f"(+ sweep.json), {rows} rows"
+    else:
+        run_table(config)
+        shown, note = workdir / "results.md", "(+ results.json)"
+    if not is_main_process():  # under accelerate launch every process runs this; the main one prints
         return
-    table = run_table(config)
-    if not main:
-        return
-    print("\n" + markdown(table))
-    print(f"results: {Path(config.workdir) / 'results.md'} (+ results.json)")
+    print("\n" + shown.read_text(), end="")
+    print(f"{shown.stem}: {shown} {note}")
     print(f"done in {time.time() - start:.0f} s")
 
 
