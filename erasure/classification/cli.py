@@ -18,9 +18,8 @@ def cmd_unlearn_classifier(args: argparse.Namespace) -> None:
     if args.sweep:  # added to the config's own grid, then checked like it
         config.sweep.grid = [*config.sweep.grid, *args.sweep]
         config.validate()
-    if args.trials is not None and (args.trials < 1 or config.sweep.grid):
-        why = "must be at least 1" if args.trials < 1 else "and a sweep are two different runs; give one of them"
-        raise ErasureError(f"--trials {why}.")
+    if args.trials is not None and config.sweep.grid:  # (run_trials checks the count itself)
+        raise ErasureError("--trials and a sweep are two different runs; give one of them.")
     if args.print_config:
         print(to_yaml(config), end="")
         return

@@ -73,9 +73,8 @@ def mia_efficacy(
         chosen = torch.arange(min(len(retain_conf), len(test_conf)))
     else:
         chosen = torch.randperm(len(retain_conf), generator=torch.Generator().manual_seed(seed))[: len(test_conf)]
-    members = retain_conf[chosen]
-    x = torch.cat([members, test_conf]).double().numpy()[:, None]
-    y = np.concatenate([np.ones(len(members)), np.zeros(len(test_conf))])
+    x = torch.cat([retain_conf[chosen], test_conf]).double().numpy()[:, None]
+    y = np.concatenate([np.ones(len(chosen)), np.zeros(len(test_conf))])
     clf = SVC(C=3, gamma="auto", kernel="rbf").fit(x, y)
     predicted_member = clf.predict(forget_conf.double().numpy()[:, None])
     return 100.0 * (1.0 - float(predicted_member.mean()))

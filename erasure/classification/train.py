@@ -162,9 +162,7 @@ def fit(
 
     The loss defaults to cross-entropy with the recipe's label smoothing (the original model
     and Retrain). Resumes from ``folder/checkpoint``; ``constraint_mask`` freezes its False
-    entries bit for bit; ``sync_bn`` as in :func:`fit_passes`. With ``recipe.select`` =
-    ``best_val`` the returned weights are those of the epoch that scored best on ``val``
-    (images, labels), and ``folder/selection.json`` records every epoch's score.
+    entries bit for bit; ``sync_bn`` and ``val`` as in :func:`fit_passes`.
     """
     loss_fn = loss_fn if loss_fn is not None else smoothed_cross_entropy(recipe.label_smoothing)
     passes = [Pass(images, labels, loss_fn)]

@@ -304,11 +304,12 @@ def train(
     if settings.compile:
         model.compile()  # in place: parameters, masks, checkpoints and state-dict keys stay those of the eager model
     model, optimizer = accelerator.prepare(model, optimizer)
+    inner = accelerator.unwrap_model(model)  # the module itself (DDP wraps it): unwrapped once, not every step
 
     def checkpoint(step: int) -> None:
         if not accelerator.is_main_process:
             return
-        tensors = {"model": _trained_state(accelerator.unwrap_model(model))}
+        tensors = {"model": _trained_state(inner)}
         extra = {"optimizer": optimizer.state_dict(), "fingerprint": fingerprint}
         if ema is not None:
             ema_state = ema.state_dict()
@@ -349,7 +350,7 @@ def train(
             if ema is not None:
                 ema.step(params)
             if monitor is not None:
-                monitor.after_step(accelerator.unwrap_model(model), step + 1)
+                monitor.after_step(inner, step + 1)
             bar.update(1)
             stopping = stop.agreed()
             every = settings.checkpoint_every
@@ -376,9 +377,9 @@ def train(
     bar.close()
     if constraint is not None:
         constraint.remove()
-    check_weights(accelerator.unwrap_model(model), settings.steps, settings.lr)
+    check_weights(inner, settings.steps, settings.lr)
     accelerator.wait_for_everyone()
-    return accelerator.unwrap_model(model), ema
+    return inner, ema
 
 
 class FiniteLosses:
