@@ -85,6 +85,37 @@ def test_the_validation_split_takes_each_class_its_share_as_the_reference():
     assert counts.sum() == 5000 and counts.tolist() != [500] * 10
 
 
+def test_the_original_model_trains_on_a_split_of_its_own_as_the_reference():
+    """The reference draws its original model's validation split with seed 1 and its unlearning split with seed 2.
+
+    So the original model never trained on about 10% of the unlearning train set (forget set
+    included): its own validation images. split.original=shared keeps one split for both.
+    """
+    labels = torch.arange(50_000) % 10
+    labels = labels[torch.randperm(50_000, generator=torch.Generator().manual_seed(1))]
+    test_labels = torch.arange(10_000) % 10
+    own = load_config(None, ["split.val_size=5000"], schema=ClassificationConfig)
+    assert own.split.original == "own"
+    split = make_split(labels, test_labels, own.split, own.forget)
+    assert torch.bincount(labels[split.original_val]).tolist() == [500] * 10 and len(split.original_train) == 45_000
+    assert set(split.original_train.tolist()) | set(split.original_val.tolist()) == set(range(50_000))
+    assert not set(split.original_train.tolist()) & set(split.original_val.tolist())
+    held_out = torch.isin(split.train, split.original_val)
+    assert 4_000 < int(held_out.sum()) < 5_000  # about 10% of the 45k, as the reference's 4,488
+    unseen = int((~torch.isin(split.forget, split.original_train)).sum())
+    assert 350 < unseen < 560  # about 10% of the 4,500 forget images (the reference's: 463)
+    shared = load_config(None, ["split.val_size=5000", "split.original=shared"], schema=ClassificationConfig)
+    one = make_split(labels, test_labels, shared.split, shared.forget)
+    assert torch.equal(one.original_train, one.train) and torch.equal(one.original_val, one.val)
+    for name in ("train", "val", "forget", "retain", "test"):  # the unlearning split does not depend on the option
+        assert torch.equal(getattr(one, name), getattr(split, name)), name
+    # A reduced run draws the original model's split from its own images only (train and val together).
+    reduced = load_config(None, ["split.val_size=500", "split.train_limit=4500"], schema=ClassificationConfig)
+    small = make_split(labels, test_labels, reduced.split, reduced.forget)
+    pool = set(small.train.tolist()) | set(small.val.tolist())
+    assert set(small.original_train.tolist()) | set(small.original_val.tolist()) == pool and len(small.original_train) == 4_500
+
+
 def original_fit(folder, epochs: int, select: str, val=None):
     """The tiny original model's training (constant lr, so a shorter run is the longer run's prefix)."""
     recipe = {"epochs": epochs, "batch_size": 16, "lr": 0.05, "schedule": "constant", "select": select}
@@ -129,9 +160,42 @@ def test_the_original_model_is_the_best_validation_epoch_as_the_reference(tmp_pa
     for stage in ("original", "retrain"):
         kept = json.loads((workdir / stage / "selection.json").read_text())
         assert json.loads((workdir / stage / "done.json").read_text())["selected"] == {k: kept[k] for k in ("epoch", "val_accuracy")}
+    # The original model's own split (split.original: own) left part of the forget set unseen; the table says how much.
+    assert json.loads((workdir / "results.json").read_text())["sizes"]["forget_unseen_by_original"] > 0
+    shared = tmp_path / "shared"
+    assert main(["unlearn-classifier", "--workdir", str(shared), *TINY_TABLE, "unlearn.methods=[retrain]", "split.original=shared"]) == 0
+    assert json.loads((shared / "results.json").read_text())["sizes"]["forget_unseen_by_original"] == 0
     ctx, model = tiny_context(tmp_path / "no-val", **{"retrain.select": "best_val"})  # a context without validation images
     with pytest.raises(ErasureError, match="retrain: select=best_val needs validation images"):
         get_method("retrain")(ctx).run(model)
+
+
+def test_the_best_epoch_is_chosen_on_augmented_validation_images_as_the_reference(tmp_path):
+    """The reference's validation set is a copy of the training set with its crop-and-flip transform.
+
+    With augmentation on, each epoch scores a fresh seeded crop and flip of the validation
+    images; ``val_augment=false`` scores them plain.
+    """
+    from erasure.classification.data import augment
+    from erasure.classification.train import BestOnValidation
+
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randint(0, 256, (48, 3, 8, 8), generator=g, dtype=torch.uint8), torch.randint(0, K, (48,), generator=g)
+    torch.manual_seed(0)
+    model, accelerator = resnet18(K, 3, width=4).to(DEVICE), make_accelerator(DEVICE)
+    images, labels = images.to(DEVICE), labels.to(DEVICE)
+    seen = BestOnValidation(images, labels, 5, accelerator, augment_seed=3)
+    for step in (5, 10):
+        seen.after_step(model, step)
+    for epoch, score in zip((1, 2), seen.scores):
+        cropped = augment(images, torch.Generator(images.device).manual_seed(3 * 1_000_003 + epoch))
+        assert score == predict(model, cropped, labels, 512, accelerator).accuracy
+    assert seen.record()["val_augmented"]
+    plain = BestOnValidation(images, labels, 5, accelerator)
+    plain.after_step(model, 5)
+    assert plain.scores[0] == predict(model, images, labels, 512, accelerator).accuracy and not plain.record()["val_augmented"]
+    config = load_config(None, [], schema=ClassificationConfig)
+    assert config.train.val_augment and config.retrain.val_augment
 
 
 def test_the_best_epoch_survives_an_interruption(tmp_path, monkeypatch):
@@ -450,6 +514,37 @@ def test_iu_solvers_run(tmp_path):
         get_method("iu")(ctx).run(model)
 
 
+def test_iu_takes_its_gradients_on_augmented_images_and_the_first_retain_samples_as_the_reference(tmp_path, monkeypatch):
+    """The reference's IU runs while its loaders apply the training transform, and reads its retain set in order."""
+    from erasure.classification.methods import iu
+
+    original, calls = iu._flat_grad, []
+
+    def record(model, params, x, y, g):
+        calls.append((x.clone(), g is not None))
+        return original(model, params, x, y, g)
+
+    monkeypatch.setattr(iu, "_flat_grad", record)
+    steps = {}
+    for name, opts in {"ref": {}, "plain": {"unlearn.iu.augment": "false"}, "random": {"unlearn.iu.sample_order": "random"}}.items():
+        calls.clear()
+        ctx, model = labelled_context(tmp_path / name, **{"unlearn.augment": "true", "unlearn.iu.samples": 4, **opts})
+        before = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+        method = get_method("iu")(ctx)
+        after = torch.nn.utils.parameters_to_vector(method.run(model).parameters()).detach()
+        steps[name] = after - before
+        singles = [x for x, _ in calls if len(x) == 1]
+        assert len(singles) == 6  # N + 2 per-sample gradients
+        assert all(augmented == (name != "plain") for _, augmented in calls) and method.info["iu_augmented"] == (name != "plain")
+        in_order = all(torch.equal(x, ctx.retain_images[i : i + 1]) for i, x in enumerate(singles))
+        assert in_order == (name != "random"), name
+    assert not torch.allclose(steps["ref"], steps["plain"])  # crops and flips change the step
+    ctx, model = labelled_context(tmp_path / "noaug", **{"unlearn.iu.samples": 4})  # unlearning without augmentation
+    calls.clear()
+    get_method("iu")(ctx).run(model)
+    assert not any(augmented for _, augmented in calls)
+
+
 class _FakeAccelerator:
     """Only what predict() uses: an autocast context in bf16, as a GPU run's accelerator gives."""
 
@@ -718,6 +813,26 @@ def test_salun_mask_sees_the_training_augmentation_as_the_reference(tmp_path):
     differs = any(not torch.equal(masks["ref"].tensors[n], masks["plain"].tensors[n]) for n in masks["ref"].tensors)
     assert differs  # crops and flips change which weights are most salient
     assert all(torch.equal(masks["plain"].tensors[n], masks["noaug"].tensors[n]) for n in masks["plain"].tensors)
+
+
+def test_salun_mask_batches_come_from_a_shuffle_of_the_forget_set_as_the_reference(tmp_path, monkeypatch):
+    """The reference's mask pass reads a shuffled forget loader: every image once, not in index order."""
+    from erasure.classification.methods import salun
+
+    seen = []
+    original = salun.accumulate_gradients
+
+    def record(model, loss, batches, **kwargs):
+        seen.extend(batches)
+        return original(model, loss, batches, **kwargs)
+
+    monkeypatch.setattr(salun, "accumulate_gradients", record)
+    ctx, model = labelled_context(tmp_path, n_forget=40)
+    ctx.forget_images = torch.randint(0, 256, (40, 3, 8, 8), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    salun.SalUn(ctx).make_mask(model)
+    assert [len(y) for _, y in seen] == [8] * 5  # unlearn.batch_size
+    rows = [next(i for i in range(40) if torch.equal(ctx.forget_images[i], x)) for images, _ in seen for x in images]
+    assert sorted(rows) == list(range(40)) and rows != list(range(40))  # every image once, shuffled
 
 
 def test_a_sweep_point_is_checked_like_a_loaded_config():

@@ -23,6 +23,13 @@ class SplitConfig:
     # true: each class gives its share of val_size (CIFAR-10: 500 of each class), as the reference's
     # per-class draw of 10%; false: a seeded draw over all images (erasure's earlier split).
     stratify: bool = True
+    # own: the original model trains on a split of its own: its validation share is drawn again
+    # (seed + 1) from the same images, so about val_size / (train + val) of the unlearning train
+    # set (10% on CIFAR-10, forget set included) was held out from the original model and some
+    # validation images were trained on. The reference does this: its original model's split is
+    # drawn with seed 1 (main_train.py) and its unlearning split with --seed, default 2.
+    # shared: one split for both (erasure's earlier behaviour; the original saw every train image).
+    original: Literal["own", "shared"] = "own"
     train_limit: int | None = None  # keep a seeded subset of this many train images (reduced runs)
     test_limit: int | None = None  # keep a seeded subset of this many test images (reduced runs)
     seed: int = 0
@@ -72,6 +79,9 @@ class RecipeConfig:
     # validation split (the first, on ties), as the reference's original model (model_SA_best,
     # chosen by validation accuracy after every epoch); last: the final epoch's, as its Retrain.
     select: Literal["last", "best_val"] = "last"
+    # best_val with augment on: score the validation images cropped and flipped (a fresh seeded draw
+    # each epoch), as the reference's validation set keeps the training transform; false: plain images.
+    val_augment: bool = True
     seed: int = 0
 
 
@@ -152,6 +162,12 @@ class IUConfig:
     damping: float = 1.0  # lambda
     damping_scale: Literal["absolute", "mean_diagonal"] = "absolute"  # mean_diagonal: lambda * F's mean diagonal entry
     solver: Literal["reference", "woodbury"] = "reference"
+    # Every gradient on cropped and flipped images when unlearn.augment is on, as the reference's
+    # (its IU runs while the loaders still apply the training transform); false: plain images.
+    augment: bool = True
+    # Which retain images give the per-sample gradients: first = the first ones in dataset order
+    # (the reference's unshuffled loader); random = a seeded draw (erasure's earlier default).
+    sample_order: Literal["first", "random"] = "first"
 
 
 @dataclass

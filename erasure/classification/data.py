@@ -22,7 +22,7 @@ from erasure.core.data import to_model_range
 from erasure.core.errors import ErasureError
 from erasure.core.io import load_tensors, read_metadata, save_tensors
 
-FIELDS = ("train", "val", "forget", "retain", "test", "test_forget")
+FIELDS = ("train", "val", "forget", "retain", "test", "test_forget", "original_train", "original_val")
 
 
 @dataclass
@@ -35,6 +35,8 @@ class Split:
     retain: torch.Tensor  # train minus forget
     test: torch.Tensor  # the test set for TA (class-wise: without the forgotten class)
     test_forget: torch.Tensor  # class-wise: the forgotten class's test images; random: empty
+    original_train: torch.Tensor  # what the original model trains on (split.original: own -> its own draw)
+    original_val: torch.Tensor  # what picks the original model's best epoch
 
     def save(self, path: str | Path, fingerprint: str) -> None:
         """Indices as int64 safetensors, with the fingerprint of the settings that made them."""
@@ -60,13 +62,18 @@ def make_split(train_labels: torch.Tensor, test_labels: torch.Tensor, split: Spl
     n = len(train_labels)
     if split.val_size >= n:
         raise ErasureError(f"split.val_size={split.val_size} leaves no training images (the train split has {n}).")
-    order = seeded_perm(n, split.seed)
-    is_val = torch.zeros(n, dtype=torch.bool)
-    is_val[stratified(train_labels[order], split.val_size) if split.stratify else slice(0, split.val_size)] = True
-    val, train = order[is_val].sort().values, order[~is_val]  # train stays in seeded order for train_limit
+    val, train = draw_val(train_labels, torch.arange(n), split.val_size, split.seed, split.stratify)  # train in seeded order
     if split.train_limit is not None:
         train = train[: split.train_limit]
     train = train.sort().values
+    if split.original == "own":
+        # The original model's own split of the same images (train and val together), drawn again.
+        original_val, original_train = draw_val(
+            train_labels, torch.cat([train, val]).sort().values, len(val), split.seed + 1, split.stratify
+        )
+        original_train, original_val = original_train.sort().values, original_val.sort().values
+    else:
+        original_train, original_val = train, val
     test = torch.arange(len(test_labels))
     if split.test_limit is not None:
         test = seeded_perm(len(test_labels), split.seed + 1)[: split.test_limit].sort().values
@@ -84,7 +91,18 @@ def make_split(train_labels: torch.Tensor, test_labels: torch.Tensor, split: Spl
         if not is_forget.any():
             raise ErasureError(f"class {c} has no training images to forget.")
         test_forget, test = test[test_labels[test] == c], test[test_labels[test] != c]
-    return Split(train, val, train[is_forget], train[~is_forget], test, test_forget)
+    return Split(train, val, train[is_forget], train[~is_forget], test, test_forget, original_train, original_val)
+
+
+def draw_val(labels: torch.Tensor, candidates: torch.Tensor, size: int, seed: int, stratify: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(validation, the rest) of ``candidates`` (indices into ``labels``): ``size`` of them, seeded, per class if ``stratify``.
+
+    The validation indices come sorted; the rest stay in the seeded order (``train_limit`` keeps a prefix).
+    """
+    order = candidates[seeded_perm(len(candidates), seed)]
+    is_val = torch.zeros(len(order), dtype=torch.bool)
+    is_val[stratified(labels[order], size) if stratify else slice(0, size)] = True
+    return order[is_val].sort().values, order[~is_val]
 
 
 def stratified(labels: torch.Tensor, size: int) -> torch.Tensor:

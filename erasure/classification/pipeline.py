@@ -3,7 +3,7 @@
 Layout of ``{workdir}``:
 
     split.safetensors     train / val / forget / retain / test indices (seeded)
-    original/             the model trained on all of train (model.safetensors, log.csv, done.json)
+    original/             the model trained on its own train split (model.safetensors, log.csv, done.json)
     {method}/             one per method: model.safetensors (+ mask.safetensors for salun), done.json
     results.json results.md
     sweep/{point}/{method}/   a sweep's runs (see :mod:`erasure.classification.sweep`), with sweep.json sweep.md
@@ -57,7 +57,7 @@ def selected(stage: Stage) -> dict[str, Any]:
 
 
 def original_stage(config: ClassificationConfig) -> Stage:
-    """The model trained on the whole train split (the forget set does not matter to it)."""
+    """The model trained on its train split (``split.original``; the forget set does not matter to it)."""
     return Stage(
         Path(config.workdir) / "original",
         config_fingerprint(config, ("data", "split", "model", "train"), precision=stage_precision(config)),
@@ -121,6 +121,8 @@ class Experiment:
         self.val = (train_data.images[split.val].to(dev), train_data.labels[split.val].to(dev))
         self.in_channels, self.num_classes = train_data.shape[0], train_data.num_classes
         self.sizes = {name: len(getattr(split, name)) for name in ("train", "val", "forget", "retain", "test", "test_forget")}
+        # split.original: own -> part of the forget set was never trained on by the original model (as in the reference).
+        self.sizes["forget_unseen_by_original"] = int((~torch.isin(split.forget, split.original_train)).sum())
         log(f"{config.data.name}: " + ", ".join(f"{name} {n}" for name, n in self.sizes.items()))
 
         stage = original_stage(config)
@@ -136,10 +138,11 @@ class Experiment:
                 log(f"[original] training -> {stage.folder}")
                 start = time.time()
                 model = self.fresh_model(config.train.seed).to(dev)
-                images, labels = train_data.images[split.train].to(dev), train_data.labels[split.train].to(dev)
+                images, labels = train_data.images[split.original_train].to(dev), train_data.labels[split.original_train].to(dev)
+                val = train_data.images[split.original_val].to(dev), train_data.labels[split.original_val].to(dev)
                 fp, sync_bn = stage.fingerprint, config.sync_batchnorm
                 model = fit(
-                    model, images, labels, config.train, stage.folder, self.accelerator, fp, desc="original", sync_bn=sync_bn, val=self.val
+                    model, images, labels, config.train, stage.folder, self.accelerator, fp, desc="original", sync_bn=sync_bn, val=val
                 )
                 minutes = (time.time() - start) / 60
             if not self.accelerator.is_main_process:

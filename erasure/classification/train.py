@@ -233,7 +233,8 @@ def fit_passes(
     if recipe.select == "best_val":
         if val is None or val[1] is None or not len(val[1]):
             raise ErasureError(f"{desc}: select=best_val needs validation images; set split.val_size > 0, or select=last.")
-        best = BestOnValidation(*val, spe, accelerator)
+        seed = recipe.seed if recipe.augment and recipe.val_augment else None
+        best = BestOnValidation(*val, spe, accelerator, augment_seed=seed)
     if accelerator.device.type == "cuda":
         model = model.to(accelerator.device, memory_format=torch.channels_last)
     with synced_batchnorm(model, accelerator, sync_bn):
@@ -251,11 +252,16 @@ class BestOnValidation(Monitor):
     The reference keeps its original model this way (``model_SA_best``: validation accuracy
     after each epoch, a strictly higher score replacing the kept one). The kept weights and
     every epoch's score travel with the run's checkpoints, so a resumed run keeps what the
-    uninterrupted one would.
+    uninterrupted one would. With ``augment_seed`` the images are cropped and flipped before
+    each scoring (a draw seeded by it and the epoch), as the reference's validation loader,
+    which keeps the training transform, sees them.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, steps_per_epoch: int, accelerator: Accelerator) -> None:
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, steps_per_epoch: int, accelerator: Accelerator, augment_seed: int | None = None
+    ) -> None:
         self.images, self.labels, self.steps_per_epoch, self.accelerator = images, labels, steps_per_epoch, accelerator
+        self.augment_seed = augment_seed
         self.scores: list[float] = []  # validation accuracy (percent) after each epoch
         self.weights: dict[str, torch.Tensor] = {}  # the best epoch's state dict, on the CPU
 
@@ -267,7 +273,11 @@ class BestOnValidation(Monitor):
     def after_step(self, model: nn.Module, step: int) -> None:
         if step % self.steps_per_epoch:
             return
-        score = predict(model, self.images, self.labels, 512, self.accelerator).accuracy
+        images = self.images
+        if self.augment_seed is not None:
+            epoch = step // self.steps_per_epoch
+            images = augment(images, torch.Generator(images.device).manual_seed(self.augment_seed * 1_000_003 + epoch))
+        score = predict(model, images, self.labels, 512, self.accelerator).accuracy
         model.train()
         self.scores.append(score)
         if self.best_epoch == len(self.scores):
@@ -287,7 +297,15 @@ class BestOnValidation(Monitor):
         """What ``selection.json`` holds."""
         best = self.best_epoch
         scores = self.scores
-        return {"select": "best_val", "epoch": best, "val_accuracy": scores[best - 1], "val_images": len(self.labels), "scores": scores}
+        augmented = self.augment_seed is not None
+        return {
+            "select": "best_val",
+            "epoch": best,
+            "val_accuracy": scores[best - 1],
+            "val_images": len(self.labels),
+            "val_augmented": augmented,
+            "scores": scores,
+        }
 
 
 def shard(n: int, rank: int, processes: int) -> slice:

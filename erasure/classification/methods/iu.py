@@ -1,7 +1,8 @@
 """IU: influence unlearning, one Newton-like step with a WoodFisher inverse-Fisher estimate.
 
 Removing the forget set moves the optimum by about F^-1 v, v = (n_f / n) (g_forget - g_retain),
-with g the mean loss gradient on each set (BatchNorm in eval mode, as in the reference).
+with g the mean loss gradient on each set (BatchNorm in eval mode, as in the reference; the
+images cropped and flipped when unlearning augments, as the reference's loaders still do then).
 F is the empirical Fisher lambda * I + (1 / N) * sum of g_i g_i^T over N per-sample retain
 gradients; the model moves by alpha * F^-1 v.
 
@@ -28,19 +29,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from erasure.classification.data import seeded_perm, to_input
+from erasure.classification.data import augment, seeded_perm, to_input
 from erasure.classification.methods.base import Method, register
 from erasure.core.errors import ErasureError
 
 
-def _flat_grad(model: nn.Module, params: list[nn.Parameter], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Gradient of the summed cross-entropy over one batch, as one flat vector."""
-    loss = F.cross_entropy(model(to_input(x)), y, reduction="sum")
+def _flat_grad(model: nn.Module, params: list[nn.Parameter], x: torch.Tensor, y: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+    """Gradient of the summed cross-entropy over one uint8 batch (cropped and flipped from ``g`` if given), as one flat vector."""
+    loss = F.cross_entropy(model(to_input(augment(x, g) if g is not None else x)), y, reduction="sum")
     return parameters_to_vector(torch.autograd.grad(loss, params))
 
 
-def _mean_grad(model: nn.Module, params: list[nn.Parameter], images: torch.Tensor, labels: torch.Tensor, batch: int) -> torch.Tensor:
-    total = sum(_flat_grad(model, params, images[i : i + batch], labels[i : i + batch]) for i in range(0, len(labels), batch))
+def _mean_grad(
+    model: nn.Module, params: list[nn.Parameter], images: torch.Tensor, labels: torch.Tensor, batch: int, g: torch.Generator | None
+) -> torch.Tensor:
+    total = sum(_flat_grad(model, params, images[i : i + batch], labels[i : i + batch], g) for i in range(0, len(labels), batch))
     return total / len(labels)
 
 
@@ -76,16 +79,20 @@ class InfluenceUnlearning(Method):
         params = [p for p in model.parameters() if p.requires_grad]
         batch = ctx.config.eval_batch_size
         n_f, n_r = len(ctx.forget_labels), len(ctx.retain_labels)
-        g_f = _mean_grad(model, params, ctx.forget_images, ctx.forget_labels, batch)
-        g_r = _mean_grad(model, params, ctx.retain_images, ctx.retain_labels, batch)
+        seed = ctx.config.unlearn.seed
+        # The reference's IU reads images through the training transform: one seeded crop and flip per image.
+        g = torch.Generator(ctx.forget_images.device).manual_seed(seed) if cfg.augment and ctx.config.unlearn.augment else None
+        g_f = _mean_grad(model, params, ctx.forget_images, ctx.forget_labels, batch, g)
+        g_r = _mean_grad(model, params, ctx.retain_images, ctx.retain_labels, batch, g)
         v = n_f / (n_f + n_r) * (g_f - g_r)
 
-        # Per-sample retain gradients in a seeded random order (the reference reads its retain set in order).
-        order = seeded_perm(n_r, ctx.config.unlearn.seed).to(ctx.retain_labels.device)
+        # Per-sample retain gradients: the first retain images, as the reference's unshuffled loader, or a seeded draw.
+        order = torch.arange(n_r) if cfg.sample_order == "first" else seeded_perm(n_r, seed)
+        order = order.to(ctx.retain_labels.device)
 
         def per_sample(count: int) -> Iterator[torch.Tensor]:
             for i in order[:count]:
-                yield _flat_grad(model, params, ctx.retain_images[i : i + 1], ctx.retain_labels[i : i + 1])
+                yield _flat_grad(model, params, ctx.retain_images[i : i + 1], ctx.retain_labels[i : i + 1], g)
 
         if cfg.solver == "reference":
             if cfg.damping_scale != "absolute" or cfg.damping != 1.0:
@@ -103,5 +110,6 @@ class InfluenceUnlearning(Method):
             raise ErasureError(f"the IU step is not finite (unlearn.iu.alpha={cfg.alpha}); lower alpha or raise unlearn.iu.damping.")
         with torch.no_grad():
             vector_to_parameters(parameters_to_vector(params) + cfg.alpha * step, params)
-        self.info.update(iu_step_norm=float(cfg.alpha * step.norm()), iu_samples=used, iu_lambda=lam, iu_solver=cfg.solver)
+        info = {"iu_step_norm": float(cfg.alpha * step.norm()), "iu_samples": used, "iu_lambda": lam, "iu_solver": cfg.solver}
+        self.info.update(info, iu_augmented=g is not None, iu_sample_order=cfg.sample_order)
         return model

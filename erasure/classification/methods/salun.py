@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from erasure.classification.data import augment, to_input
+from erasure.classification.data import augment, seeded_perm, to_input
 from erasure.classification.methods.base import Method, register
 from erasure.classification.methods.rl import rl_passes
 from erasure.core.saliency import Mask, accumulate_gradients
@@ -26,7 +26,10 @@ class SalUn(Method):
         """The saliency mask of ``model`` (eval mode, so BatchNorm statistics stay as they are)."""
         ctx, cfg = self.ctx, self.ctx.config.unlearn.salun
         size = ctx.config.unlearn.batch_size
-        batches = [(ctx.forget_images[i : i + size], ctx.forget_labels[i : i + size]) for i in range(0, len(ctx.forget_labels), size)]
+        # Batches of a seeded shuffle, as the reference's shuffled forget loader (the smaller last batch weighs more per image).
+        order = seeded_perm(len(ctx.forget_labels), ctx.config.unlearn.seed).to(ctx.forget_labels.device)
+        parts = [order[i : i + size] for i in range(0, len(order), size)]
+        batches = [(ctx.forget_images[part], ctx.forget_labels[part]) for part in parts]
 
         # The reference's forget loader applies the training transform, so by default the
         # saliency is taken on crops and flips whenever unlearning augments (seeded, one draw per batch).
