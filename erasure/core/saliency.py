@@ -2,7 +2,8 @@
 
 A mask is built in three steps:
 1. :func:`accumulate_gradients` sums the *signed* gradient of a forgetting loss over a
-   pass of the forget data (each batch's gradient clipped first, as in the reference).
+   pass of the forget data (each batch's gradient clipped first where the caller asks:
+   the DDPM reference clips to norm 1, its SD and classifier code do not).
 2. :func:`threshold` keeps the top ``ratio`` of weights by ``|sum|``, globally across all
    tensors by default or per tensor. It runs on the tensors' device with ``kthvalue``,
    and breaks ties by position so the kept count is exact.
@@ -42,10 +43,13 @@ def accumulate_gradients(
     model: torch.nn.Module,
     loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
     batches: Iterable[Any],
-    clip_norm: float | None = 1.0,
+    clip_norm: float | None = None,
     progress: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Sum over ``batches`` of the gradient of ``loss_fn(model, batch)``, per parameter (fp32)."""
+    """Sum over ``batches`` of the gradient of ``loss_fn(model, batch)``, per parameter (fp32).
+
+    With ``clip_norm``, each batch's gradient is first clipped to that total norm.
+    """
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     for batch in tqdm(batches, desc="saliency", disable=not progress, leave=False):

@@ -16,9 +16,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
-from erasure.core.config import RunConfig, load_config
+from erasure.core.config import NON_NEGATIVE, Range, RunConfig, load_config
 from erasure.core.errors import ErasureError
 
 
@@ -59,13 +59,23 @@ class GenerationConfig:
 
 @dataclass
 class SDMaskConfig:
-    """The SalUn mask over the UNet: saliency of -MSE against the guided prediction."""
+    """The SalUn mask over the UNet: saliency of -MSE against the guided prediction.
+
+    The defaults are the reference's (``generate_mask.py``): one pass over the forget set in
+    dataset order, each image once (the last batch holds the rest), and the raw gradients
+    summed without clipping.
+    """
 
     ratio: float = 0.5
     per_layer: bool = False
-    batches: int = 100  # one pass over 800 forget images at batch 8
+    # None: one pass over the forget set in order, as the reference's unshuffled loader.
+    # An int: that many batches drawn at random with replacement (our earlier default, 100).
+    batches: int | None = None
     batch_size: int = 8
     guidance: float = 7.5
+    # None: no clipping (the reference). A norm: each batch's gradient is clipped to it before
+    # summing (our earlier default, 1.0, which the SalUn DDPM reference does; 0 is also off).
+    clip_norm: float | None = None
     path: str | None = None  # reuse a saved mask
 
 
@@ -74,7 +84,17 @@ class SDTrainConfig:
     """Fine-tuning the UNet (every method uses the same loop)."""
 
     steps: int = 100
+    # Passes over the forget set; when set, it replaces `steps` (steps = epochs x the batches of
+    # one pass, ceil(forget images / (batch_size x processes))), so the length follows the set's
+    # size as the reference's `--epochs` does. Methods with a forget set only (SalUn; FMN, which
+    # still draws its batches at random).
+    epochs: int | None = None
     batch_size: int = 8  # per process; SalUn draws this many forget and this many retain latents
+    # The order SalUn reads its training images in. "epochs" (the reference before its last
+    # rewrite, random_label.py@716e618, nsfw_removal.py@47377e3): the forget set in order, one
+    # pass per epoch; beside it the retain set in a fresh random order per pass, restarted every
+    # epoch. "random": every step draws both batches at random with replacement (our earlier default).
+    data_order: Literal["epochs", "random"] = "epochs"
     lr: float = 1e-5
     alpha: float = 0.1  # SalUn: weight of the retain loss
     # Off by default: neither the SalUn SD scripts nor ESD clip gradients (FMN does: its
@@ -186,6 +206,8 @@ class SDConfig(RunConfig):
     uce: UCEConfig = field(default_factory=UCEConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
+    RULES: ClassVar[dict[str, Range]] = {"mask.clip_norm": NON_NEGATIVE}  # 0 turns clipping off, as train.grad_clip
+
     def validate(self) -> None:
         """Checks that span keys."""
         if not 0.0 < self.mask.ratio <= 1.0:
@@ -193,7 +215,12 @@ class SDConfig(RunConfig):
         from erasure.sd.generate import SCHEDULERS
         from erasure.sd.methods import SD_METHODS  # imported here: the methods import this module
 
-        SD_METHODS.get(self.method)  # a misspelt method or sampler fails before any model is loaded
+        method = SD_METHODS.get(self.method)  # a misspelt method or sampler fails before any model is loaded
+        if self.train.epochs is not None and "forget" not in method.needs:
+            raise ErasureError(
+                f"train.epochs counts passes over the forget set, and method '{self.method}' trains on none; "
+                "set train.steps instead (train.epochs=null)."
+            )
         if self.generation.scheduler not in SCHEDULERS:
             raise ErasureError(f"generation.scheduler is {self.generation.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}.")
 

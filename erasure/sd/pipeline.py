@@ -27,7 +27,7 @@ from erasure.core.stages import Stage, config_fingerprint, is_main_process, shar
 from erasure.sd.config import Concept, SDConfig, SDTrainConfig, load_concept
 from erasure.sd.generate import Item, generate
 from erasure.sd.methods import SD_METHODS, SDContext
-from erasure.sd.methods.base import LatentSet
+from erasure.sd.methods.base import LatentSet, steps_per_epoch
 from erasure.sd.model import encode_conditioning, encode_images, frozen_dtype, load_pipeline, load_unet, native_size, noise_scheduler
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -124,7 +124,9 @@ def erase(config: SDConfig) -> Path:
         size = resolution(config, pipe)
         uncond = encode_conditioning(pipe, [""], size).float().to(device)
         unet = pipe.unet = load_unet(config.model.pretrained, config.model.revision).to(device)
-        method = method_cls(SDContext(config, concept, pipe, noise_scheduler(pipe), sets, uncond, device, size))
+        scheduler = noise_scheduler(pipe)
+        ctx = SDContext(config, concept, pipe, scheduler, sets, uncond, device, size, accelerator.process_index, accelerator.num_processes)
+        method = method_cls(ctx)
         if method_cls.closed_form:
             # Every process makes the same deterministic edit; only the main one writes it.
             with torch.no_grad():
@@ -143,8 +145,14 @@ def erase(config: SDConfig) -> Path:
         method.prepare(unet)  # before the next line: an ESD teacher is copied from the fp32 weights
         if accelerator.precision == "bf16":
             hold_frozen_weights_in_bf16(unet)
-        settings = LoopSettings.from_config(config.train, desc=f"erase {config.method}")
-        unet, _ = train(unet, lambda m, g, step: method.loss(m, g), settings, stage.folder, accelerator, mask, stage.fingerprint)
+        steps = training_steps(config.train, sets, accelerator.num_processes)
+        settings = LoopSettings.from_config(config.train, steps=steps, desc=f"erase {config.method}")
+
+        def step_loss(m: torch.nn.Module, g: torch.Generator, step: int) -> tuple:
+            method.step = step  # methods that read their data in order (SalUn, train.data_order=epochs) need it
+            return method.loss(m, g)
+
+        unet, _ = train(unet, step_loss, settings, stage.folder, accelerator, mask, stage.fingerprint)
         if not accelerator.is_main_process:
             return {}
         summary = export(config, concept, unet, stage.folder)
@@ -156,6 +164,13 @@ def erase(config: SDConfig) -> Path:
     if is_main_process():
         write_cards(stage.folder)  # after done.json exists; refreshed with the latest results on every call
     return stage.folder
+
+
+def training_steps(train: SDTrainConfig, sets: dict[str, LatentSet], processes: int = 1) -> int:
+    """``train.steps``, or with ``train.epochs`` set, that many passes over the forget set (the reference's ``--epochs``)."""
+    if train.epochs is None:
+        return train.steps
+    return train.epochs * steps_per_epoch(len(sets["forget"]), train.batch_size, processes)
 
 
 def use_gradient_checkpointing(train: SDTrainConfig, size: int, device: torch.device) -> bool:

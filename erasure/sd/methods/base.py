@@ -10,6 +10,7 @@ A closed-form method (UCE) sets ``closed_form`` and changes the weights in
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -32,11 +33,77 @@ class LatentSet:
     embeddings: Conditioning  # P rows: each prompt's conditioning
     prompts: list[str]
 
+    def __len__(self) -> int:
+        return len(self.latents)
+
     def batch(self, g: torch.Generator, n: int) -> tuple[torch.Tensor, Conditioning, torch.Tensor]:
-        """A random batch: latents, their prompts' conditioning, and the prompt indices."""
-        idx = torch.randint(0, len(self.latents), (n,), generator=g, device=g.device).to(self.latents.device)
+        """A random batch (``n`` draws with replacement): latents, their prompts' conditioning, and the prompt indices."""
+        idx = torch.randint(0, len(self.latents), (n,), generator=g, device=g.device)
+        return self.take(idx)
+
+    def take(self, idx: torch.Tensor) -> tuple[torch.Tensor, Conditioning, torch.Tensor]:
+        """The items ``idx``: latents, their prompts' conditioning, and the prompt indices."""
+        idx = idx.to(self.latents.device)
         p = self.prompt_index[idx]
         return self.latents[idx], self.embeddings[p], p
+
+    def in_order(self, n: int) -> list[torch.Tensor]:
+        """One pass in dataset order: the indices of consecutive batches of ``n`` (the last holds the rest)."""
+        return list(torch.arange(len(self.latents), device=self.latents.device).split(n))
+
+
+def steps_per_epoch(items: int, batch_size: int, processes: int = 1) -> int:
+    """Steps of one pass over ``items`` at ``batch_size`` per process (a last, smaller batch counts)."""
+    return math.ceil(items / (batch_size * processes))
+
+
+@dataclass
+class EpochOrder:
+    """Which forget and retain items each step of SalUn trains on under ``train.data_order=epochs``.
+
+    The reference before its last rewrite (``random_label.py``, ``nsfw_removal.py``): each
+    epoch is one pass over the forget set in dataset order (unshuffled loader, the last batch
+    smaller); beside it a retain iterator, started afresh every epoch and restarted whenever it
+    runs out. Each retain pass is a new random order (the Imagenette loader shuffles).
+
+    On several processes a step's global batch is ``batch_size x processes`` consecutive items,
+    split evenly between them; a last batch with fewer items than processes repeats some. Every
+    index is a function of the step, so a resumed run reads what the uninterrupted one would.
+    Indices are made on ``device`` from host integers: no step waits for the GPU.
+    """
+
+    forget: int  # items in the forget set
+    retain: int  # items in the retain set
+    batch_size: int  # per process
+    process: int = 0
+    processes: int = 1
+    seed: int = 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return steps_per_epoch(self.forget, self.batch_size, self.processes)
+
+    def forget_indices(self, step: int, device: torch.device) -> torch.Tensor:
+        """This process's forget items at ``step``: batch ``step mod steps_per_epoch`` of the ordered pass."""
+        return self._share(torch.arange(self.forget, device=device), step % self.steps_per_epoch)
+
+    def retain_indices(self, step: int, device: torch.device) -> torch.Tensor:
+        """This process's retain items at ``step``: the retain iterator restarts every epoch and cycles within it."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        restart, k = divmod(position, steps_per_epoch(self.retain, self.batch_size, self.processes))
+        g = torch.Generator(device).manual_seed((self.seed * 1_000_003 + epoch) * 1_009 + restart)
+        # The order of random keys: on the device without a host round trip (CUDA's randperm may build small ones on the host).
+        return self._share(torch.rand(self.retain, generator=g, device=device).argsort(), k)
+
+    def _share(self, order: torch.Tensor, k: int) -> torch.Tensor:
+        """This process's part of global batch ``k`` of ``order``."""
+        size = self.batch_size * self.processes
+        start = k * size
+        count = min(size, len(order) - start)
+        if count < self.processes:  # fewer items than processes: each takes one, some twice
+            return order[start + self.process % count : start + self.process % count + 1]
+        low = start + self.process * (count // self.processes) + min(self.process, count % self.processes)
+        return order[low : low + count // self.processes + (self.process < count % self.processes)]
 
 
 @dataclass
@@ -51,6 +118,8 @@ class SDContext:
     uncond: Conditioning  # one row: the empty prompt's conditioning
     device: torch.device
     size: int | None = None  # training image size in px (SDXL's size conditioning); None: the model's native size
+    process: int = 0  # this process's index in a multi-process run, and their number (ordered data splits batches)
+    processes: int = 1
 
     def noisy(self, latents: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(x_t, target, t)`` for random timesteps; the target is what the UNet should predict.
@@ -107,6 +176,7 @@ class SDMethod:
 
     def __init__(self, ctx: SDContext) -> None:
         self.ctx = ctx
+        self.step = 0  # the 0-based training step whose loss is asked for (set by the loop before each call)
 
     def trainable(self, name: str) -> bool:
         """Whether the UNet parameter ``name`` is trained (the rest are frozen)."""

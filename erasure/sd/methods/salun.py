@@ -1,9 +1,12 @@
 """SalUn for Stable Diffusion: steer the forget prompt to the target, on salient weights only.
 
-Mask: the summed gradient of -MSE(noise, (1+w)·ε_cond − w·ε_uncond) on forget latents
-(w = mask.guidance, each batch clipped to norm 1); the top ``mask.ratio`` may change.
+Mask: the summed gradient of -MSE(noise, (1+w)·ε_cond − w·ε_uncond) over one pass of the
+forget latents in order (w = mask.guidance; no clipping unless ``mask.clip_norm``; random
+batches with ``mask.batches``); the top ``mask.ratio`` may change.
 Loss: MSE(ε(x_t, c_forget), sg ε(x_t, c_target)) on forget latents, plus alpha times
-the standard denoising loss on retain latents with their own prompts.
+the standard denoising loss on retain latents with their own prompts. The forget set is read
+in order, one pass per epoch, the retain set beside it (``train.data_order``, see
+:class:`~erasure.sd.methods.base.EpochOrder`).
 
 Several concepts: the forget set is their union and one mask is made from it; each forget
 latent is steered to a target prompt of its own concept (drawn uniformly among them).
@@ -11,13 +14,14 @@ latent is steered to a target prompt of its own concept (drawn uniformly among t
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
 from erasure.core.saliency import Mask, accumulate_gradients
-from erasure.sd.methods.base import SD_METHODS, SDMethod, eps, eps_of_batches
+from erasure.sd.methods.base import SD_METHODS, EpochOrder, SDMethod, eps, eps_of_batches
 from erasure.sd.model import Conditioning
 
 
@@ -33,15 +37,26 @@ class SalUnSD(SDMethod):
         if cfg.path:
             return Mask.load(cfg.path, model)
         g = torch.Generator(ctx.device).manual_seed(ctx.config.train.seed + 7919)
-        grads = accumulate_gradients(model, lambda m, _: self.saliency_loss(m, g), range(cfg.batches), clip_norm=1.0)
+        forget = ctx.sets["forget"]
+        # None: one pass in dataset order (the reference); an int: that many random batches.
+        batches = forget.in_order(cfg.batch_size) if cfg.batches is None else [None] * cfg.batches
+        grads = accumulate_gradients(model, lambda m, idx: self.saliency_loss(m, g, idx), batches, clip_norm=cfg.clip_norm)
         scores = {n: v.abs() for n, v in grads.items()}
-        info = {"loss": "sd-guided-mse", "guidance": cfg.guidance, "batches": cfg.batches, "concept": ctx.concept.name}
+        info = {
+            "loss": "sd-guided-mse",
+            "guidance": cfg.guidance,
+            "batches": len(batches),
+            "order": "one pass" if cfg.batches is None else "random",
+            "clip_norm": cfg.clip_norm,
+            "concept": ctx.concept.name,
+        }
         return Mask.from_scores(model, scores, cfg.ratio, cfg.per_layer, **info)
 
-    def saliency_loss(self, model: torch.nn.Module, g: torch.Generator) -> torch.Tensor:
-        """-MSE(target, guided prediction) on one batch of forget latents (the target is the noise for SD 1.x)."""
+    def saliency_loss(self, model: torch.nn.Module, g: torch.Generator, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """-MSE(target, guided prediction) on forget latents ``idx`` (None: a random batch); the target is the noise for SD 1.x."""
         ctx, w = self.ctx, self.ctx.config.mask.guidance
-        latents, emb, _ = ctx.sets["forget"].batch(g, ctx.config.mask.batch_size)
+        forget = ctx.sets["forget"]
+        latents, emb, _ = forget.batch(g, ctx.config.mask.batch_size) if idx is None else forget.take(idx)
         x_t, target, t = ctx.noisy(latents, g)
         both = eps(model, torch.cat([x_t, x_t]), torch.cat([t, t]), Conditioning.cat([emb, ctx.uncond.expand(len(emb))]))
         cond, uncond = both.chunk(2)
@@ -64,6 +79,13 @@ class SalUnSD(SDMethod):
         # uniformly within the item's concept; with one concept, L = T and the draw is the old one.
         self.draw_range = math.lcm(*(len(t) for t in targets_of))
 
+    @functools.cached_property
+    def order(self) -> EpochOrder:
+        """Which forget and retain items each step reads under ``train.data_order=epochs``."""
+        ctx, train = self.ctx, self.ctx.config.train
+        sizes = len(ctx.sets["forget"]), len(ctx.sets["retain"])
+        return EpochOrder(*sizes, train.batch_size, ctx.process, ctx.processes, train.seed)
+
     def target_indices(self, prompt_index: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """For forget prompts ``prompt_index``, random indices into the target prompts of the same concept."""
         draw = torch.randint(0, self.draw_range, (len(prompt_index),), generator=g, device=g.device).to(self.target.device)
@@ -72,12 +94,14 @@ class SalUnSD(SDMethod):
 
     def loss(self, model: torch.nn.Module, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         ctx, n = self.ctx, self.ctx.config.train.batch_size
-        latents, emb, p = ctx.sets["forget"].batch(g, n)
+        forget, retain = ctx.sets["forget"], ctx.sets["retain"]
+        in_epochs = ctx.config.train.data_order == "epochs"
+        latents, emb, p = forget.take(self.order.forget_indices(self.step, ctx.device)) if in_epochs else forget.batch(g, n)
         x_t, _, t = ctx.noisy(latents, g)
         target_emb = self.target[self.target_indices(p, g)]
         with torch.no_grad():
             target = eps(model, x_t, t, target_emb)
-        retain_latents, retain_emb, _ = ctx.sets["retain"].batch(g, n)
+        retain_latents, retain_emb, _ = retain.take(self.order.retain_indices(self.step, ctx.device)) if in_epochs else retain.batch(g, n)
         retain_x_t, retain_target, retain_t = ctx.noisy(retain_latents, g)
         # Both trained predictions in one UNet call (see eps_of_batches); the losses are the reference's two.
         pred, retain_pred = eps_of_batches(model, (x_t, t, emb), (retain_x_t, retain_t, retain_emb))
