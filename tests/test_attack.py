@@ -128,7 +128,12 @@ def test_audit_counts_pre_and_post_attack_and_resumes(models, prompt_csv, tmp_pa
     )
     assert len(list((out / "targets").glob("*.png"))) == 3  # made by the base model, with the prompts' seeds
     saved = json.loads((out / "attack.json").read_text())
-    assert saved["audit"] == "attack" and saved["settings"]["k"] == 2 and saved["settings"]["threshold"] == 0.45
+    assert (
+        saved["audit"] == "attack"
+        and saved["settings"]["k"] == 2
+        and saved["settings"]["threshold"] == 0.5
+        and saved["settings"]["generator"] == "cpu"
+    )
     md = (out / "attack.md").read_text()
     assert "| erased | 33.33% (1/3) | 66.67% (2/3) |" in md and "a bather" in md
 

@@ -27,14 +27,16 @@ def test_defaults_are_the_reference_values():
     assert cfg.train.grad_clip is None  # neither the SalUn SD scripts nor the original ESD clip
     assert (cfg.esd.eta, cfg.esd.ddim_steps, cfg.esd.start_guidance) == (1.0, 50, 3.0)
     assert cfg.esd.params == "compvis" and cfg.esd.trajectory == "trained" and cfg.esd.timestep == "original"
+    assert cfg.esd.anchor == "uncond" and cfg.esd.sampler == "ddim" and cfg.esd.resolution is None
     assert (cfg.fmn.eot_positions, cfg.fmn.reduction, cfg.fmn.params) == ("all", "global", "unet")
     fmn = load_config("configs/sd/nudity_fmn.yaml", schema=SDConfig)
-    assert (fmn.train.lr, fmn.train.steps, fmn.train.batch_size, fmn.train.grad_clip, fmn.train.weight_decay) == (2e-6, 35, 1, 1.0, 0.01)
+    # no clip: train_attn.py's clip gets the parameter generator AdamW has already consumed
+    assert (fmn.train.lr, fmn.train.steps, fmn.train.batch_size, fmn.train.grad_clip, fmn.train.weight_decay) == (2e-6, 35, 1, None, 0.01)
     esd = load_config("configs/sd/nudity_esd.yaml", schema=SDConfig)
     assert (esd.train.lr, esd.train.steps, esd.train.batch_size, esd.train.grad_clip, esd.esd.eta) == (1e-5, 1000, 1, None, 1.0)
     new = load_config("configs/sd/nudity_esd_diffusers.yaml", schema=SDConfig)
     assert (new.train.lr, new.train.steps, new.esd.eta, new.esd.params, new.esd.trajectory) == (5e-5, 200, 2.0, "linear", "frozen")
-    assert new.esd.timestep == "matched"
+    assert new.esd.timestep == "matched" and new.esd.anchor == "concept" and new.esd.sampler == "pndm" and new.esd.resolution == 1024
     for salun in ("configs/sd/nudity_salun.yaml", "configs/sd/imagenette_salun.yaml"):
         assert load_config(salun, schema=SDConfig).train.grad_clip is None
 

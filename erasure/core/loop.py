@@ -78,6 +78,10 @@ class LoopSettings:
     momentum: float = 0.9  # sgd only
     nesterov: bool = False  # sgd only
     ema_decay: float | None = None
+    # True: diffusers' EMAModel ramps the decay as min(ema_decay, (1 + s) / (10 + s)) and copies the
+    # weights at the first update; False: the constant ema_decay from the first update on, the
+    # average starting at the initial weights (the SalUn DDPM reference's EMAHelper).
+    ema_warmup: bool = True
     checkpoint_every: int = 0  # 0: only on interruption
     log_every: int = 10
     # With a constraint mask: True restores masked-out weights (and zeroes their optimizer state) after
@@ -282,7 +286,11 @@ def train(
     if settings.ema_decay:  # imported here: the classification path runs without diffusers
         from diffusers.training_utils import EMAModel
 
-        ema = EMAModel(params, decay=settings.ema_decay)
+        if settings.ema_warmup:
+            ema = EMAModel(params, decay=settings.ema_decay)
+        else:
+            # min_decay pins the decay; update_after_step=-1 makes the first update use it too (not a copy).
+            ema = EMAModel(params, decay=settings.ema_decay, min_decay=settings.ema_decay, update_after_step=-1)
 
     start = 0
     state = load_checkpoint(ckpt_dir)

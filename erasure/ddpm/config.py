@@ -9,10 +9,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
-from erasure.core.config import DataConfig, RunConfig, load_config
+from erasure.core.config import AT_LEAST_ONE, NON_NEGATIVE, DataConfig, Range, RunConfig, load_config
 from erasure.core.errors import ErasureError
+
+
+@dataclass
+class DdpmDataConfig(DataConfig):
+    """The dataset, plus the DDPM path's augmentation."""
+
+    # A random horizontal flip (p = 0.5) of every training image the DDPM sees: base-training
+    # batches, erasure's forget and retain batches and the mask's forget batches, as the
+    # reference's loaders do (``random_flip: true`` in its CIFAR-10 configs; configs/cifar10*.yaml
+    # set it). Off here: flipping digits makes other glyphs (the reference has no digits or MNIST config).
+    random_flip: bool = False
 
 
 @dataclass
@@ -22,6 +33,16 @@ class ModelConfig:
     channels: list[int] = field(default_factory=lambda: [32, 64])
     layers_per_block: int = 1
     attention: bool = False
+    # With attention: the resolutions (px) whose levels get attention blocks, down and up (the
+    # mid block always has one). None: every level but the first (our earlier layout); the
+    # reference CIFAR-10 UNet: [16].
+    attention_resolutions: list[int] | None = None
+    # Channels per attention head; None: one head spanning all channels, as the reference's
+    # AttnBlock. 8 was diffusers' default, our earlier layout.
+    attention_head_dim: int | None = 8
+    # Dropout in the ResNet blocks. The reference CIFAR-10 UNet: 0.1 (configs/cifar10*.yaml); the
+    # demo's small model keeps 0.0 (the reference has no digits config).
+    dropout: float = 0.0
     norm_groups: int = 8
     num_train_timesteps: int = 1000
 
@@ -36,7 +57,16 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 2e-3
     warmup_steps: int = 50
+    # The learning rate after warm-up: cosine decay to 0 (the demo's), or constant, as the
+    # reference's base training (plain Adam, no scheduler, no warm-up; configs/cifar10.yaml).
+    schedule: Literal["cosine", "constant"] = "cosine"
     ema_decay: float = 0.995
+    # False: the constant ema_decay from the first step, the average starting at the initial
+    # weights, as the reference's EMAHelper (configs/cifar10*.yaml). True: diffusers' ramp
+    # min(ema_decay, (1 + s) / (10 + s)), kept for the demo: over its 600 steps a constant 0.995
+    # still holds 5% of the random start (0.995^600), and its original model dropped from
+    # 99.4% to 96.6% retained accuracy (UA 1% -> 4%).
+    ema_warmup: bool = True
     class_dropout: float = 0.1
     grad_clip: float = 1.0
     checkpoint_every: int = 200
@@ -86,8 +116,17 @@ class MaskConfig:
 
     ratio: float = 0.5  # fraction of weights that may change
     per_layer: bool = False  # threshold each tensor separately instead of globally
-    batches: int = 4  # forget batches accumulated into the saliency
+    # None: one pass over the forget set in a shuffled order, every image once and the last batch
+    # holding the rest, as the reference's generate_mask loops over its forget DataLoader
+    # (shuffle=True, no drop_last). An int: that many batches drawn at random with replacement
+    # (our earlier default, 4; as the SD path's mask.batches).
+    batches: int | None = None
     batch_size: int = 128
+    # How the mask's denoising loss is reduced before each batch's gradient is clipped to norm 1:
+    # "sum" over the pixels, mean over the batch, as the reference's generate_mask
+    # (``(e - output).square().sum(dim=(1, 2, 3)).mean(dim=0)``), so the clip scales every batch
+    # to unit norm; "mean": the per-element mean (our earlier default), whose gradient the clip seldom reaches.
+    loss_reduction: Literal["sum", "mean"] = "sum"
     guidance: float = 2.0  # the forgetting loss is taken on the guided prediction
     path: str | None = None  # reuse a saved mask instead of computing one
 
@@ -103,6 +142,10 @@ class UnlearnConfig:
     batch_size: int = 64  # per stream: this many forget and this many retain samples
     lr: float = 1e-3
     alpha: float = 1.0  # weight of the retain loss; both losses are per-element means
+    # GA's retain weight. The reference's GA sums both of its terms over the pixels (the same
+    # reduction on both sides), so its --alpha carries over 1:1 to our two per-element means,
+    # unlike RL/SalUn's (whose forget term is a mean and retain term a sum). 1.0: train.py's --alpha default.
+    ga_alpha: float = 1.0
     # Classifier-free-guidance condition dropout during erasure, as in the reference
     # ``saliency_unlearn``: its retain loss drops 10% of labels to the null class, which keeps
     # the unconditional branch that guidance uses anchored to the retained data; its forget
@@ -141,6 +184,10 @@ class FidConfig:
     weights: str | None = None  # local torch-fidelity Inception weights (offline use)
     batch_size: int = 64
     real_images: int | None = None  # cap on real reference images (a seeded subset); None = all
+    # The first N real images of each retained class (in dataset order), as the reference's
+    # save_base_dataset.py takes 500 per class from the CIFAR-10 train split; None = all of them.
+    # Exclusive with real_images.
+    real_images_per_class: int | None = None
 
 
 @dataclass
@@ -148,6 +195,10 @@ class EvalConfig:
     """Scoring generated images."""
 
     samples_per_class: int = 100
+    # Images generated per retained class for the FID and the retained accuracy; None: samples_per_class.
+    # The forgotten class always gets samples_per_class (UA). The reference: 500 for UA
+    # (sample_one_class), 5,000 per retained class for the FID (README's sample_fid).
+    fid_samples_per_class: int | None = None
     grid_samples: int = 6  # images per cell of the comparison grid
     seed: int = 1234
     # Images per sampling batch; under accelerate launch the batches are shared out among the
@@ -164,8 +215,17 @@ class EvalConfig:
 class Config(RunConfig):
     """One experiment: data, base model, classifier, erasure and evaluation."""
 
+    RULES: ClassVar[dict[str, Range]] = {
+        "model.dropout": Range(0, 1, high_open=True),
+        "attention_resolutions": AT_LEAST_ONE,
+        "attention_head_dim": AT_LEAST_ONE,
+        "ga_alpha": NON_NEGATIVE,
+        "fid_samples_per_class": AT_LEAST_ONE,
+        "real_images_per_class": AT_LEAST_ONE,
+    }
+
     workdir: str = "runs/demo"
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DdpmDataConfig = field(default_factory=DdpmDataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
@@ -187,6 +247,8 @@ class Config(RunConfig):
             raise ErasureError(f"eval.batch_size={self.eval.batch_size}: give a whole number >= 1 (images per sampling batch).")
         if self.unlearn.target_shift % 10 == 0:
             raise ErasureError("unlearn.target_shift must not map the forgotten class onto itself.")
+        if self.eval.fid.real_images is not None and self.eval.fid.real_images_per_class is not None:
+            raise ErasureError("eval.fid.real_images and eval.fid.real_images_per_class both pick the real FID set; set one of them.")
         if not self.model.channels or any(c % self.model.norm_groups for c in self.model.channels):
             raise ErasureError("model.channels must be non-empty multiples of model.norm_groups.")
         from erasure.ddpm.methods import get_method  # imported here: the methods import this module

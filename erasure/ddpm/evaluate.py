@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from erasure.core.card import write_cards
 from erasure.core.config import fingerprint
-from erasure.core.data import load_data, to_uint8
+from erasure.core.data import ImageData, load_data, to_uint8
 from erasure.core.errors import ErasureError
 from erasure.core.io import load_tensors, read_json, read_metadata, save_tensors
 from erasure.core.loop import process_state
@@ -82,6 +82,37 @@ def generate_cached(
     return images
 
 
+def sample_labels(k: int, forget: int, n: int, n_fid: int | None = None) -> torch.Tensor:
+    """The class of each generated image, class by class: ``n`` of the forgotten class (UA) and
+    ``n_fid`` (default ``n``) of each retained class (FID, retained accuracy)."""
+    counts = [n if c == forget else (n_fid or n) for c in range(k)]
+    return torch.arange(k).repeat_interleave(torch.tensor(counts))
+
+
+def grid_column(images: torch.Tensor, labels: torch.Tensor, k: int, per_row: int) -> torch.Tensor:
+    """The first ``per_row`` images of each class, (k, per_row, C, H, W)."""
+    per_row = min(per_row, *(int((labels == c).sum()) for c in range(k)))
+    return torch.stack([images[labels == c][:per_row] for c in range(k)])
+
+
+def fid_real_images(held: ImageData, retained: list[int], config: Config) -> torch.Tensor:
+    """The real images the retained-class FID compares against.
+
+    All of the retained classes' images; with ``eval.fid.real_images_per_class`` the first N of
+    each (dataset order, as the reference's ``save_base_dataset.py``); with ``eval.fid.real_images``
+    a seeded random subset of that many.
+    """
+    per_class = config.eval.fid.real_images_per_class
+    if per_class is not None:
+        return torch.cat([held.images[held.labels == c][:per_class] for c in retained])
+    real_retained = held.of_classes(retained).images
+    cap = config.eval.fid.real_images
+    if cap is not None and cap < len(real_retained):
+        pick = torch.randperm(len(real_retained), generator=torch.Generator().manual_seed(config.eval.seed))[:cap]
+        real_retained = real_retained[pick]
+    return real_retained
+
+
 def evaluate(config: Config, methods: list[str] | None = None) -> dict[str, Any]:
     """Evaluate; writes ``report.json``, ``report.md`` and ``grid.png`` into ``{workdir}/eval``.
 
@@ -95,7 +126,8 @@ def evaluate(config: Config, methods: list[str] | None = None) -> dict[str, Any]
     judge = load_judge(config, device)  # in every process: a missing classifier stops them all at once
     real = load_data(config.data, "train")
     k, n = real.num_classes, config.eval.samples_per_class
-    labels = torch.arange(k).repeat_interleave(n)
+    forget = config.unlearn.forget_class
+    labels = sample_labels(k, forget, n, config.eval.fid_samples_per_class)
     out = Path(config.workdir) / "eval"
 
     def samples(name: str) -> torch.Tensor | None:  # every process calls it for every model, in the same order
@@ -106,14 +138,9 @@ def evaluate(config: Config, methods: list[str] | None = None) -> dict[str, Any]
             samples(name)
         wait_for_everyone()  # the main process has written the report
         return {}
-    forget = config.unlearn.forget_class
     retained = [c for c in range(k) if c != forget]
     held = real if config.eval.fid_real_split == "train" else load_data(config.data, config.eval.fid_real_split)
-    real_retained = held.of_classes(retained).images
-    cap = config.eval.fid.real_images
-    if cap is not None and cap < len(real_retained):
-        pick = torch.randperm(len(real_retained), generator=torch.Generator().manual_seed(config.eval.seed))[:cap]
-        real_retained = real_retained[pick]
+    real_retained = fid_real_images(held, retained, config)
 
     models: dict[str, Any] = {}
     grid_columns: dict[str, torch.Tensor] = {}
@@ -128,8 +155,7 @@ def evaluate(config: Config, methods: list[str] | None = None) -> dict[str, Any]
         scores["fid_retained"], fid_name = fid(images[keep], real_retained, config.eval.fid, judge, cache=out / "fid-cache")
         scores["per_class_accuracy"] = per_class_accuracy(predicted, labels, k)
         models[name] = scores
-        per_row = min(config.eval.grid_samples, n)
-        grid_columns[name] = images.view(k, n, *images.shape[1:])[:, :per_row]
+        grid_columns[name] = grid_column(images, labels, k, config.eval.grid_samples)
         ua, kept, fid_value = 100 * scores["ua"], 100 * scores["retained_accuracy"], scores["fid_retained"]
         print(f"{name}: UA {ua:.1f}%  retained acc {kept:.1f}%  FID {fid_value:.2f} ({fid_name})")
 
@@ -141,12 +167,14 @@ def evaluate(config: Config, methods: list[str] | None = None) -> dict[str, Any]
         "classifier_test_accuracy": json.loads((judge_stage(config).folder / "done.json").read_text())["test_accuracy"],
         "protocol": {
             "samples_per_class": n,
+            "fid_samples_per_class": config.eval.fid_samples_per_class or n,
             "sampling": record,
             "sampling_steps": config.sample.resolved()[0],
             "guidance": config.sample.guidance,
             "seed": config.eval.seed,
             "fid_real_images": len(real_retained),
             "fid_real_split": config.eval.fid_real_split,
+            "fid_real_images_per_class": config.eval.fid.real_images_per_class,
         },
         "models": models,
     }
@@ -161,7 +189,7 @@ def evaluate(config: Config, methods: list[str] | None = None) -> dict[str, Any]
     for name in report["models"]:
         if name not in grid_columns and (out / "samples" / f"{name}.safetensors").is_file():
             images = load_tensors(out / "samples" / f"{name}.safetensors")["images"]
-            grid_columns[name] = images.view(k, n, *images.shape[1:])[:, : min(config.eval.grid_samples, n)]
+            grid_columns[name] = grid_column(images, labels, k, config.eval.grid_samples)
     comparison_grid(grid_columns, real.class_names, out / "grid.png")
     write_report(out, report)
     for method in methods:  # the erased models' cards show this evaluation

@@ -26,8 +26,20 @@ def build_unet(config: ModelConfig, image_shape: tuple[int, int, int], num_class
     levels = len(config.channels)
     if size % 2 ** (levels - 1):
         raise ErasureError(f"{size}px images cannot be halved {levels - 1} times; shorten model.channels.")
-    down = ["AttnDownBlock2D" if config.attention and i > 0 else "DownBlock2D" for i in range(levels)]
-    up = ["AttnUpBlock2D" if config.attention and i < levels - 1 else "UpBlock2D" for i in range(levels)]
+    resolutions = [size // 2**i for i in range(levels)]  # of each level, first (full size) to last
+    if config.attention_resolutions is None:
+        attend = [config.attention and i > 0 for i in range(levels)]  # every level but the first
+    else:
+        missing = sorted(set(config.attention_resolutions) - set(resolutions))
+        if config.attention and missing:
+            raise ErasureError(
+                f"model.attention_resolutions {missing} match no level of this UNet (its levels are {resolutions} px); "
+                f"pick from those, e.g. model.attention_resolutions=[{resolutions[min(1, levels - 1)]}]."
+            )
+        attend = [config.attention and r in config.attention_resolutions for r in resolutions]
+    down = ["AttnDownBlock2D" if attend[i] else "DownBlock2D" for i in range(levels)]
+    # Up block i works at the resolution of level levels - 1 - i (the lowest first).
+    up = ["AttnUpBlock2D" if attend[levels - 1 - i] else "UpBlock2D" for i in range(levels)]
     return UNet2DModel(
         sample_size=size,
         in_channels=channels,
@@ -37,9 +49,17 @@ def build_unet(config: ModelConfig, image_shape: tuple[int, int, int], num_class
         down_block_types=tuple(down),
         up_block_types=tuple(up),
         add_attention=config.attention,
+        attention_head_dim=config.attention_head_dim,  # None: one head over all channels (the reference's AttnBlock)
+        dropout=config.dropout,
         norm_num_groups=config.norm_groups,
         num_class_embeds=num_classes + 1,
     )
+
+
+def random_flip(images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Each image flipped horizontally with probability 0.5 (drawn with ``g``), as torchvision's ``RandomHorizontalFlip``."""
+    flip = torch.rand(len(images), generator=g, device=g.device).to(images.device) < 0.5
+    return torch.where(flip.view(-1, *[1] * (images.ndim - 1)), images.flip(-1), images)
 
 
 def null_class(unet: UNet2DModel) -> int:

@@ -16,6 +16,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from erasure.core.card import command_line, write_cards
+from erasure.core.config import DataConfig
 from erasure.core.data import load_data, to_model_range
 from erasure.core.errors import ErasureError
 from erasure.core.io import load_tensors, save_tensors
@@ -25,7 +26,7 @@ from erasure.core.stages import Stage, config_fingerprint, is_main_process, shar
 from erasure.ddpm.config import Config
 from erasure.ddpm.judge import ConvClassifier, train_classifier
 from erasure.ddpm.methods import EraseContext, get_method
-from erasure.ddpm.model import build_unet, denoising_loss, load_scheduler, load_unet, noise_scheduler, null_class, save_model
+from erasure.ddpm.model import build_unet, denoising_loss, load_scheduler, load_unet, noise_scheduler, null_class, random_flip, save_model
 
 
 def run_info(seed: int) -> dict[str, int]:
@@ -40,7 +41,9 @@ def base_stage(config: Config) -> Stage:
 
 def judge_stage(config: Config) -> Stage:
     """Where the classifier of ``config`` lives."""
-    return Stage(Path(config.workdir) / "classifier", config_fingerprint(config, ("data", "classifier")))
+    # The judge does its own augmentation: the DDPM's data.random_flip is not one of its inputs.
+    data = DataConfig(**{f.name: getattr(config.data, f.name) for f in dataclasses.fields(DataConfig)})
+    return Stage(Path(config.workdir) / "classifier", config_fingerprint(dataclasses.replace(config, data=data), ("data", "classifier")))
 
 
 def erase_stage(config: Config, method: str) -> Stage:
@@ -87,9 +90,12 @@ def train_base(config: Config) -> Path:
             idx = torch.randint(0, len(labels), (cfg.batch_size,), generator=g, device=g.device)
             drop = torch.rand(cfg.batch_size, generator=g, device=g.device) < cfg.class_dropout
             c = torch.where(drop, null, labels[idx])
-            return denoising_loss(model, scheduler, to_model_range(images[idx]), c, g, cfg.timesteps == "antithetic"), {}
+            x0 = to_model_range(images[idx])
+            if config.data.random_flip:
+                x0 = random_flip(x0, g)
+            return denoising_loss(model, scheduler, x0, c, g, cfg.timesteps == "antithetic"), {}
 
-        settings = LoopSettings.from_config(cfg, cosine=True, desc="base DDPM")
+        settings = LoopSettings.from_config(cfg, cosine=cfg.schedule == "cosine", desc="base DDPM")
         unet, ema = train(unet, step_loss, settings, stage.folder, accelerator, fingerprint=stage.fingerprint)
         if accelerator.is_main_process:
             # The raw weights are where the reference's erasure starts (unlearn.start_weights=raw);
@@ -178,6 +184,7 @@ def erase_context(config: Config, unet: UNet2DModel, scheduler: DDPMScheduler, d
         forget_class=cfg.forget_class,
         target_class=(cfg.forget_class + cfg.target_shift) % k,
         null_class=null_class(unet),
+        random_flip=config.data.random_flip,
     )
 
 

@@ -97,8 +97,8 @@ class SDTrainConfig:
     data_order: Literal["epochs", "random"] = "epochs"
     lr: float = 1e-5
     alpha: float = 0.1  # SalUn: weight of the retain loss
-    # Off by default: neither the SalUn SD scripts nor ESD clip gradients (FMN does: its
-    # config sets 1.0). Set a norm to clip.
+    # Off by default: neither the SalUn SD scripts nor ESD clip gradients, and FMN's clip is a
+    # no-op (see erasure.sd.methods.fmn). Set a norm to clip.
     grad_clip: float | None = None
     weight_decay: float = 0.0
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"  # auto: on only where the step would not fit in GPU memory
@@ -110,14 +110,22 @@ class SDTrainConfig:
 
 @dataclass
 class ESDConfig:
-    """ESD: negative guidance from a frozen copy, on latents from a DDIM trajectory.
+    """ESD: negative guidance from a frozen copy, on latents from a sampled trajectory.
 
-    The defaults are the original ESD (CompVis ``train-esd.py``). The newer diffusers ESD
-    (``esd_sd.py``) is ``configs/sd/nudity_esd_diffusers.yaml``: eta 2, lr 5e-5, 200
-    iterations, ``params: linear``, ``trajectory: frozen``, ``timestep: matched``, bf16.
+    The defaults are the original ESD (CompVis ``train-esd.py``): target ε₀ − η(ε_c − ε₀).
+    The newer diffusers ESD (rohitgandikota/erasing ``esd_sd.py``) is
+    ``configs/sd/nudity_esd_diffusers.yaml``: ``anchor: concept`` (target ε_c − η(ε_c − ε₀)),
+    eta 2, lr 5e-5, 200 iterations, ``params: linear``, ``trajectory: frozen``,
+    ``timestep: matched``, ``sampler: pndm``, ``resolution: 1024``, bf16. The reference
+    trains bf16 weights directly (Adam on bf16 parameters); ours keeps fp32 weights under
+    bf16 autocast (no option).
     """
 
-    eta: float = 1.0  # negative-guidance strength
+    eta: float = 1.0  # negative-guidance strength η
+    # What the target is anchored at. "uncond" (train-esd.py): ε₀ − η(ε_c − ε₀). "concept"
+    # (esd_sd.py, without --erase_from): ε_c − η(ε_c − ε₀), i.e. the uncond anchor's
+    # target at η − 1 (esd_sd.py's default η 2 is train-esd.py's η 1).
+    anchor: Literal["uncond", "concept"] = "uncond"
     ddim_steps: int = 50
     start_guidance: float = 3.0  # guidance of the trajectory that produces x_t
     # Which UNet weights esd-u and esd-all train. "compvis": the original's sets (esd-u = all
@@ -132,6 +140,16 @@ class ESDConfig:
     # than x_t. "matched" (esd_sd.py): x_t after k ~ U{0..ddim_steps-1} steps, fed the DDIM
     # timestep it is at (pure noise for k = 0, never a finished sample).
     timestep: Literal["original", "matched"] = "original"
+    # The sampler of the trajectory. "ddim" (train-esd.py: CompVis DDIM, eta 0, no x̂₀
+    # clipping). "pndm": PLMS, diffusers' PNDMScheduler with skip_prk_steps - SD v1.4's own
+    # scheduler, which esd_sd.py never replaces; its 50-step grid is 981, 961, 961, 941, ...,
+    # 21, 1, so with timestep "matched" x_t after k steps is fed grid[k] (961 twice, never 1).
+    # "pndm" needs timestep "matched" (the original's pairing is defined on the DDIM grid).
+    sampler: Literal["ddim", "pndm"] = "ddim"
+    # The trajectory's image size in px (latents of size/8 for SD). None: the model's native
+    # size (512 for SD 1.x), as train-esd.py. esd_sd.py hard-codes height = width = 1024,
+    # also for SD v1.4 (128×128 latents, about 4× the compute); the diffusers config sets it.
+    resolution: int | None = None
     # Replay the trajectory's UNet calls as CUDA graphs (erasure.core.graphs): the same
     # computation with one launch per call instead of one per kernel. GPU only (ignored on a
     # CPU). The ESD-x step at batch 1 on an H200: 0.99 s eager, 0.42 s graphed in bf16
@@ -173,7 +191,8 @@ class UCEConfig:
     # What the erased concepts are mapped to: one prompt for all, or one per erased concept.
     guide: str | list[str] = ""
     # The concepts to preserve. None: the concept spec's retain prompts; [] (the reference's
-    # default when --preserve_concepts is not given): none.
+    # default when --preserve_concepts is not given): none. Each is counted as often as it is
+    # listed, as the reference's solve loops over its list (its dict only caches embeddings).
     preserve: list[str] | None = None
     # Extra erase prompts per concept, each guided like the concept itself, e.g. the
     # reference's --expand_prompts for art: ["painting by {}", "art by {}", "artwork by {}",

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
 from erasure.core.errors import ErasureError
 from erasure.core.registry import Registry
@@ -217,8 +217,22 @@ def noise_scheduler(pipe: DiffusionPipeline) -> DDPMScheduler:
 
 
 def ddim_scheduler(pipe: DiffusionPipeline) -> DDIMScheduler:
-    """A DDIM sampler on the pipeline's schedule (ESD draws its intermediate latents with it)."""
-    return DDIMScheduler.from_config(pipe.scheduler.config)
+    """A DDIM sampler on the pipeline's schedule (ESD draws its intermediate latents with it).
+
+    ``clip_sample=False`` explicitly, as CompVis DDIM (which never clips x̂₀): diffusers'
+    DDIM defaults to clipping when the pipeline's config has no ``clip_sample`` key.
+    """
+    return DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+
+
+def pndm_scheduler(pipe: DiffusionPipeline) -> PNDMScheduler:
+    """PLMS (diffusers' ``PNDMScheduler`` with ``skip_prk_steps``) on the pipeline's schedule.
+
+    SD v1.4's own scheduler: the newer ESD (``esd_sd.py``) samples its trajectories with the
+    pipeline's scheduler unchanged, which for SD v1.4 is this one. Its 50-step grid has 51
+    entries (981, 961, 961, 941, ..., 21, 1): PLMS's first step is taken twice.
+    """
+    return PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
 
 
 def native_size(pipe: DiffusionPipeline) -> int:

@@ -11,6 +11,7 @@ from diffusers import DDPMScheduler
 from erasure.core.registry import Registry
 from erasure.core.saliency import Mask
 from erasure.ddpm.config import SampleConfig, UnlearnConfig
+from erasure.ddpm.model import random_flip
 
 
 @dataclass
@@ -26,10 +27,23 @@ class EraseContext:
     forget_class: int
     target_class: int  # the misaligned class the forgotten one is steered to
     null_class: int
+    random_flip: bool = False  # data.random_flip: every batch a method takes is flipped at random (p = 0.5)
 
     def draw(self, images: torch.Tensor, g: torch.Generator, n: int | None = None) -> torch.Tensor:
         """Indices of a random batch from ``images``."""
         return torch.randint(0, len(images), (n or self.config.batch_size,), generator=g, device=images.device)
+
+    def in_shuffled_order(self, images: torch.Tensor, n: int, g: torch.Generator) -> list[torch.Tensor]:
+        """One pass over ``images`` in a random order: the indices of consecutive batches of ``n`` (the last holds the rest).
+
+        The reference's forget loader (``shuffle=True``, no ``drop_last``); the SD path's
+        ``LatentSet.in_order`` is the same pass in dataset order, as its reference reads.
+        """
+        return list(torch.randperm(len(images), generator=g, device=g.device).to(images.device).split(n))
+
+    def augment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """A batch as the method sees it: flipped at random with ``random_flip``, else ``x`` itself."""
+        return random_flip(x, g) if self.random_flip else x
 
     def labels(self, label: int, n: int) -> torch.Tensor:
         """A batch of one label on the data's device."""

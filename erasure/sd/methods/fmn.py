@@ -9,10 +9,13 @@ As in the reference (SHI-Labs ``train_attn.py`` with ``configs/attn.yaml``):
   every ``attn2`` layer, head, query and batch item and concatenated - ``fmn.reduction``;
 - no denoising term; the whole UNet is trained (``only_optimize_ca: false``) - ``fmn.params``.
 
-The reference's optimizer settings (AdamW 2e-6, weight decay 0.01, 35 steps, batch 1,
-gradient clip 1) are in ``configs/sd/nudity_fmn.yaml``. Its optional textual-inversion
-stage, which learns the concept tokens first, is not implemented: the concept's own words
-are used (the reference's ``use_ti: false``).
+The reference's optimizer settings (AdamW 2e-6, weight decay 0.01, 35 steps, batch 1) are
+in ``configs/sd/nudity_fmn.yaml``, without gradient clipping: ``configs/attn.yaml`` sets
+``max_grad_norm: 1`` but, with ``only_optimize_ca: false``, ``train_attn.py`` hands the clip
+the generator ``unet.parameters()`` that AdamW has already consumed, so nothing is clipped
+(``train.grad_clip=1.0`` clips as it intended). Its textual-inversion stage
+(``use_ti: true`` in ``configs/attn.yaml``), which learns the concept tokens first, is not
+implemented: the concept's own words are used, as the reference does with ``use_ti: false``.
 
 Several concepts: the forget set is their union, and each forget prompt's positions are
 those of its own concept's words.
@@ -25,6 +28,11 @@ from diffusers.models.attention_processor import AttnProcessor
 
 from erasure.core.errors import ErasureError
 from erasure.sd.methods.base import SD_METHODS, SDMethod, eps
+from erasure.sd.methods.esd import warn_unlike_recipe
+
+# The reference's training settings (configs/attn.yaml; its clip is a no-op, see above), which
+# the `train:` section of a run config must set for FMN (the schema's defaults are SalUn's).
+FMN_RECIPE = ("configs/sd/nudity_fmn.yaml", {"steps": 35, "batch_size": 1, "lr": 2e-6, "weight_decay": 0.01, "grad_clip": None})
 
 
 class AttentionProbe:
@@ -101,6 +109,7 @@ class FMN(SDMethod):
 
     def prepare(self, model: torch.nn.Module) -> None:
         ctx, cfg = self.ctx, self.ctx.config.fmn
+        warn_unlike_recipe(ctx.config.method, ctx.config.train, *FMN_RECIPE)
         forget = ctx.sets["forget"]
         parts, words = ctx.concept.part_of("forget"), [part.words for part in ctx.concept.concepts]
         rows = [concept_positions(ctx.pipe, p, words[k], cfg.eot_positions) for p, k in zip(forget.prompts, parts)]

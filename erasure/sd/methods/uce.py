@@ -108,7 +108,9 @@ class UCE(SDMethod):
                 erase.append(prompt)
                 guide.append(g)
         preserve = concept.retain if cfg.preserve is None else cfg.preserve
-        return erase, guide, list(dict.fromkeys(preserve))  # each preserved prompt once, as the reference's dict
+        # Each preserved prompt counts as often as it is listed, as the erased ones: the reference's
+        # solve loops over its preserve list (its dictionary only caches the embeddings).
+        return erase, guide, list(preserve)
 
     @torch.no_grad()
     def edit(self, model: torch.nn.Module) -> dict[str, Any]:
