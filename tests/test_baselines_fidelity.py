@@ -73,6 +73,13 @@ def test_the_configs_name_their_recipe_settings():
     fmn = load_config("configs/sd/nudity_fmn.yaml", schema=SDConfig).train
     assert fmn.grad_clip is None  # train_attn.py clips an exhausted generator: nothing
     assert (fmn.lr, fmn.steps, fmn.batch_size, fmn.weight_decay) == (2e-6, 35, 1, 0.01)
+    # The recipes the "another method's config" warning compares against are these files' own train settings.
+    from erasure.sd.methods.esd import ESD_RECIPES
+    from erasure.sd.methods.fmn import FMN_RECIPE
+
+    for path, values in [*ESD_RECIPES.values(), FMN_RECIPE]:
+        train = load_config(path, schema=SDConfig).train
+        assert {k: getattr(train, k) for k in values} == values, path
 
 
 def test_pndm_trajectory_is_plms_from_a_fresh_scheduler_fed_the_grid_entry(tiny_model):
