@@ -116,6 +116,38 @@ def test_the_original_model_trains_on_a_split_of_its_own_as_the_reference():
     assert set(small.original_train.tolist()) | set(small.original_val.tolist()) == pool and len(small.original_train) == 4_500
 
 
+def test_split_rng_numpy_replays_the_references_draws():
+    """split.rng=numpy: the reference's cifar10_dataloaders and replace_class draws, written out here with numpy.
+
+    Validation: one RandomState(seed), for each class in order a choice of 10% of its images;
+    train: the rest, sorted; forget: RandomState(forget.seed).choice over the train positions.
+    The original model's split is the same draw with original_seed.
+    """
+    import numpy as np
+
+    labels = torch.arange(2_000) % 10
+    labels = labels[torch.randperm(2_000, generator=torch.Generator().manual_seed(3))]
+    y = labels.numpy()
+
+    def reference(seed):
+        rng = np.random.RandomState(seed)
+        val = np.hstack([rng.choice(np.where(y == c)[0], int(0.1 * (y == c).sum()), replace=False) for c in range(10)])
+        return np.array(sorted(set(range(len(y))) - set(val))), np.sort(val)
+
+    opts = ["split.val_size=200", "split.rng=numpy", "split.seed=2", "split.original_seed=1", "forget.seed=1"]
+    config = load_config(None, opts, schema=ClassificationConfig)
+    split = make_split(labels, torch.arange(100) % 10, config.split, config.forget)
+    train, val = reference(2)
+    original_train, original_val = reference(1)
+    forget = train[np.random.RandomState(1).choice(np.arange(len(train)), 180, replace=False)]
+    assert split.train.tolist() == train.tolist() and split.val.tolist() == val.tolist()
+    assert split.original_train.tolist() == original_train.tolist() and split.original_val.tolist() == original_val.tolist()
+    assert split.forget.tolist() == sorted(forget.tolist())
+    for bad in (["split.stratify=false"], ["split.train_limit=100"]):
+        with pytest.raises(ErasureError, match="split.rng=numpy"):
+            load_config(None, [*opts, *bad], schema=ClassificationConfig)
+
+
 def original_fit(folder, epochs: int, select: str, val=None):
     """The tiny original model's training (constant lr, so a shorter run is the longer run's prefix)."""
     recipe = {"epochs": epochs, "batch_size": 16, "lr": 0.05, "schedule": "constant", "select": select}

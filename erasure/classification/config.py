@@ -30,9 +30,15 @@ class SplitConfig:
     # drawn with seed 1 (main_train.py) and its unlearning split with --seed, default 2.
     # shared: one split for both (erasure's earlier behaviour; the original saw every train image).
     original: Literal["own", "shared"] = "own"
+    original_seed: int | None = None  # the seed of the original model's own split; None: seed + 1
     train_limit: int | None = None  # keep a seeded subset of this many train images (reduced runs)
     test_limit: int | None = None  # keep a seeded subset of this many test images (reduced runs)
     seed: int = 0
+    # Which generator draws the validation splits and the random forget set. torch: ours. numpy:
+    # the reference's own draws replayed (numpy RandomState: per class in class order for the
+    # validation splits, one choice over the train positions for the forget set), so with its
+    # seeds (seed=2 original_seed=1 forget.seed=1) the index sets are the reference's exactly.
+    rng: Literal["torch", "numpy"] = "torch"
 
 
 @dataclass
@@ -256,6 +262,11 @@ class ClassificationConfig(RunConfig):
             raise ErasureError("unlearn.salun.ratio must lie in (0, 1].")
         if self.split.val_size < 0:
             raise ErasureError("split.val_size must be >= 0.")
+        if self.split.rng == "numpy" and (not self.split.stratify or self.split.train_limit is not None):
+            raise ErasureError(
+                "split.rng=numpy replays the reference's per-class draws over the whole train split: "
+                "it needs split.stratify=true and no split.train_limit."
+            )
         for key in ("train", "retrain"):
             recipe: RecipeConfig = getattr(self, key)
             if recipe.epochs < 1 or recipe.batch_size < 1:

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -62,15 +63,15 @@ def make_split(train_labels: torch.Tensor, test_labels: torch.Tensor, split: Spl
     n = len(train_labels)
     if split.val_size >= n:
         raise ErasureError(f"split.val_size={split.val_size} leaves no training images (the train split has {n}).")
-    val, train = draw_val(train_labels, torch.arange(n), split.val_size, split.seed, split.stratify)  # train in seeded order
+    original_seed = split.seed + 1 if split.original_seed is None else split.original_seed
+    draw = draw_val if split.rng == "torch" else draw_val_numpy
+    val, train = draw(train_labels, torch.arange(n), split.val_size, split.seed, split.stratify)  # train in seeded order
     if split.train_limit is not None:
         train = train[: split.train_limit]
     train = train.sort().values
     if split.original == "own":
         # The original model's own split of the same images (train and val together), drawn again.
-        original_val, original_train = draw_val(
-            train_labels, torch.cat([train, val]).sort().values, len(val), split.seed + 1, split.stratify
-        )
+        original_val, original_train = draw(train_labels, torch.cat([train, val]).sort().values, len(val), original_seed, split.stratify)
         original_train, original_val = original_train.sort().values, original_val.sort().values
     else:
         original_train, original_val = train, val
@@ -83,7 +84,10 @@ def make_split(train_labels: torch.Tensor, test_labels: torch.Tensor, split: Spl
         if not 0 < k < len(train):
             raise ErasureError(f"forget.fraction={forget.fraction} of {len(train)} training images leaves an empty forget or retain set.")
         is_forget = torch.zeros(len(train), dtype=torch.bool)
-        is_forget[seeded_perm(len(train), forget.seed)[:k]] = True
+        if split.rng == "numpy":  # the reference's replace_class: RandomState(seed).choice over the train positions
+            is_forget[torch.from_numpy(np.random.RandomState(forget.seed).choice(len(train), k, replace=False))] = True
+        else:
+            is_forget[seeded_perm(len(train), forget.seed)[:k]] = True
         test_forget = torch.zeros(0, dtype=torch.long)
     else:
         c = forget.class_index
@@ -105,16 +109,38 @@ def draw_val(labels: torch.Tensor, candidates: torch.Tensor, size: int, seed: in
     return order[is_val].sort().values, order[~is_val]
 
 
+def draw_val_numpy(
+    labels: torch.Tensor, candidates: torch.Tensor, size: int, seed: int, stratify: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(validation, the rest) of ``candidates`` as the reference's ``cifar10_dataloaders`` draws them, both sorted.
+
+    One numpy ``RandomState(seed)``; for each class in class order, ``choice`` of its share of
+    ``size`` (10% of each CIFAR-10 class for 5,000) among the class's candidates, without replacement.
+    """
+    rng = np.random.RandomState(seed)
+    own = labels[candidates]
+    classes, quota = class_quotas(own, size)
+    picked = [rng.choice(candidates[own == c].numpy(), q, replace=False) for c, q in zip(classes.tolist(), quota.tolist())]
+    val = torch.from_numpy(np.sort(np.concatenate(picked))).long()
+    return val, candidates[~torch.isin(candidates, val)]
+
+
+def class_quotas(labels: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(classes, how many of ``size`` each gives): size * n_c / n, the largest remainders rounded up."""
+    classes, counts = labels.unique(return_counts=True)
+    exact = counts.double() * size / len(labels)
+    quota = exact.floor().long()
+    quota[(exact - quota).argsort(descending=True, stable=True)[: size - int(quota.sum())]] += 1
+    return classes, quota
+
+
 def stratified(labels: torch.Tensor, size: int) -> torch.Tensor:
     """Positions of the first images of each class in ``labels``' order, ``size`` in all, each class its share.
 
     Class c gives size * n_c / n images, rounded so that the shares sum to ``size`` (the
     largest remainders round up): 500 of each CIFAR-10 class for 5,000.
     """
-    classes, counts = labels.unique(return_counts=True)
-    exact = counts.double() * size / len(labels)
-    quota = exact.floor().long()
-    quota[(exact - quota).argsort(descending=True, stable=True)[: size - int(quota.sum())]] += 1
+    classes, quota = class_quotas(labels, size)
     picked = [torch.nonzero(labels == c).flatten()[:q] for c, q in zip(classes.tolist(), quota.tolist())]
     return torch.cat(picked).sort().values
 
