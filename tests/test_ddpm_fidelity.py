@@ -220,6 +220,16 @@ def test_cifar10_config_carries_the_reference_recipe():
     for name in ("mnist", "mnist16", "mnist32"):
         assert load(ROOT / "configs" / f"{name}.yaml").data.random_flip is False
     assert Config().data.random_flip is False and Config().train.schedule == "cosine"  # the digits demo
+    # The base loss: summed over the pixels in the reference recipe, the per-element mean elsewhere.
+    assert cfg.train.loss_reduction == "sum" and proof.train.loss_reduction == "mean" and Config().train.loss_reduction == "mean"
+    from erasure.ddpm.model import denoising_loss
+
+    unet = build_unet(ModelConfig(channels=[8, 16], norm_groups=4), (1, 8, 8), 10)
+    x0, labels = torch.rand(4, 1, 8, 8) * 2 - 1, torch.arange(4)
+    mean, total = (
+        denoising_loss(unet, noise_scheduler(), x0, labels, torch.Generator().manual_seed(0), reduction=r) for r in ("mean", "sum")
+    )
+    assert torch.allclose(total, mean * 64, rtol=1e-5)  # 1 x 8 x 8 pixels: the same draws, summed instead of averaged
 
 
 # ----------------------------------------------------------------------------- F7: random flips

@@ -69,6 +69,10 @@ class TrainConfig:
     ema_warmup: bool = True
     class_dropout: float = 0.1
     grad_clip: float = 1.0
+    # The denoising loss: the per-element mean (the demo's), or summed over the pixels and averaged
+    # over the batch, as the reference's base training (configs/cifar10.yaml), whose gradient is
+    # then thousands of times larger, so grad_clip acts on every step.
+    loss_reduction: Literal["mean", "sum"] = "mean"
     checkpoint_every: int = 200
     seed: int = 0
     # A batch's timesteps: half drawn, half mirrored (T - 1 - t), as the reference trains; iid: all drawn.

@@ -119,11 +119,21 @@ def guided_eps(unet: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, labels
 
 
 def denoising_loss(
-    unet: torch.nn.Module, scheduler: DDPMScheduler, x0: torch.Tensor, labels: torch.Tensor, g: torch.Generator, antithetic: bool = True
+    unet: torch.nn.Module,
+    scheduler: DDPMScheduler,
+    x0: torch.Tensor,
+    labels: torch.Tensor,
+    g: torch.Generator,
+    antithetic: bool = True,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """The standard DDPM loss, a per-element mean of (eps_pred - noise)^2."""
+    """The standard DDPM loss on (eps_pred - noise)^2: its per-element mean, or with ``reduction="sum"``
+    its sum over the pixels averaged over the batch (the reference's ``noise_estimation_loss_conditional``)."""
     x_t, noise, t = add_noise(scheduler, x0, g, antithetic)
-    return F.mse_loss(eps(unet, x_t, t, labels), noise)
+    pred = eps(unet, x_t, t, labels)
+    if reduction == "sum":
+        return (pred - noise).square().flatten(1).sum(1).mean()
+    return F.mse_loss(pred, noise)
 
 
 @torch.no_grad()

@@ -93,7 +93,7 @@ def train_base(config: Config) -> Path:
             x0 = to_model_range(images[idx])
             if config.data.random_flip:
                 x0 = random_flip(x0, g)
-            return denoising_loss(model, scheduler, x0, c, g, cfg.timesteps == "antithetic"), {}
+            return denoising_loss(model, scheduler, x0, c, g, cfg.timesteps == "antithetic", cfg.loss_reduction), {}
 
         settings = LoopSettings.from_config(cfg, cosine=cfg.schedule == "cosine", desc="base DDPM")
         unet, ema = train(unet, step_loss, settings, stage.folder, accelerator, fingerprint=stage.fingerprint)
