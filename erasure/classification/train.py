@@ -26,7 +26,7 @@ from erasure.classification.metrics import predict
 from erasure.classification.model import CHANNEL_STATS, resnet18
 from erasure.core.errors import ErasureError
 from erasure.core.io import load_tensors, save_tensors, write_json
-from erasure.core.loop import LoopSettings, Monitor, train
+from erasure.core.loop import LoopSettings, Monitor, shard, train
 from erasure.core.saliency import Mask
 
 # (model, inputs, labels, epoch) -> (loss, numbers to log)
@@ -306,13 +306,6 @@ class BestOnValidation(Monitor):
             "val_augmented": augmented,
             "scores": scores,
         }
-
-
-def shard(n: int, rank: int, processes: int) -> slice:
-    """Process ``rank``'s contiguous share of a global batch of ``n`` images (the first ``n % processes`` get one more)."""
-    size, extra = divmod(n, processes)
-    start = rank * size + min(rank, extra)
-    return slice(start, start + size + (rank < extra))
 
 
 class _SumOverProcesses(torch.autograd.Function):

@@ -232,6 +232,13 @@ def make_optimizer(params: list[torch.nn.Parameter], s: LoopSettings) -> torch.o
     raise ErasureError(f"unknown optimizer '{s.optimizer}'; choose adamw or sgd.")
 
 
+def shard(n: int, rank: int, processes: int) -> slice:
+    """Process ``rank``'s contiguous share of a global batch of ``n`` items (the first ``n % processes`` get one more)."""
+    size, extra = divmod(n, processes)
+    start = rank * size + min(rank, extra)
+    return slice(start, start + size + (rank < extra))
+
+
 def step_generator(seed: int, step: int, process: int, device: torch.device) -> torch.Generator:
     """The generator for one step of one process: reproducible, and different per process."""
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 1_009 + process)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, DiffusionPipeline
 
+from erasure.core.loop import shard
 from erasure.core.registry import Registry
 from erasure.core.saliency import Mask
 from erasure.sd.config import Concept, SDConfig
@@ -79,21 +80,31 @@ class EpochOrder:
     processes: int = 1
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        self._orders: dict[tuple, torch.Tensor] = {}  # made once per device (forget) or per pass (retain)
+
     @property
     def steps_per_epoch(self) -> int:
         return steps_per_epoch(self.forget, self.batch_size, self.processes)
 
     def forget_indices(self, step: int, device: torch.device) -> torch.Tensor:
         """This process's forget items at ``step``: batch ``step mod steps_per_epoch`` of the ordered pass."""
-        return self._share(torch.arange(self.forget, device=device), step % self.steps_per_epoch)
+        key = ("forget", str(device))
+        if key not in self._orders:
+            self._orders[key] = torch.arange(self.forget, device=device)
+        return self._share(self._orders[key], step % self.steps_per_epoch)
 
     def retain_indices(self, step: int, device: torch.device) -> torch.Tensor:
         """This process's retain items at ``step``: the retain iterator restarts every epoch and cycles within it."""
         epoch, position = divmod(step, self.steps_per_epoch)
         restart, k = divmod(position, steps_per_epoch(self.retain, self.batch_size, self.processes))
-        g = torch.Generator(device).manual_seed((self.seed * 1_000_003 + epoch) * 1_009 + restart)
-        # The order of random keys: on the device without a host round trip (CUDA's randperm may build small ones on the host).
-        return self._share(torch.rand(self.retain, generator=g, device=device).argsort(), k)
+        key = ("retain", str(device), epoch, restart)
+        if key not in self._orders:  # a new pass: drop the previous one's order
+            self._orders = {k_: v for k_, v in self._orders.items() if k_[0] == "forget"}
+            g = torch.Generator(device).manual_seed((self.seed * 1_000_003 + epoch) * 1_009 + restart)
+            # The order of random keys: on the device without a host round trip (CUDA's randperm may build small ones on the host).
+            self._orders[key] = torch.rand(self.retain, generator=g, device=device).argsort()
+        return self._share(self._orders[key], k)
 
     def _share(self, order: torch.Tensor, k: int) -> torch.Tensor:
         """This process's part of global batch ``k`` of ``order``."""
@@ -102,8 +113,8 @@ class EpochOrder:
         count = min(size, len(order) - start)
         if count < self.processes:  # fewer items than processes: each takes one, some twice
             return order[start + self.process % count : start + self.process % count + 1]
-        low = start + self.process * (count // self.processes) + min(self.process, count % self.processes)
-        return order[low : low + count // self.processes + (self.process < count % self.processes)]
+        part = shard(count, self.process, self.processes)
+        return order[start + part.start : start + part.stop]
 
 
 @dataclass
