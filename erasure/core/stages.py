@@ -45,14 +45,19 @@ def config_fingerprint(config: Any, sections: Iterable[str] | None = None, skip:
     """A hash of everything in ``config`` a stage's output can depend on.
 
     Derived, not listed: the whole resolved config (or only its top-level ``sections``),
-    minus :data:`RUN_ONLY_KEYS` at any depth and the top-level keys in ``skip`` (e.g. other
+    minus :data:`RUN_ONLY_KEYS` at any depth and the keys in ``skip`` (top-level or dotted, e.g. other
     methods' sections), plus ``extra`` values. A setting added to a section later is
     covered without anyone remembering to add it here.
     """
     values = dataclasses.asdict(config)
     if sections is not None:
         values = {k: values[k] for k in sections}
-    values = {k: v for k, v in values.items() if k not in set(skip)}
+    for key in skip:  # "section" or "section.key"
+        *parents, last = key.split(".")
+        where = values
+        for part in parents:
+            where = where.get(part, {})
+        where.pop(last, None)
     extra = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in extra.items()}
     return fingerprint(_drop_run_only(values), _drop_run_only(extra), FINGERPRINT_SCHEME)
 

@@ -16,7 +16,6 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from erasure.core.card import command_line, write_cards
-from erasure.core.config import DataConfig
 from erasure.core.data import load_data, to_model_range
 from erasure.core.errors import ErasureError
 from erasure.core.io import load_tensors, save_tensors
@@ -42,8 +41,7 @@ def base_stage(config: Config) -> Stage:
 def judge_stage(config: Config) -> Stage:
     """Where the classifier of ``config`` lives."""
     # The judge does its own augmentation: the DDPM's data.random_flip is not one of its inputs.
-    data = DataConfig(**{f.name: getattr(config.data, f.name) for f in dataclasses.fields(DataConfig)})
-    return Stage(Path(config.workdir) / "classifier", config_fingerprint(dataclasses.replace(config, data=data), ("data", "classifier")))
+    return Stage(Path(config.workdir) / "classifier", config_fingerprint(config, ("data", "classifier"), skip=("data.random_flip",)))
 
 
 def erase_stage(config: Config, method: str) -> Stage:
