@@ -11,6 +11,7 @@ A closed-form method (UCE) sets ``closed_form`` and changes the weights in
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -21,6 +22,7 @@ from diffusers import DDPMScheduler, DiffusionPipeline
 from erasure.core.loop import shard
 from erasure.core.registry import Registry
 from erasure.core.saliency import Mask
+from erasure.core.stages import is_main_process
 from erasure.sd.config import Concept, SDConfig
 from erasure.sd.model import Conditioning
 
@@ -214,3 +216,26 @@ class SDMethod:
 
 
 SD_METHODS: Registry[type[SDMethod]] = Registry("Stable Diffusion method")
+
+
+def warn_unlike_recipe(method: str, train: object, recipe: str, values: dict[str, object]) -> list[str]:
+    """Print (main process) and return the ``train.*`` settings of this run that differ from the method's reference recipe.
+
+    The ``train:`` defaults of the schema are SalUn's, so ``--method esd-x`` or ``--method fmn``
+    on a SalUn config trains with SalUn's length, batch and learning rate; this says so.
+    """
+    ours = {k: getattr(train, k) for k in values}
+    if ours.get("grad_clip") == 0:
+        ours["grad_clip"] = None  # 0 turns clipping off too
+    differ = [f"train.{k}={ours[k]} (recipe: {v})" for k, v in values.items() if ours[k] != v]
+    if getattr(train, "epochs", None) is not None:  # epochs replace steps
+        differ = [d for d in differ if not d.startswith("train.steps=")] + [
+            f"train.epochs={train.epochs} (recipe: steps {values['steps']})"
+        ]
+    if differ and is_main_process():
+        print(
+            f"warning: {method} runs with {', '.join(differ)}; its reference recipe is {recipe}. "
+            "Run it from that config (or set these keys) to train as the reference does.",
+            file=sys.stderr,
+        )
+    return differ

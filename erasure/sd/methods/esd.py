@@ -18,7 +18,6 @@ generator, so a resumed run draws the same ones).
 from __future__ import annotations
 
 import copy
-import sys
 from collections.abc import Callable
 from functools import cached_property, partial
 
@@ -29,8 +28,7 @@ from erasure.core.errors import ErasureError
 from erasure.core.esd import draw_esd_step
 from erasure.core.graphs import GraphedCall
 from erasure.core.loop import host_generator
-from erasure.core.stages import is_main_process
-from erasure.sd.methods.base import SD_METHODS, SDMethod, eps
+from erasure.sd.methods.base import SD_METHODS, SDMethod, eps, warn_unlike_recipe
 from erasure.sd.model import Conditioning, ddim_scheduler, encode_conditioning, frozen_dtype, pndm_scheduler
 
 # Outside cross-attention, the original ESD-u ("noxattn") also leaves out the time
@@ -46,29 +44,6 @@ ESD_RECIPES = {
         {"steps": 200, "batch_size": 1, "lr": 5e-5, "weight_decay": 0.0, "grad_clip": None},
     ),
 }
-
-
-def warn_unlike_recipe(method: str, train: object, recipe: str, values: dict[str, object]) -> list[str]:
-    """Print (main process) and return the ``train.*`` settings of this run that differ from the method's reference recipe.
-
-    The ``train:`` defaults of the schema are SalUn's, so ``--method esd-x`` or ``--method fmn``
-    on a SalUn config trains with SalUn's length, batch and learning rate; this says so.
-    """
-    ours = {k: getattr(train, k) for k in values}
-    if ours.get("grad_clip") == 0:
-        ours["grad_clip"] = None  # 0 turns clipping off too
-    differ = [f"train.{k}={ours[k]} (recipe: {v})" for k, v in values.items() if ours[k] != v]
-    if getattr(train, "epochs", None) is not None:  # epochs replace steps
-        differ = [d for d in differ if not d.startswith("train.steps=")] + [
-            f"train.epochs={train.epochs} (recipe: steps {values['steps']})"
-        ]
-    if differ and is_main_process():
-        print(
-            f"warning: {method} runs with {', '.join(differ)}; its reference recipe is {recipe}. "
-            "Run it from that config (or set these keys) to train as the reference does.",
-            file=sys.stderr,
-        )
-    return differ
 
 
 class ESD(SDMethod):

@@ -27,8 +27,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor
 
 from erasure.core.errors import ErasureError
-from erasure.sd.methods.base import SD_METHODS, SDMethod, eps
-from erasure.sd.methods.esd import warn_unlike_recipe
+from erasure.sd.methods.base import SD_METHODS, SDMethod, eps, warn_unlike_recipe
 
 # The reference's training settings (configs/attn.yaml; its clip is a no-op, see above), which
 # the `train:` section of a run config must set for FMN (the schema's defaults are SalUn's).
