@@ -122,8 +122,3 @@ def check_delta(tensors: dict[str, torch.Tensor], layout: dict[str, Any], state:
     unknown = [k for k in tensors if k.partition("::")[2] not in ("", "changed", "values")]
     if unknown:
         raise bad(f"holds a tensor named '{unknown[0]}', which is not part of the delta format")
-
-
-def delta_info(path: str | Path) -> dict[str, Any]:
-    """The provenance stored with a delta (base model, method, concept, ...)."""
-    return json.loads(read_metadata(path).get("info", "{}"))

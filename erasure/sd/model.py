@@ -258,16 +258,6 @@ def encode_prompts(pipe: DiffusionPipeline, prompts: list[str], batch_size: int 
     return encode_conditioning(pipe, prompts, batch_size=batch_size).hidden
 
 
-def token_positions(pipe: DiffusionPipeline, prompt: str, words: str) -> list[int]:
-    """Positions of the tokens of ``words`` inside the tokenized ``prompt`` (FMN needs them)."""
-    ids = pipe.tokenizer(prompt, truncation=True, max_length=pipe.tokenizer.model_max_length).input_ids
-    target = pipe.tokenizer(words, add_special_tokens=False).input_ids
-    for start in range(len(ids) - len(target) + 1):
-        if ids[start : start + len(target)] == target:
-            return list(range(start, start + len(target)))
-    raise ErasureError(f"the concept '{words}' does not occur in the prompt '{prompt}'; FMN needs the concept's words in its prompts.")
-
-
 @torch.no_grad()
 def encode_images(pipe: DiffusionPipeline, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
     """VAE latents (posterior mean, scaled) of uint8 images ``[N, 3, H, W]``."""
