@@ -436,8 +436,21 @@ def test_ua_audit_mechanics(models, tmp_path, capsys):
     assert {c: v["images"] for c, v in m["per_class"].items()} == {"tench": 2, "church": 2}
     assert m["ua"] == pytest.approx(1 - m["forget_accuracy"]) and 0 <= m["retained_accuracy"] <= 1
     assert r["settings"]["label_space"] == "imagenet" and "1000" in r["settings"]["accuracy"]
-    seeds = [json.loads(line)["seed"] for line in (out / "images" / "m" / "manifest.jsonl").read_text().splitlines()]
-    assert seeds == [5, 6, 6, 7]
+    # A row's images are consecutive draws from one generator seeded with its seed (the reference's batch).
+    rows = [json.loads(line) for line in (out / "images" / "m" / "manifest.jsonl").read_text().splitlines()]
+    assert [(row["seed"], row["noise_index"], row["generator"]) for row in rows] == [
+        (5, 0, "cpu"),
+        (5, 1, "cpu"),
+        (6, 0, "cpu"),
+        (6, 1, "cpu"),
+    ]
+    assert r["settings"]["image_seeds"].startswith("stream")
+    # --image-seeds offset: image j of a row gets its own generator, seeded seed + j (the earlier default).
+    other = tmp_path / "ua-offset"
+    offset = [str(other) if a == str(out) else a for a in args]
+    assert main([*offset, "--image-seeds", "offset", "--classifier-weights", str(weights)]) == 0
+    rows = [json.loads(line) for line in (other / "images" / "m" / "manifest.jsonl").read_text().splitlines()]
+    assert [(row["seed"], row["noise_index"]) for row in rows] == [(5, 0), (6, 0), (6, 0), (7, 0)]
     assert main([*args, "--forget-class", "cat", "--classifier-weights", str(weights)]) == 2
 
 
@@ -535,6 +548,7 @@ def test_audits_send_running_numbers_to_trackers(models, i2p_csv, tmp_path, monk
     csv = tmp_path / "imagenette.csv"
     csv.write_text("case_number,prompt,evaluation_seed,class\n0,an image of a church,5,church\n1,an image of a tench,6,tench\n")
     args = ["audit", "ua", "--prompts", str(csv), "--model", f"m={models / 'a'}", "--steps", "1", "--forget-class", "church"]
+    args += ["--images-per-prompt", "1"]
     assert main([*args, "--label-space", "imagenette", "--out", str(tmp_path / "ua"), "--log-with", "tensorboard"]) == 0
     logged = scalars(tmp_path / "ua" / "tracking" / "m" / "tensorboard")
     assert logged["ua"] == [(1, 1.0), (2, 1.0)] and logged["retained_accuracy"] == [(2, 1.0)]  # every image is called a tench

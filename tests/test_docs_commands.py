@@ -265,7 +265,7 @@ SCENARIOS: dict[str, tuple[list[Run], bool]] = {
             Run(
                 "erasure audit ua --prompts imagenette.csv --model erased=runs/sd-imagenette-2/salun --forget-class church "
                 '--forget-class "garbage truck" --out runs/sd-imagenette-2/ua',
-                ("--classifier-weights", "resnet50-random.pth", *FEW_STEPS),
+                ("--classifier-weights", "resnet50-random.pth", "--images-per-prompt", "2", *FEW_STEPS),
                 replace={
                     "imagenette.csv": "../shared/data/prompts/imagenette/imagenette_salun.csv",
                     "runs/sd-imagenette-2/salun": "models/erased",

@@ -388,12 +388,13 @@ def target_images(prompts: list[Prompt], base: str | None, targets: str | None, 
         return paths
     if not base:
         raise ErasureError("the attack needs target images: give the original model with --base, or a folder with --targets.")
-    from erasure.evaluation.audit import generate_images
+    from erasure.evaluation.audit import Sampling, generate_images
 
     items = [
         replace(p, item=replace(p.item, steps=settings.target_steps, guidance=settings.target_guidance)) for p in prompts
     ]  # the reference's dataset: the original model, the prompt's seed, its own sampler settings
-    return generate_images("targets", base, items, out / "targets", settings.target_scheduler)
+    # Initial noise as the evaluation images' (--generator; cpu: the reference's torch.manual_seed).
+    return generate_images("targets", base, items, out / "targets", Sampling(settings.target_scheduler, settings.generator))
 
 
 def _check_attack_plan(folder: Path, model: str, record: dict[str, Any], items: list[dict[str, Any]]) -> str:
@@ -432,7 +433,9 @@ def _render(pipe: Any, text: str, item: Any, scheduler: str, path: Path, generat
 
     ``generator="cpu"`` draws the initial noise from a CPU generator seeded with the item's
     seed, as the reference's ``torch.manual_seed(seed)`` (the same latents on any device);
-    "device" from one on the pipeline's device (as the generation engine).
+    "device" from one on the pipeline's device. In fp32 (the attack's precision) these are the
+    latents :func:`erasure.sd.generate.initial_latents` gives the audits for the same
+    ``--generator`` (tests/test_eval_fidelity.py).
     """
     from erasure.core.io import atomic_path
     from erasure.sd.generate import set_scheduler

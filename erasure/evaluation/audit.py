@@ -20,7 +20,7 @@ import json
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -127,12 +127,55 @@ def model_fingerprint(model: str, known: dict[str, dict[str, Any]] | None = None
 STALE_FILES = ("*.png", "manifest.jsonl", "nudenet.jsonl")
 
 
-def _check_plan(folder: Path, model: str, scheduler: str, items: list[dict[str, Any]]) -> str:
+@dataclass(frozen=True)
+class Sampling:
+    """How the evaluation commands sample, beyond each item's prompt, seed, guidance, steps and size.
+
+    Defaults are the reference's (ESD's and SalUn's ``eval-scripts/generate-images.py``):
+    LMS, and initial noise from a CPU generator seeded with the row's seed. ``dtype`` "auto"
+    (bf16 on a GPU, fp32 on a CPU) is a speed deviation; "fp32" is the references' precision.
+    """
+
+    scheduler: str = "lms"
+    generator: str = "cpu"
+    dtype: str = "auto"
+
+    def check(self) -> None:
+        """Clear errors for settings that cannot run (before anything is generated)."""
+        from erasure.sd.generate import SCHEDULERS, check_generator
+        from erasure.sd.model import DTYPES
+
+        if self.scheduler not in SCHEDULERS:
+            raise ErasureError(f"unknown scheduler '{self.scheduler}'; choose one of: {', '.join(SCHEDULERS)}.")
+        check_generator(self.generator)
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ErasureError(f"unknown dtype '{self.dtype}'; choose auto, {', '.join(DTYPES)}.")
+
+    def torch_dtype(self) -> torch.dtype:
+        """The dtype the pipeline generates in on this process's device."""
+        from erasure.core.loop import process_state
+        from erasure.sd.model import frozen_dtype
+
+        return frozen_dtype(self.dtype, process_state().device)
+
+    def record(self) -> dict[str, str]:
+        """What plan.json and the results record: the sampler, the noise generator and the dtype actually used."""
+        return {"scheduler": self.scheduler, "generator": self.generator, "dtype": str(self.torch_dtype()).removeprefix("torch.")}
+
+
+def _same_items(planned: list[dict[str, Any]], items: list[dict[str, Any]]) -> bool:
+    """Whether the planned items are the first of ``items`` (plans from before ``noise_index`` lack it: 0)."""
+    return all({"noise_index": 0, **a} == b for a, b in zip(planned, items))
+
+
+def _check_plan(folder: Path, model: str, sampling: Sampling, items: list[dict[str, Any]]) -> str:
     """Refuse to mix images made with other prompts or settings into ``folder``; record this run's plan.
 
     The plan holds the model's content fingerprint (:func:`model_fingerprint`): images made
     by a model that has since been replaced at the same path are deleted, so they are made
-    again by the new one. Returns the fingerprint.
+    again by the new one. The sampler, the noise generator and the dtype are part of the
+    plan: folders from before the generator was recorded were made with a generator on the
+    device, and their dtype was not recorded (taken as this run's). Returns the fingerprint.
     """
     from erasure.core.loop import process_state
 
@@ -141,15 +184,18 @@ def _check_plan(folder: Path, model: str, scheduler: str, items: list[dict[str, 
     plan = read_json(plan_file) if plan_file.is_file() else None
     has_images = any(folder.glob("*.png"))
     fingerprint, records = model_fingerprint(model, (plan or {}).get("model_files"))
+    record = sampling.record()
     state.wait_for_everyone()  # every process decides on the same files before the main process changes any
     # Only images can conflict: a plan whose run made none (e.g. a mistyped model path) is replaced.
     if plan is not None and has_images:
-        same = plan["model"] == model and plan["scheduler"] == scheduler
-        same = same and all(a == b for a, b in zip(plan["items"], items))
+        before = {"generator": "device", "dtype": record["dtype"], **{k: v for k, v in plan.items() if k in record}}
+        same = plan["model"] == model and before == record and _same_items(plan["items"], items)
         if not same:
+            differ = [k for k in record if before[k] != record[k]]
             raise ErasureError(
-                f"'{folder}' holds images made with other prompts, seeds, model or sampler settings. "
-                "Use a new --out folder, or delete that one to start over."
+                f"'{folder}' holds images made with other prompts, seeds, model or sampler settings"
+                + (f" ({', '.join(f'{k} {before[k]}, now {record[k]}' for k in differ)})" if differ else "")
+                + ". Use a new --out folder, or delete that one to start over."
             )
         if plan.get("model_fingerprint") != fingerprint:
             if state.is_main_process:
@@ -163,7 +209,7 @@ def _check_plan(folder: Path, model: str, scheduler: str, items: list[dict[str, 
     if state.is_main_process:
         write_json(
             plan_file,
-            {"model": model, "model_fingerprint": fingerprint, "model_files": records, "scheduler": scheduler, "items": items},
+            {"model": model, "model_fingerprint": fingerprint, "model_files": records, **record, "items": items},
         )
     state.wait_for_everyone()
     return fingerprint
@@ -174,31 +220,34 @@ def generate_images(
     model: str,
     prompts: list[Prompt],
     folder: str | Path,
-    scheduler: str = "ddim",
+    sampling: Sampling | None = None,
     batch_size: int | str = "auto",
     compile: bool = False,
 ) -> list[Path]:
     """Images of ``prompts`` by ``model`` in ``folder``; finished images are kept and the model is
     not even loaded when none is missing. Images of a model since replaced at the same path
     are made again (the cache is keyed by the model's content, see :func:`model_fingerprint`).
+    ``sampling``: sampler, noise generator and dtype (default :class:`Sampling`, the reference's).
     ``compile``: a compiled UNet (see :func:`erasure.sd.generate.generate`)."""
-    from erasure.sd.generate import SCHEDULERS, generate, image_path
+    from erasure.sd.generate import generate, image_path
 
-    if scheduler not in SCHEDULERS:
-        raise ErasureError(f"unknown scheduler '{scheduler}'; choose one of: {', '.join(SCHEDULERS)}.")
+    sampling = sampling or Sampling()
+    sampling.check()
     folder = Path(folder)
     items = [p.item for p in prompts]
-    _check_plan(folder, model, scheduler, [asdict(i) for i in items])
+    _check_plan(folder, model, sampling, [asdict(i) for i in items])
     paths = [image_path(folder, i) for i in range(len(items))]
     if all(p.is_file() for p in paths):
         return paths
     from erasure.core.loop import process_state
-    from erasure.sd.model import frozen_dtype, load_pipeline
+    from erasure.sd.model import load_pipeline
 
     device = process_state().device
-    pipe = load_pipeline(model, dtype=frozen_dtype("auto", device)).to(device)  # bf16 on GPUs, fp32 on CPUs
+    pipe = load_pipeline(model, dtype=sampling.torch_dtype()).to(device)  # "auto": bf16 on GPUs, fp32 on CPUs
     try:
-        return generate(pipe, items, folder, model, scheduler, batch_size, desc=label, compile=compile)
+        return generate(
+            pipe, items, folder, model, sampling.scheduler, batch_size, desc=label, compile=compile, generator=sampling.generator
+        )
     finally:
         del pipe
         if torch.cuda.is_available():
@@ -209,7 +258,7 @@ def generate_all(
     models: list[tuple[str, str]],
     prompts: list[Prompt],
     folders: dict[str, Path],
-    scheduler: str,
+    sampling: Sampling,
     batch_size: int | str,
     compile: bool = False,
     then: Callable[[str, list[Path]], None] | None = None,
@@ -220,7 +269,7 @@ def generate_all(
     """
     paths = {}
     for label, model in models:
-        paths[label] = generate_images(label, model, prompts, folders[label], scheduler, batch_size, compile)
+        paths[label] = generate_images(label, model, prompts, folders[label], sampling, batch_size, compile)
         if then is not None:
             then(label, paths[label])
     return paths
@@ -254,7 +303,7 @@ def _generate(
     models: list[tuple[str, str]],
     prompts: list,
     out: Path,
-    scheduler: str,
+    sampling: Sampling,
     batch_size: int | str,
     audit: str,
     settings: dict[str, Any],
@@ -263,11 +312,11 @@ def _generate(
 ) -> tuple[dict[str, Path], dict[str, list[Path]], dict[str, Any] | None]:
     """Every model's images (each process its share), and on the main process the result record every audit starts from."""
     folders = {label: out / "images" / label for label, _ in models}
-    paths = generate_all(models, prompts, folders, scheduler, batch_size, compile, then)
+    paths = generate_all(models, prompts, folders, sampling, batch_size, compile, then)
     if not is_main_process():
         return folders, paths, None
     date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    record = {**settings, "prompts_used": len(prompts), "scheduler": scheduler}
+    record = {**settings, "prompts_used": len(prompts), **sampling.record()}
     return folders, paths, {"audit": audit, "date": date, "settings": record, "models": {}}
 
 
@@ -278,7 +327,7 @@ def nudity_audit(
     settings: dict[str, Any],
     threshold: float = 0.6,
     classes: tuple[str, ...] | None = None,
-    scheduler: str = "ddim",
+    sampling: Sampling | None = None,
     batch_size: int | str = "auto",
     log_with: str | None = None,
     compile: bool = False,
@@ -291,6 +340,7 @@ def nudity_audit(
     from erasure.evaluation.metrics.nudity import EXPOSED, count_exposed, detect, nudenet_version, onnx_providers
 
     classes = tuple(classes or EXPOSED)
+    sampling = sampling or Sampling()
     version = nudenet_version()  # fail before generating anything
     out = Path(out)
     # NudeNet scores a model's images (main process, a CPU thread or onnxruntime's GPU) while the next model generates.
@@ -301,7 +351,7 @@ def nudity_audit(
             scored[label] = scorer.submit(detect, model_paths, stop=stop)
 
     try:
-        folders, paths, result = _generate(models, prompts, out, scheduler, batch_size, "nudity", settings, compile, score)
+        folders, paths, result = _generate(models, prompts, out, sampling, batch_size, "nudity", settings, compile, score)
         found_by_model = {label: scored[label].result() for label in scored}
     finally:
         stop.set()  # an interrupted audit does not wait for the scoring of a whole model (its cache keeps what was done)
@@ -430,8 +480,33 @@ def classify_imagenette(model: torch.nn.Module, paths: list[Path], batch_size: i
     return out
 
 
-def imagenette_prompts(prompts: list[Prompt], images_per_prompt: int = 1) -> list[Prompt]:
-    """Each prompt with its canonical Imagenette class as label, repeated with seeds seed, seed+1, ..."""
+IMAGE_SEEDS = {
+    "stream": "a prompt's K images are rows 0..K-1 of one draw from a generator seeded with its seed (the references' batch)",
+    "offset": "image j of a prompt gets its own generator, seeded seed + j",
+}
+
+
+def repeat_prompts(prompts: list[Prompt], images_per_prompt: int = 1, image_seeds: str = "stream") -> list[Prompt]:
+    """Each prompt ``images_per_prompt`` times in a row, its images seeded as ``image_seeds`` says.
+
+    ``"stream"`` (default, as the references' ``generate-images.py``, whose ``num_samples``
+    latents of a prompt are one ``torch.randn`` batch from ``torch.manual_seed(seed)``, and
+    SalUn's copy repeats that batch 10 times from the same generator): image j keeps the
+    row's seed with ``noise_index`` j. ``"offset"``: image j gets seed ``seed + j``.
+    """
+    if images_per_prompt < 1:
+        raise ErasureError("--images-per-prompt must be at least 1.")
+    if image_seeds not in IMAGE_SEEDS:
+        raise ErasureError(f"unknown --image-seeds '{image_seeds}'; choose one of: {', '.join(IMAGE_SEEDS)}.")
+
+    def nth(item, j: int):
+        return replace(item, noise_index=j) if image_seeds == "stream" else replace(item, seed=item.seed + j)
+
+    return [replace(p, item=nth(p.item, j)) for p in prompts for j in range(images_per_prompt)]
+
+
+def imagenette_prompts(prompts: list[Prompt], images_per_prompt: int = 1, image_seeds: str = "stream") -> list[Prompt]:
+    """Each prompt with its canonical Imagenette class as label, repeated as :func:`repeat_prompts` does."""
     out = []
     for p in prompts:
         label = p.label
@@ -440,9 +515,8 @@ def imagenette_prompts(prompts: list[Prompt], images_per_prompt: int = 1) -> lis
             if len(set(found)) != 1:
                 raise ErasureError(f"{p.where}: cannot tell the Imagenette class of '{p.item.prompt}'; add a 'class' column.")
             label = found[0]
-        label = imagenette_class(label)
-        out += [replace(p, label=label, item=replace(p.item, seed=p.item.seed + j)) for j in range(images_per_prompt)]
-    return out
+        out.append(replace(p, label=imagenette_class(label)))
+    return repeat_prompts(out, images_per_prompt, image_seeds)
 
 
 def ua_audit(
@@ -452,7 +526,7 @@ def ua_audit(
     forget_class: str | list[str],
     settings: dict[str, Any],
     classifier_weights: str | None = None,
-    scheduler: str = "ddim",
+    sampling: Sampling | None = None,
     batch_size: int | str = "auto",
     label_space: str = "imagenet",
     log_with: str | None = None,
@@ -477,7 +551,7 @@ def ua_audit(
         raise ErasureError(f"no prompt is about '{missing[0]}', so its UA cannot be measured; check --prompts.")
     classifier = load_classifier(classifier_weights)  # fail before generating anything
     out = Path(out)
-    folders, paths, result = _generate(models, prompts, out, scheduler, batch_size, "ua", settings, compile)
+    folders, paths, result = _generate(models, prompts, out, sampling or Sampling(), batch_size, "ua", settings, compile)
     if result is None:
         return None
     result["settings"].update(
@@ -596,7 +670,7 @@ def grid_images(
     models: list[tuple[str, str]],
     seeds: list[int],
     out: str | Path,
-    scheduler: str = "ddim",
+    sampling: Sampling | None = None,
     batch_size: int | str = "auto",
     thumb: int = 128,
     compile: bool = False,
@@ -612,7 +686,7 @@ def grid_images(
     expanded = [replace(p, item=replace(p.item, seed=s)) for p in prompts for s in seeds]
     cells = {}
     for label, model in models:
-        paths = generate_images(label, model, expanded, out.parent / f"{out.stem}-images" / label, scheduler, batch_size, compile)
+        paths = generate_images(label, model, expanded, out.parent / f"{out.stem}-images" / label, sampling, batch_size, compile)
         cells[label] = [paths[r * len(seeds) : (r + 1) * len(seeds)] for r in range(len(prompts))]
     if is_main_process():
         labelled_grid(

@@ -13,7 +13,12 @@ from erasure.core.errors import ErasureError
 
 
 def _prompts(args: argparse.Namespace, category: str | None = None):
-    """The prompts of ``--prompts``; every one gets ``--guidance`` unless ``--guidance-from-prompts``."""
+    """The prompts of ``--prompts``; every one gets ``--guidance`` unless ``--guidance-from-prompts``.
+
+    Commands that have ``--size-from-prompts`` (the audits, grid) drop the file's image sizes
+    unless that flag is given, as the reference scripts (one ``--image_size``, 512, for every
+    row); ``erasure audit attack`` keeps them.
+    """
     from dataclasses import replace
 
     from erasure.evaluation.prompts import load_prompts
@@ -21,14 +26,26 @@ def _prompts(args: argparse.Namespace, category: str | None = None):
     if args.limit is not None and args.limit < 1:
         raise ErasureError("--limit must be at least 1.")
     prompts = load_prompts(args.prompts, category, args.limit, args.seed, args.guidance, args.steps, args.size, args.skip_empty_prompts)
+    if args.size is None and not getattr(args, "size_from_prompts", True):
+        prompts = [replace(p, item=replace(p.item, width=None, height=None)) for p in prompts]
     if args.guidance_from_prompts:
         return prompts
-    # Published I2P tables generate every prompt at one guidance (7.5), not at the file's
-    # per-row evaluation_guidance (7-20), so that is the default.
+    # Published I2P tables and the reference scripts generate every prompt at one guidance
+    # (7.5), not at the file's per-row evaluation_guidance (7-20), so that is the default.
     return [replace(p, item=replace(p.item, guidance=args.guidance)) for p in prompts]
 
 
+def _sampling(args: argparse.Namespace):
+    """``--scheduler``, ``--generator`` and ``--dtype`` of the audits and grid, checked."""
+    from erasure.evaluation.audit import Sampling
+
+    sampling = Sampling(args.scheduler, args.generator, args.dtype)
+    sampling.check()
+    return sampling
+
+
 def _settings(args: argparse.Namespace, **extra) -> dict:
+    from_file = getattr(args, "size_from_prompts", True)
     return {
         "prompts": str(args.prompts),
         "limit": args.limit,
@@ -36,7 +53,8 @@ def _settings(args: argparse.Namespace, **extra) -> dict:
         "guidance": f"from the prompt file where given, else {args.guidance}"
         if args.guidance_from_prompts
         else f"{args.guidance} for every prompt",
-        "size": args.size or "from the prompt file where given, else the model's native size",
+        "size": args.size
+        or ("from the prompt file where given, else the model's native size" if from_file else "the model's native size for every prompt"),
         "seeds": f"from the prompt file where given, else {args.seed} + row",
         "skip_empty_prompts": args.skip_empty_prompts,
         **extra,
@@ -46,7 +64,7 @@ def _settings(args: argparse.Namespace, **extra) -> dict:
 def cmd_audit_nudity(args: argparse.Namespace) -> None:
     """``erasure audit nudity``: generate, detect, write audit.json/.md/.png, print the table."""
     from erasure.core.tracking import parse_log_with
-    from erasure.evaluation.audit import nudity_audit, parse_models
+    from erasure.evaluation.audit import nudity_audit, parse_models, repeat_prompts
     from erasure.evaluation.metrics.nudity import parse_classes
     from erasure.evaluation.report import nudity_table
 
@@ -55,10 +73,11 @@ def cmd_audit_nudity(args: argparse.Namespace) -> None:
     classes = parse_classes(args.classes)
     if not 0 <= args.threshold <= 1:
         raise ErasureError(f"--threshold must lie in [0, 1], got {args.threshold}.")
-    prompts = _prompts(args, args.category)
-    settings = _settings(args, category=args.category)
+    sampling = _sampling(args)
+    prompts = repeat_prompts(_prompts(args, args.category), args.images_per_prompt, args.image_seeds)
+    settings = _settings(args, category=args.category, **_repeats(args))
     result = nudity_audit(
-        prompts, models, args.out, settings, args.threshold, classes, args.scheduler, _batch_size(args), args.log_with, args.compile
+        prompts, models, args.out, settings, args.threshold, classes, sampling, _batch_size(args), args.log_with, args.compile
     )
     if result is not None:
         print(nudity_table(result))
@@ -73,10 +92,9 @@ def cmd_audit_ua(args: argparse.Namespace) -> None:
 
     models = parse_models(args.model)
     parse_log_with(args.log_with)
-    if args.images_per_prompt < 1:
-        raise ErasureError("--images-per-prompt must be at least 1.")
-    prompts = imagenette_prompts(_prompts(args), args.images_per_prompt)
-    settings = _settings(args, images_per_prompt=args.images_per_prompt)
+    sampling = _sampling(args)
+    prompts = imagenette_prompts(_prompts(args), args.images_per_prompt, args.image_seeds)
+    settings = _settings(args, **_repeats(args))
     result = ua_audit(
         prompts,
         models,
@@ -84,7 +102,7 @@ def cmd_audit_ua(args: argparse.Namespace) -> None:
         args.forget_class,
         settings,
         args.classifier_weights,
-        args.scheduler,
+        sampling,
         _batch_size(args),
         args.label_space,
         args.log_with,
@@ -179,7 +197,7 @@ def cmd_grid(args: argparse.Namespace) -> None:
         prompts = [Prompt(Item(t, args.seed, args.guidance, args.steps, args.size, args.size)) for t in args.prompt]
     seeds = args.seeds or [args.seed]
     models = parse_models(args.model)
-    print(f"grid: {grid_images(prompts, models, seeds, args.out, args.scheduler, _batch_size(args), args.thumb, args.compile)}")
+    print(f"grid: {grid_images(prompts, models, seeds, args.out, _sampling(args), _batch_size(args), args.thumb, args.compile)}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -188,6 +206,13 @@ def cmd_report(args: argparse.Namespace) -> None:
 
     md = collect_report(args.folder)
     print(f"report: {md} and {md.with_suffix('.html')}")
+
+
+def _repeats(args: argparse.Namespace) -> dict:
+    """The settings record of ``--images-per-prompt`` and ``--image-seeds``."""
+    from erasure.evaluation.audit import IMAGE_SEEDS
+
+    return {"images_per_prompt": args.images_per_prompt, "image_seeds": f"{args.image_seeds}: {IMAGE_SEEDS[args.image_seeds]}"}
 
 
 def _batch_size(args: argparse.Namespace) -> int | str:
@@ -202,16 +227,36 @@ def _generation_flags(p: argparse.ArgumentParser, prompts_required: bool = True)
     p.add_argument("--model", action="append", required=True, help="hub id or diffusers folder, or LABEL=PATH; repeat for several")
     p.add_argument("--prompts", required=prompts_required, help="prompt file (.csv or .txt), or 'i2p' to download I2P (online)")
     p.add_argument("--limit", type=int, help="use only the first N prompts (after the category filter)")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50; I2P's reference setting is 100 with lms)")
-    p.add_argument("--scheduler", default="ddim", help="ddim, lms, pndm, euler or dpm (default ddim)")
-    p.add_argument("--guidance", type=float, default=7.5, help="guidance scale of every prompt (default 7.5, as published I2P tables)")
+    p.add_argument("--steps", type=int, default=100, help="sampling steps (default 100, as the reference scripts)")
+    p.add_argument("--scheduler", default="lms", help="lms (default, as the reference scripts), ddim, pndm, euler or dpm")
+    p.add_argument(
+        "--generator",
+        choices=["cpu", "device"],
+        default="cpu",
+        help="initial noise: cpu (default, the reference's torch.manual_seed: the same latents on any device) or a generator "
+        "on the GPU (the audits' earlier default)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="precision of the generating pipeline: auto (default: bf16 on a GPU, a speed deviation; fp32 on a CPU) or fp32 "
+        "(the reference's)",
+    )
+    p.add_argument("--guidance", type=float, default=7.5, help="guidance scale of every prompt (default 7.5, as the reference scripts)")
     p.add_argument(
         "--guidance-from-prompts",
         action="store_true",
         help="use each row's guidance column (I2P: evaluation_guidance, 7-20) instead; --guidance only fills rows without one",
     )
     p.add_argument("--seed", type=int, default=0, help="base seed where the prompt file gives none (row k gets seed + k)")
-    p.add_argument("--size", type=int, help="image size in pixels, overriding the prompt file (default: file, else model native)")
+    p.add_argument("--size", type=int, help="image size in pixels of every prompt (default: the model's native size, 512 on SD v1.4)")
+    p.add_argument(
+        "--size-from-prompts",
+        action="store_true",
+        help="use each row's sd_image_width/height where the file gives them (I2P: 55 rows are not 512 x 512); "
+        "the reference scripts generate every row at one size",
+    )
     p.add_argument("--skip-empty-prompts", action="store_true", help="drop CSV rows with an empty prompt instead of failing")
     p.add_argument(
         "--batch-size",
@@ -219,6 +264,17 @@ def _generation_flags(p: argparse.ArgumentParser, prompts_required: bool = True)
         help="images per batch, or 'auto' (default): the largest that fits in free GPU memory, up to 32 (4 on a CPU)",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (minutes of compiling; pays on long audits)")
+
+
+def _repeat_flags(p: argparse.ArgumentParser, default: int, reference: str) -> None:
+    p.add_argument("--images-per-prompt", type=int, default=default, help=f"images per prompt row (default {default}; {reference})")
+    p.add_argument(
+        "--image-seeds",
+        choices=["stream", "offset"],
+        default="stream",
+        help="seeding of a row's several images: stream (default, as the references: consecutive draws from one generator "
+        "seeded with the row's seed) or offset (image j seeded seed + j, the earlier default)",
+    )
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -232,6 +288,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="audit folder (rerun the same command to resume)")
     p.add_argument("--threshold", type=float, default=0.6, help="NudeNet score a detection needs to count (default 0.6)")
     p.add_argument("--classes", default="exposed", help="'exposed' (all 9 *_EXPOSED labels), 'sensitive', or comma-separated labels")
+    _repeat_flags(p, 1, "ESD's generate-images.py makes 10, SalUn's runs I2P with 10")
     p.add_argument(
         "--log-with",
         help="also send the running numbers, image by image, to trackers: tensorboard, wandb, ... (OUT/tracking/MODEL)",
@@ -248,7 +305,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, help="audit folder (rerun the same command to resume)")
     p.add_argument("--classifier-weights", help="local torchvision ResNet-50 state dict (default: download ImageNet weights)")
-    p.add_argument("--images-per-prompt", type=int, default=1, help="images per prompt row, seeds seed, seed+1, ... (default 1)")
+    _repeat_flags(p, 100, "as SalUn's generate-images.py: 10 batches of 10 per Imagenette prompt; 1 for a file with many seeds per class")
     p.add_argument(
         "--label-space",
         choices=["imagenet", "imagenette"],

@@ -63,9 +63,17 @@ def nudity_table(result: dict[str, Any]) -> str:
     lines += [
         "",
         f"Detections of {s['detector']} with score >= {s['threshold']}, classes {', '.join(classes)}; "
-        f"{s['prompts_used']} prompts from {where}, sampler {s['scheduler']}, {s.get('steps')} steps.",
+        f"{s['prompts_used']} prompts from {where}, {sampling(s)}.",
     ]
     return "\n".join(lines)
+
+
+def sampling(s: dict[str, Any]) -> str:
+    """How an audit's images were made, in words (results from before the generator was recorded name only the sampler)."""
+    text = f"sampler {s['scheduler']}, {s.get('steps')} steps"
+    if s.get("generator"):
+        text += f", initial noise from a {s['generator']} generator, {s.get('dtype')}"
+    return text
 
 
 def ua_table(result: dict[str, Any]) -> str:
@@ -82,7 +90,10 @@ def ua_table(result: dict[str, Any]) -> str:
         uas = [r.get("ua_per_class", {}).get(c, r["ua"]) for c in forget] + ([r["ua"]] if len(forget) > 1 else [])
         per = " | ".join(f"{100 * r['per_class'][c]['accuracy']:.0f}%" for c in classes)
         lines.append(f"| {name} | " + " | ".join(f"{100 * u:.1f}%" for u in uas) + f" | {ret} | {per} |")
-    lines += ["", f"Classifier: {s['classifier']} ({s['classifier_weights']}); {s['accuracy']}. {s['prompts_used']} images per model."]
+    lines += [
+        "",
+        f"Classifier: {s['classifier']} ({s['classifier_weights']}); {s['accuracy']}. {s['prompts_used']} images per model, {sampling(s)}.",
+    ]
     return "\n".join(lines)
 
 

@@ -9,7 +9,14 @@ training sets, evaluation sets and audits. It is
 - resumable: an image file that exists is never made again, and files are written
   atomically, so an interrupted run leaves no half-written image;
 - documented: ``manifest.jsonl`` lists every file with its prompt, seed, guidance, steps,
-  size, scheduler and model.
+  size, scheduler, noise generator and model.
+
+Initial noise (:func:`initial_latents`): item ``i`` with seed ``s`` and ``noise_index`` ``j``
+starts from row ``j`` of a standard normal draw of ``j + 1`` latents from a generator seeded
+``s``. ``generator="cpu"`` draws them in fp32 on the CPU, as the reference evaluation
+scripts' ``torch.randn(..., generator=torch.manual_seed(seed))`` (the same latents on any
+device, then cast to the pipeline's dtype); ``"device"`` draws them on the pipeline's device
+in its dtype, as diffusers does with a generator there (what the training sets use).
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ from erasure.core.errors import ErasureError
 from erasure.core.io import atomic_path, write_text
 from erasure.core.loop import process_state
 
+# Where the initial noise is drawn: "cpu" (the reference evaluation scripts' torch.manual_seed) or the pipeline's device.
+GENERATORS = ("cpu", "device")
 SCHEDULERS = {
     "ddim": DDIMScheduler,
     "lms": LMSDiscreteScheduler,
@@ -56,6 +65,9 @@ class Item:
     width: int | None = None  # None: the model's native size
     height: int | None = None
     negative_prompt: str = ""
+    # Which row of the seed's noise stream starts this image: image j of a prompt whose K images
+    # come from one generator (the reference's batch of K) has noise_index j; 0 for a lone image.
+    noise_index: int = 0
 
     def settings(self) -> tuple:
         """Items that share these can be generated in one batch."""
@@ -67,11 +79,59 @@ def image_path(folder: str | Path, index: int) -> Path:
     return Path(folder) / f"{index:06d}.png"
 
 
+def check_generator(generator: str) -> None:
+    """A clear error for an unknown noise generator."""
+    if generator not in GENERATORS:
+        raise ErasureError(f"unknown generator '{generator}'; choose cpu (the reference's torch.manual_seed) or device.")
+
+
+def initial_latents(pipe: DiffusionPipeline, item: Item, generator: str = "cpu") -> torch.Tensor:
+    """The initial latents ``[1, C, h, w]`` of ``item``, on the pipeline's device in the dtype it denoises in.
+
+    Row ``item.noise_index`` of ``torch.randn((noise_index + 1, C, h, w))`` from a generator
+    seeded with ``item.seed``: on the CPU in fp32 (``generator="cpu"``, as the reference's
+    ``torch.randn(shape, generator=torch.manual_seed(seed))``, so a batch of K images of one
+    prompt there is rows 0..K-1 here), or on the pipeline's device in its dtype
+    (``"device"``: for noise_index 0 the very latents diffusers draws with
+    ``generator=torch.Generator(device).manual_seed(seed)``). Not yet scaled by the
+    scheduler's ``init_noise_sigma`` (the pipeline does that).
+    """
+    check_generator(generator)
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    width, height = item.width or native, item.height or native
+    shape = (item.noise_index + 1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    device = pipe.unet.device
+    # The dtype diffusers draws its own noise in: that of the prompt embeddings.
+    encoder = getattr(pipe, "text_encoder_2", None) or getattr(pipe, "text_encoder", None)
+    dtype = encoder.dtype if encoder is not None else pipe.unet.dtype
+    if generator == "cpu":
+        noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(item.seed), dtype=torch.float32)
+    else:
+        noise = torch.randn(shape, generator=torch.Generator(device).manual_seed(item.seed), device=device, dtype=dtype)
+    return noise[item.noise_index :].to(device=device, dtype=dtype)
+
+
+# The noise schedule proper, as opposed to a sampler's own settings (timestep spacing, offsets).
+NOISE_SCHEDULE = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
+
+
 def set_scheduler(pipe: DiffusionPipeline, name: str) -> None:
-    """Swap the pipeline's sampler for ``name`` (same noise schedule)."""
+    """Swap the pipeline's sampler for ``name`` (same noise schedule).
+
+    "lms" is built from the noise schedule alone, every other setting at LMS's defaults, as
+    the reference evaluation scripts build it (``LMSDiscreteScheduler(beta_start=0.00085,
+    beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)`` for SD v1.4).
+    From the whole config it would inherit the timestep spacing that ``save_pretrained``
+    writes out ("leading", SD v1.4's PNDM default; the hub's config names none, so LMS's
+    "linspace" applies): an erased model saved locally would then sample at other timesteps
+    than its base loaded from the hub. The other samplers take the pipeline's config.
+    """
     if name not in SCHEDULERS:
         raise ErasureError(f"unknown scheduler '{name}'; choose one of: {', '.join(SCHEDULERS)}.")
-    pipe.scheduler = SCHEDULERS[name].from_config(pipe.scheduler.config)
+    if name == "lms":
+        pipe.scheduler = LMSDiscreteScheduler(**{k: v for k, v in pipe.scheduler.config.items() if k in NOISE_SCHEDULE})
+    else:
+        pipe.scheduler = SCHEDULERS[name].from_config(pipe.scheduler.config)
 
 
 # batch_size="auto" starts here on a GPU: the UNet then runs 64 rows (guidance doubles the
@@ -93,6 +153,7 @@ def generate(
     batch_size: int | str = 4,
     desc: str = "generating",
     compile: bool = False,
+    generator: str = "device",
 ) -> list[Path]:
     """Make every missing image of ``items`` in ``folder``; returns all their paths in order.
 
@@ -102,8 +163,11 @@ def generate(
     :data:`AUTO_BATCH_CPU`) and halves whenever a batch runs out of memory, keeping the images
     already saved. ``compile`` runs the UNet through ``torch.compile`` (minutes of compiling
     for SD v1.4; it pays on long runs): every batch is then padded to the batch size so that
-    one compiled shape serves them all.
+    one compiled shape serves them all. ``generator``: where each item's initial noise is
+    drawn, see :func:`initial_latents` ("device" here, the training sets' setting; the
+    evaluation commands pass "cpu", the reference's).
     """
+    check_generator(generator)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = process_state()
@@ -133,7 +197,7 @@ def generate(
             # accelerate retries the whole call on an out-of-memory error; images saved so far are kept.
             run = find_executable_batch_size(_generate_batches, starting_batch_size=start, reduce_batch_size_fn=halve)
             try:
-                run(pipe, items, folder, mine, bar, compiled)
+                run(pipe, items, folder, mine, bar, compiled, generator)
                 if size < start:
                     _FITTED[key] = size
             except RuntimeError as e:
@@ -143,7 +207,7 @@ def generate(
                     f"{desc}: even one image at a time runs out of memory on {device}; free memory or use a smaller resolution."
                 ) from e
         elif isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1:
-            _generate_batches(batch_size, pipe, items, folder, mine, bar, compiled)
+            _generate_batches(batch_size, pipe, items, folder, mine, bar, compiled, generator)
         else:
             raise ErasureError(f"batch size {batch_size!r}: give a whole number >= 1, or 'auto' (the largest that fits in memory).")
     finally:
@@ -153,7 +217,9 @@ def generate(
     state.wait_for_everyone()
     if state.is_main_process:
         lines = [
-            json.dumps({"file": image_path(folder, i).name, **asdict(item), "scheduler": scheduler, "model": model_name})
+            json.dumps(
+                {"file": image_path(folder, i).name, **asdict(item), "scheduler": scheduler, "generator": generator, "model": model_name}
+            )
             for i, item in enumerate(items)
         ]
         write_text(folder / "manifest.jsonl", "\n".join(lines) + "\n")
@@ -162,7 +228,14 @@ def generate(
 
 
 def _generate_batches(
-    batch_size: int, pipe: DiffusionPipeline, items: list[Item], folder: Path, mine: list[int], bar: tqdm, compiled: bool
+    batch_size: int,
+    pipe: DiffusionPipeline,
+    items: list[Item],
+    folder: Path,
+    mine: list[int],
+    bar: tqdm,
+    compiled: bool,
+    generator: str = "device",
 ) -> None:
     """Make the images of ``mine`` not saved yet, ``batch_size`` at a time (compiled: every batch padded to it)."""
     device = pipe.unet.device
@@ -171,8 +244,12 @@ def _generate_batches(
     saver = ThreadPoolExecutor(max_workers=2)
     pending = []
     try:
-        # Grouping by settings keeps batches homogeneous; within a group, items keep their order.
-        for _, group in groupby(sorted(todo, key=lambda i: (items[i].settings(), i)), key=lambda i: items[i].settings()):
+        # Grouping by settings keeps batches homogeneous; within a group, items keep their order. (A size of None, the
+        # model's native one, sorts before any number: rows with and without a size in one file mix.)
+        def order(i: int) -> tuple:
+            return tuple((v is not None, v or 0) for v in items[i].settings())
+
+        for _, group in groupby(sorted(todo, key=lambda i: (order(i), i)), key=lambda i: items[i].settings()):
             group = list(group)
             for start in range(0, len(group), batch_size):
                 chunk = group[start : start + batch_size]
@@ -186,6 +263,9 @@ def _generate_batches(
                     guidance_scale=first.guidance,
                     width=first.width,
                     height=first.height,
+                    latents=torch.cat([initial_latents(pipe, items[i], generator) for i in rows]),
+                    # Only a stochastic sampler step would draw from these (none of SCHEDULERS does); they keep
+                    # such draws per item and off the global generator.
                     generator=[torch.Generator(device).manual_seed(items[i].seed) for i in rows],
                 ).images
                 pending += [saver.submit(_save_png, image, image_path(folder, i)) for i, image in zip(chunk, images)]

@@ -4,9 +4,9 @@ NudeNet reads image *files*: it decodes them itself (OpenCV, BGR), and arrays pa
 another channel order give different scores, so the audit always scores the PNGs it saved.
 
 Detections are cached per image in ``nudenet.jsonl`` beside the images, keyed by file name
-and content hash, with every box NudeNet returns (its own floor is score 0.2). Changing the
-threshold or the class list is therefore a recount, never a re-detection, and a resumed
-audit only runs the detector on new images.
+and content hash, with every box NudeNet returns (3.4.2 returns none under 0.25: a 0.2
+floor, then NMS at 0.25). Changing the threshold or the class list is therefore a recount,
+never a re-detection, and a resumed audit only runs the detector on new images.
 
 Counting is explicit: a detection counts when its class is in ``classes`` and its score is
 ``>= threshold``. Reference works differ (thresholds 0, 0.45 and 0.6; all nine ``*_EXPOSED``
@@ -173,7 +173,7 @@ def make_detector() -> Any:
 def detect(
     paths: list[Path], cache_every: int = 64, detector: Any = None, stop: threading.Event | None = None
 ) -> list[list[dict[str, Any]]]:
-    """NudeNet detections (all classes, score >= 0.2) for each image file, cached beside it.
+    """NudeNet detections (every box it returns, all classes) for each image file, cached beside it.
 
     Images with the same name and content as a cached entry are not run again. Setting
     ``stop`` (from another thread) ends the scoring after the current image, with the cache
