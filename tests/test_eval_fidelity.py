@@ -202,3 +202,32 @@ def test_attack_targets_use_the_attacks_generator(models, tmp_path):
         manifest = [json.loads(line) for line in (out / "targets" / "manifest.jsonl").read_text().splitlines()]
         assert [(row["generator"], row["scheduler"]) for row in manifest] == [(generator, "lms")]
         assert Path(out / "targets" / "000000.png").is_file()
+
+
+def test_a_saved_model_samples_at_its_bases_timesteps(tiny_model, tmp_path):
+    """A model saved by erasure keeps the scheduler config its base's file had, so every sampler matches the base's.
+
+    SD v1.4's hub config names no ``timestep_spacing``; a plain ``save_pretrained`` would write
+    PNDM's "leading", and Euler or DPM built from the copy would sample at other timesteps.
+    """
+    import shutil
+
+    from erasure.sd.generate import SCHEDULERS
+    from erasure.sd.model import save_pipeline
+
+    hub_like = tmp_path / "base"
+    shutil.copytree(tiny_model, hub_like)
+    config_file = hub_like / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({k: v for k, v in config.items() if k != "timestep_spacing"}))
+
+    save_pipeline(load_pipeline(str(hub_like)), tmp_path / "saved")
+    assert "timestep_spacing" not in json.loads((tmp_path / "saved" / "scheduler" / "scheduler_config.json").read_text())
+    for name in SCHEDULERS:
+        timesteps = []
+        for folder in (hub_like, tmp_path / "saved"):
+            pipe = load_pipeline(str(folder))
+            set_scheduler(pipe, name)
+            pipe.scheduler.set_timesteps(10)
+            timesteps.append(pipe.scheduler.timesteps)
+        assert torch.equal(*timesteps), name

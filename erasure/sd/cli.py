@@ -46,11 +46,11 @@ def cmd_erase(args: argparse.Namespace) -> None:
 
 def cmd_apply_delta(args: argparse.Namespace) -> None:
     from erasure.core.delta import apply_delta
-    from erasure.sd.model import load_pipeline
+    from erasure.sd.model import load_pipeline, save_pipeline
 
     pipe = load_pipeline(args.base)
     pipe.unet.load_state_dict(apply_delta(pipe.unet.state_dict(), args.delta))
-    pipe.save_pretrained(args.out, safe_serialization=True)
+    save_pipeline(pipe, args.out)
     print(f"merged pipeline: {args.out}")
 
 

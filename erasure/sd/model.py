@@ -27,6 +27,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
 from erasure.core.errors import ErasureError
+from erasure.core.io import write_json
 from erasure.core.registry import Registry
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -200,6 +201,22 @@ def load_pipeline(pretrained: str, revision: str | None = None, dtype: torch.dty
         ) from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def save_pipeline(pipe: DiffusionPipeline, folder: str | Path) -> None:
+    """``save_pretrained`` in safetensors, with the scheduler's config as the loaded file had it.
+
+    diffusers writes out every scheduler setting, also those the source file left out: SD
+    v1.4's hub config names no ``timestep_spacing``, so a saved copy would fix PNDM's
+    "leading" where the hub's lets each sampler keep its own default (LMS, Euler and DPM:
+    "linspace"). An erased model would then sample at other timesteps than its base from
+    the hub. The keys the source left out stay out.
+    """
+    pipe.save_pretrained(folder, safe_serialization=True)
+    defaults = set(pipe.scheduler.config.get("_use_default_values", []))
+    path = Path(folder) / "scheduler" / "scheduler_config.json"
+    if defaults and path.is_file():
+        write_json(path, {k: v for k, v in json.loads(path.read_text()).items() if k not in defaults})
 
 
 def quiet_loading() -> None:

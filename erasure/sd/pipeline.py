@@ -28,7 +28,16 @@ from erasure.sd.config import Concept, SDConfig, SDTrainConfig, load_concept
 from erasure.sd.generate import Item, generate
 from erasure.sd.methods import SD_METHODS, SDContext
 from erasure.sd.methods.base import LatentSet, steps_per_epoch
-from erasure.sd.model import encode_conditioning, encode_images, frozen_dtype, load_pipeline, load_unet, native_size, noise_scheduler
+from erasure.sd.model import (
+    encode_conditioning,
+    encode_images,
+    frozen_dtype,
+    load_pipeline,
+    load_unet,
+    native_size,
+    noise_scheduler,
+    save_pipeline,
+)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -225,5 +234,5 @@ def export(config: SDConfig, concept: Concept, unet: torch.nn.Module, folder: Pa
         summary["delta"] = make_delta(base.unet.state_dict(), unet.state_dict(), folder / "delta.safetensors", **info)
     if config.export.pipeline:
         base.unet = unet
-        base.save_pretrained(folder / "model", safe_serialization=True)
+        save_pipeline(base, folder / "model")
     return summary
