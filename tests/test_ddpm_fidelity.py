@@ -214,6 +214,7 @@ def test_cifar10_config_carries_the_reference_recipe():
     assert (cfg.train.ema_decay, cfg.train.ema_warmup, cfg.data.random_flip) == (0.9999, False, True)
     assert cfg.unlearn.mask.batches is None and cfg.unlearn.mask.loss_reduction == "sum" and cfg.unlearn.ga_alpha == 1.0
     assert (cfg.eval.samples_per_class, cfg.eval.fid_samples_per_class, cfg.eval.fid.real_images_per_class) == (500, 5000, 500)
+    assert (cfg.sample.protocol, *cfg.sample.resolved(), cfg.sample.guidance) == ("reference", 1000, 1.0, 2.0)  # sample.py
     proof = load(ROOT / "configs" / "cifar10_proof.yaml")
     assert proof.data.random_flip and proof.model.dropout == 0.1 and proof.model.attention_head_dim is None
     assert proof.train.ema_warmup is False and proof.train.schedule == "cosine"  # its short recipe, named in its header
