@@ -77,11 +77,18 @@ def main() -> None:
     parser.add_argument("--label", default=None, help="name of this run, e.g. cpu-reduced or h100")
     parser.add_argument("--images", type=int, default=2, help="images to time (after one warm-up image)")
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=4, help="DDIM steps per image in the timed run")
+    parser.add_argument("--steps", type=int, default=4, help="sampling steps per image in the timed run")
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on GPU, fp32 on CPU")
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile the UNet first; the warm-up (at the timed batch size) then includes compiling"
+    )
+    parser.add_argument("--scheduler", default="ddim", help="sampler (default ddim, as the earlier runs; the audits' default is lms)")
+    parser.add_argument(
+        "--generator",
+        default="device",
+        choices=["device", "cpu"],
+        help="initial noise (default device, as the earlier runs; the audits': cpu)",
     )
     parser.add_argument("--nudenet-images", type=int, default=20, help="NudeNet detections to time (cycling over the images)")
     args = parser.parse_args()
@@ -104,14 +111,34 @@ def main() -> None:
         warmup = [Item(prompts[0], 0, 7.5, 2, size, size)] * args.batch_size
         sync()
         start = time.perf_counter()
-        generate(pipe, warmup, Path(tmp) / "warmup", "sd14-random", "ddim", args.batch_size, desc="warm-up", compile=args.compile)
+        generate(
+            pipe,
+            warmup,
+            Path(tmp) / "warmup",
+            "sd14-random",
+            args.scheduler,
+            args.batch_size,
+            desc="warm-up",
+            compile=args.compile,
+            generator=args.generator,
+        )
         sync()
         warmup_s = time.perf_counter() - start
         timer.seconds, timer.calls, timer.samples = 0.0, 0, 0
         items = [Item(prompts[i % len(prompts)], i, 7.5, args.steps, size, size) for i in range(args.images)]
         sync()
         start = time.perf_counter()
-        paths = generate(pipe, items, Path(tmp) / "timed", "sd14-random", "ddim", args.batch_size, desc="timed", compile=args.compile)
+        paths = generate(
+            pipe,
+            items,
+            Path(tmp) / "timed",
+            "sd14-random",
+            args.scheduler,
+            args.batch_size,
+            desc="timed",
+            compile=args.compile,
+            generator=args.generator,
+        )
         sync()
         total = time.perf_counter() - start
         batches = -(-args.images // args.batch_size)
@@ -140,7 +167,8 @@ def main() -> None:
             "unet_parameters": params,
             "resolution": size,
             "dtype": dtype_name,
-            "scheduler": "ddim",
+            "scheduler": args.scheduler,
+            "generator": args.generator,
             "guidance": 7.5,
             "images": args.images,
             "batch_size": args.batch_size,
