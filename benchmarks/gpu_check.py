@@ -17,7 +17,8 @@ Runs, each part in its own process with its own time limit, and writes one JSON 
 7. ``esd-step``   - the SD v1.4 ESD-x step at batch 1 (the reference's), trajectory included: fp32 and bf16 eager,
                     and both with the trajectory through CUDA graphs (``esd.cuda_graph``)
 8. ``generation`` - SD v1.4 images/s at 512 px through the audit engine (``benchmarks/generation_throughput.py``)
-                    at batch 8 and at batch 32 (where ``--batch-size auto`` starts); with ``--compile`` also compiled
+                    at batch 8 and at batch 32 (where ``--batch-size auto`` starts), fp16 DDIM, then at 32 with the
+                    audits' defaults (bf16, LMS, noise drawn on the CPU); with ``--compile`` also compiled
 9. ``cifar10-fast`` - with ``--cifar10 FILE``: the CIFAR-10 fast-recipe table (original, Retrain, RL, SalUn)
 
 The SD benchmarks need the SD v1.x CLIP tokenizer (``--tokenizer``; the run skips them
@@ -163,7 +164,9 @@ def main() -> None:
             "--images", "16", "--batch-size", "8", "--steps", "50", "--nudenet-images", "16",
         ]
         batch32 = [*generation[:5], "gpu-check-b32", "--images", "32", "--batch-size", "32", *generation[10:]]
-        parts["generation"] = [generation, batch32, *([[*generation, "--compile"]] if args.compile else [])]
+        # The audits' own defaults (bf16, LMS, noise drawn on the CPU), at 50 steps to compare with the runs above.
+        audit = [*batch32[:5], "gpu-check-audit", *batch32[6:], "--dtype", "bf16", "--scheduler", "lms", "--generator", "cpu"]
+        parts["generation"] = [generation, batch32, audit, *([[*generation, "--compile"]] if args.compile else [])]
     if args.cifar10:
         parts["cifar10-fast"] = [[
             py, "benchmarks/classification.py", "--config", "configs/classification/cifar10_random10_fast.yaml",
