@@ -220,6 +220,13 @@ def test_cifar10_config_carries_the_reference_recipe():
     assert proof.train.ema_warmup is False and proof.train.schedule == "cosine"  # its short recipe, named in its header
     for name in ("mnist", "mnist16", "mnist32"):
         assert load(ROOT / "configs" / f"{name}.yaml").data.random_flip is False
+    # The UA judge as train_classifier.py: ImageNet ResNet-34 (pretrained=True), Adam 1e-5 with the fc at 10x, weight
+    # decay 5e-4, 10 epochs of batch 128 (tests/test_judge.py replays its steps); the configs without a reference keep the CNN.
+    judge = cfg.classifier
+    assert (judge.arch, judge.pretrained, judge.weights, judge.epochs, judge.batch_size) == ("resnet34", True, None, 10, 128)
+    assert (judge.resolved_lr(), judge.head_lr_scale, judge.weight_decay) == (1e-5, 10.0, 5e-4)
+    others = [proof, Config(), *(load(ROOT / "configs" / f"{n}.yaml") for n in ("mnist", "mnist16", "mnist32"))]
+    assert all(c.classifier.arch == "cnn" for c in others)
     assert Config().data.random_flip is False and Config().train.schedule == "cosine"  # the digits demo
     # The base loss: summed over the pixels in the reference recipe, the per-element mean elsewhere.
     assert cfg.train.loss_reduction == "sum" and proof.train.loss_reduction == "mean" and Config().train.loss_reduction == "mean"
@@ -365,6 +372,12 @@ def test_each_new_key_lands_in_the_fingerprint_of_the_stage_that_reads_it():
         "unlearn.mask.batches=4": {"erase"},
         "unlearn.mask.loss_reduction=mean": {"erase"},
         "unlearn.ga_alpha=2": {"erase"},
+        "classifier.arch=resnet34": {"judge"},
+        "classifier.epochs=3": {"judge"},
+        "classifier.head_lr_scale=5": {"judge"},
+        "classifier.weight_decay=0": {"judge"},
+        "classifier.pretrained=false": {"judge"},
+        "classifier.weights=/data/resnet34.pth": {"judge"},
         "eval.fid_samples_per_class=7": set(),
         "eval.fid.real_images_per_class=7": set(),
     }

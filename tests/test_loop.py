@@ -154,12 +154,32 @@ def test_compiled_training_keeps_masked_weights_and_checkpoint_keys(tmp_path):
 def test_sgd_takes_nesterov_momentum_as_a_named_option():
     from erasure.core.loop import make_optimizer
 
-    params = list(net().parameters())
+    params = list(net().named_parameters())
     plain = make_optimizer(params, LoopSettings(steps=1, lr=0.1, optimizer="sgd"))
     nesterov = make_optimizer(params, LoopSettings(steps=1, lr=0.1, optimizer="sgd", nesterov=True))
     assert plain.defaults["nesterov"] is False and nesterov.defaults["nesterov"] is True  # the reference: plain momentum
     with pytest.raises(ErasureError, match="Nesterov"):
         make_optimizer(params, LoopSettings(steps=1, lr=0.1, optimizer="sgd", nesterov=True, momentum=0.0))
+
+
+def test_lr_scales_train_a_parameter_group_at_its_multiple_of_the_lr(tmp_path):
+    """A name prefix in lr_scales gets its own parameter group at that multiple of the lr; "adam" is torch's Adam (L2 decay)."""
+    from erasure.core.loop import make_optimizer
+
+    start = net()
+    head = next(n for n, _ in start.named_parameters()).split(".")[0] + "."  # the first layer stands in for a new head
+    adam = make_optimizer(list(start.named_parameters()), LoopSettings(steps=1, lr=0.1, optimizer="adam", lr_scales=((head, 10.0),)))
+    assert type(adam) is torch.optim.Adam and [(g["lr"], g["lr_scale"]) for g in adam.param_groups] == [(1.0, 10.0), (0.1, 1.0)]
+    moved = {}
+    for scale in (1.0, 10.0):  # one plain SGD step: the update is -lr * gradient, the gradient the same in both runs
+        model = net()
+        model.load_state_dict(start.state_dict())
+        settings = LoopSettings(steps=1, lr=0.1, optimizer="sgd", momentum=0.0, grad_clip=None, lr_scales=((head, scale),))
+        trained, _ = train(model, make_step_loss(), settings, tmp_path / str(scale), make_accelerator("cpu", "no"))
+        moved[scale] = {n: p.detach().cpu() - start.state_dict()[n] for n, p in trained.named_parameters()}
+    for name, delta in moved[10.0].items():
+        expected = moved[1.0][name] * (10 if name.startswith(head) else 1)
+        assert delta.abs().max() > 0 and torch.allclose(delta, expected, rtol=1e-4, atol=1e-6), name  # w + d - w rounds d
 
 
 def test_a_non_finite_loss_is_caught_before_anything_is_saved(tmp_path):

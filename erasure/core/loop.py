@@ -74,7 +74,10 @@ class LoopSettings:
     milestones: tuple[int, ...] = ()  # steps at which the lr is multiplied by gamma (instead of cosine)
     gamma: float = 0.1
     weight_decay: float = 0.0
-    optimizer: str = "adamw"  # adamw | sgd (sgd: plain momentum)
+    optimizer: str = "adamw"  # adamw | adam (weight_decay as an L2 term, as torch's Adam) | sgd (sgd: plain momentum)
+    # (parameter-name prefix, lr multiple) pairs: a parameter whose name starts with a prefix trains at
+    # that multiple of the lr (the first match counts), e.g. a new head faster than a pretrained body.
+    lr_scales: tuple[tuple[str, float], ...] = ()
     momentum: float = 0.9  # sgd only
     nesterov: bool = False  # sgd only
     ema_decay: float | None = None
@@ -219,17 +222,27 @@ def make_accelerator(
     return StageAccelerator(cpu, resolve_precision(mixed_precision, cpu), parse_log_with(log_with), unused_weights)
 
 
-def make_optimizer(params: list[torch.nn.Parameter], s: LoopSettings) -> torch.optim.Optimizer:
-    """AdamW (diffusion models) or SGD with momentum (the classification recipes)."""
-    if s.optimizer == "adamw":
+def make_optimizer(named: list[tuple[str, torch.nn.Parameter]], s: LoopSettings) -> torch.optim.Optimizer:
+    """AdamW (diffusion models), Adam (the DDPM reference's judge) or SGD with momentum (the classification recipes).
+
+    One parameter group per lr multiple of ``s.lr_scales`` (its ``lr_scale`` read by the loop's schedule).
+    """
+    scales: dict[float, list[torch.nn.Parameter]] = {}
+    for name, p in named:
+        scale = next((x for prefix, x in s.lr_scales if name.startswith(prefix)), 1.0)
+        scales.setdefault(scale, []).append(p)
+    groups = [{"params": params, "lr": s.lr * scale, "lr_scale": scale} for scale, params in scales.items()]
+    params = [p for _, p in named]
+    if s.optimizer in ("adamw", "adam"):
         # The fused CUDA kernel updates every tensor in one launch instead of a dozen per tensor.
         fused = bool(params) and all(p.is_cuda for p in params)
-        return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, fused=fused or None)
+        adam = torch.optim.AdamW if s.optimizer == "adamw" else torch.optim.Adam
+        return adam(groups, lr=s.lr, weight_decay=s.weight_decay, fused=fused or None)
     if s.optimizer == "sgd":
         if s.nesterov and s.momentum <= 0:
             raise ErasureError("Nesterov momentum needs momentum > 0; set momentum (e.g. 0.9) or nesterov=false.")
-        return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay, nesterov=s.nesterov)
-    raise ErasureError(f"unknown optimizer '{s.optimizer}'; choose adamw or sgd.")
+        return torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay, nesterov=s.nesterov)
+    raise ErasureError(f"unknown optimizer '{s.optimizer}'; choose adamw, adam or sgd.")
 
 
 def shard(n: int, rank: int, processes: int) -> slice:
@@ -286,9 +299,9 @@ def train(
     model = model.to(accelerator.device)
     # Built before a checkpoint is loaded, so it holds the base values of masked-out weights.
     constraint = MaskConstraint(model, constraint_mask, settings.mask_hold) if constraint_mask is not None else None
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, settings)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    names, params = [n for n, _ in named], [p for _, p in named]
+    optimizer = make_optimizer(named, settings)
     ema = None
     if settings.ema_decay:  # imported here: the classification path runs without diffusers
         from diffusers.training_utils import EMAModel
@@ -347,7 +360,7 @@ def train(
     with _StopRequests() as stop, tracker:
         for step in range(start, settings.steps):
             for group in optimizer.param_groups:
-                group["lr"] = settings.lr * _lr_factor(step, settings)
+                group["lr"] = settings.lr * group.get("lr_scale", 1.0) * _lr_factor(step, settings)  # get: checkpoints from before lr_scale
             stream = 0 if settings.global_batches else accelerator.process_index
             g = step_generator(settings.seed, step, stream, accelerator.device)
             with accelerator.autocast():

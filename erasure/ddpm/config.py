@@ -79,15 +79,43 @@ class TrainConfig:
     timesteps: Literal["antithetic", "iid"] = "antithetic"
 
 
+JUDGE_LR = {"cnn": 3e-3, "resnet34": 1e-5}  # classifier.lr: null takes its arch's; resnet34: train_classifier.py --lr
+
+
 @dataclass
 class ClassifierConfig:
-    """The CNN that scores generated images (unlearning accuracy)."""
+    """The judge that scores generated images (UA, retained accuracy) and, without Inception weights, the FID's features.
 
-    channels: list[int] = field(default_factory=lambda: [32, 64, 64])
-    steps: int = 500  # test accuracy 98.9% on the digits' test split (800 steps: 99.4%)
-    batch_size: int = 128
-    lr: float = 3e-3
+    ``arch: cnn`` (the default; the demo, MNIST and ``cifar10_proof.yaml``): a small CNN
+    trained from scratch at the data's resolution for ``steps`` random batches.
+    ``arch: resnet34`` (``cifar10.yaml``): the SalUn DDPM reference's judge
+    (``train_classifier.py``), torchvision's ResNet-34 from ImageNet weights with a new fc
+    layer, fine-tuned on images resized to 224 px for ``epochs`` shuffled passes. Each arch
+    reads its own keys (marked below) and ignores the other's.
+    """
+
+    arch: Literal["cnn", "resnet34"] = "cnn"
+    channels: list[int] = field(default_factory=lambda: [32, 64, 64])  # cnn: widths of its conv stages
+    steps: int = 500  # cnn: test accuracy 98.9% on the digits' test split (800 steps: 99.4%)
+    epochs: int = 10  # resnet34: passes over the train split (--n_epochs)
+    batch_size: int = 128  # both; resnet34: --batch_size
+    lr: float | None = None  # null: the arch's (JUDGE_LR); resnet34: the lr of every weight but the fc's
+    head_lr_scale: float = 10.0  # resnet34: the fc layer's lr as a multiple of lr (the reference's lr * 10)
+    # cnn: AdamW's decoupled decay; resnet34: Adam's L2 term on every weight, as the reference's Adam(weight_decay=5e-4).
+    weight_decay: float = 5e-4
+    pretrained: bool = True  # resnet34: start from torchvision's ImageNet weights (IMAGENET1K_V1); false: random init
+    weights: str | None = None  # resnet34: a local copy of those weights (resnet34-b627a593.pth); null: torchvision's download
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.head_lr_scale < float("inf"):
+            raise ErasureError(f"classifier.head_lr_scale is {self.head_lr_scale}; it must be a finite number > 0 (the reference: 10).")
+        if self.weights is not None and not self.pretrained:
+            raise ErasureError("classifier.weights is set but classifier.pretrained is false; drop one of them.")
+
+    def resolved_lr(self) -> float:
+        """The lr actually used: ``lr``, or the arch's when it is null."""
+        return self.lr if self.lr is not None else JUDGE_LR[self.arch]
 
 
 REFERENCE_SAMPLING = {"steps": 1000, "eta": 1.0}  # the SalUn DDPM sample.py defaults (--timesteps 1000 --eta 1)

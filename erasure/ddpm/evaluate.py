@@ -166,6 +166,7 @@ def evaluate(config: Config, methods: list[str] | None = None) -> dict[str, Any]
         "fid_features": fid_name,
         "classifier_test_accuracy": json.loads((judge_stage(config).folder / "done.json").read_text())["test_accuracy"],
         "protocol": {
+            "judge": config.classifier.arch,  # UA and retained accuracy are comparable only under the same judge
             "samples_per_class": n,
             "fid_samples_per_class": config.eval.fid_samples_per_class or n,
             "sampling": record,

@@ -23,7 +23,7 @@ from erasure.core.loop import LoopSettings, make_accelerator, process_state, sta
 from erasure.core.saliency import Mask
 from erasure.core.stages import Stage, config_fingerprint, is_main_process, shared_mask
 from erasure.ddpm.config import Config
-from erasure.ddpm.judge import ConvClassifier, train_classifier
+from erasure.ddpm.judge import Judge, train_classifier
 from erasure.ddpm.methods import EraseContext, get_method
 from erasure.ddpm.model import build_unet, denoising_loss, load_scheduler, load_unet, noise_scheduler, null_class, random_flip, save_model
 
@@ -205,9 +205,9 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_judge(config: Config, device: str | torch.device = "cpu") -> ConvClassifier:
+def load_judge(config: Config, device: str | torch.device = "cpu") -> Judge:
     """The finished classifier of ``config``."""
     stage = judge_stage(config)
     if not stage.done():
         raise ErasureError(f"no finished classifier in '{stage.folder}'; run `erasure train-classifier` with this config first.")
-    return ConvClassifier.load(stage.folder, device)
+    return Judge.load(stage.folder, device)
