@@ -9,6 +9,8 @@ state, so nothing here ever unpickles arbitrary objects.
 from __future__ import annotations
 
 import errno
+import hashlib
+import io
 import json
 import os
 import shutil
@@ -303,3 +305,39 @@ def load_checkpoint(folder: str | Path) -> dict[str, Any] | None:
             state["optimizer"] = torch.load(candidate / "optimizer.pt", map_location="cpu", weights_only=True)
         return state
     return None
+
+
+def torchvision_weights(weights: Any, path: str | None, name: str, offline_hint: str) -> dict[str, torch.Tensor]:
+    """A torchvision model's pretrained state dict, only ever unpickled with ``weights_only=True`` (cannot run code).
+
+    ``path`` is a local state dict; None is the file of ``weights`` (a torchvision ``WeightsEnum``
+    member, e.g. ``ResNet50_Weights.IMAGENET1K_V2``) in the torch hub cache, downloaded if
+    missing. torchvision publishes only an 8-hex-digit SHA-256 prefix in the file name
+    (``resnet50-11ad3fa6.pth``): a cached file must match it, which catches a replaced or
+    truncated download before it is opened. ``name`` names the weights in errors;
+    ``offline_hint`` says how to pass a local copy.
+    """
+    if path:
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise ErasureError(f"{name}: '{file}' does not exist. {offline_hint}")
+    else:
+        url = weights.url
+        file = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
+        prefix = file.stem.rsplit("-", 1)[1]
+        if not file.is_file():
+            try:
+                file.parent.mkdir(parents=True, exist_ok=True)
+                torch.hub.download_url_to_file(url, str(file), hash_prefix=prefix, progress=False)
+            except Exception as e:  # noqa: BLE001 - offline: network errors of every kind
+                raise ErasureError(f"could not download the {name} ({type(e).__name__}). Offline: {offline_hint}") from None
+    data = file.read_bytes()  # read once: the bytes we check are the bytes we load
+    if not path and not hashlib.sha256(data).hexdigest().startswith(prefix):
+        raise ErasureError(
+            f"the cached {name} '{file}' do not match torchvision's published hash prefix {prefix}; refusing to load them. "
+            f"Delete that file to download it again, or pass a copy you trust. {offline_hint}"
+        )
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - refuse anything that is not a plain state dict
+        raise ErasureError(f"'{file}' is not a state dict of tensors ({str(e).splitlines()[0]}); refusing to load it.") from None

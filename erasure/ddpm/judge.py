@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from erasure.classification.data import EpochSampler
 from erasure.core.data import ImageData, to_model_range
 from erasure.core.errors import ErasureError
-from erasure.core.io import load_tensors, read_json, save_tensors, write_json
+from erasure.core.io import load_tensors, read_json, save_tensors, torchvision_weights, write_json
 from erasure.core.loop import LoopSettings, make_accelerator, shard, train
 from erasure.ddpm.config import ClassifierConfig
 from erasure.ddpm.model import random_flip
@@ -150,32 +150,15 @@ class ResNetJudge(Judge):
 
 
 def imagenet_resnet34(weights: str | None) -> dict[str, torch.Tensor]:
-    """torchvision's ResNet-34 ImageNet weights (IMAGENET1K_V1, what ``pretrained=True`` gave), unpickled with ``weights_only=True``.
-
-    ``weights`` is a local state dict; None is torchvision's file in the torch hub cache,
-    downloaded (with its published hash prefix checked) if missing.
-    """
-    if weights:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise ErasureError(
-                f"classifier.weights '{path}' does not exist. Give torchvision's ResNet-34 IMAGENET1K_V1 state dict "
-                "(resnet34-b627a593.pth), or set classifier.pretrained=false to start from random weights."
-            )
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - refuse anything that is not a plain state dict
-            raise ErasureError(f"'{path}' is not a state dict of tensors ({str(e).splitlines()[0]}); refusing to load it.") from None
+    """torchvision's ResNet-34 ImageNet weights (IMAGENET1K_V1, what ``pretrained=True`` gave): ``weights`` is a local
+    state dict, None torchvision's download (see :func:`erasure.core.io.torchvision_weights`)."""
     from torchvision.models import ResNet34_Weights
 
-    try:
-        return ResNet34_Weights.IMAGENET1K_V1.get_state_dict(progress=False, check_hash=True, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - offline: network errors of every kind
-        raise ErasureError(
-            f"could not get torchvision's ResNet-34 ImageNet weights ({type(e).__name__}: {str(e).splitlines()[0]}). "
-            "Offline, set classifier.weights=/path/to/resnet34-b627a593.pth (a copy of torchvision's IMAGENET1K_V1 file), "
-            "or classifier.pretrained=false to start from random weights."
-        ) from None
+    hint = (
+        "Set classifier.weights=/path/to/resnet34-b627a593.pth (a copy of torchvision's IMAGENET1K_V1 file), "
+        "or classifier.pretrained=false to start from random weights."
+    )
+    return torchvision_weights(ResNet34_Weights.IMAGENET1K_V1, weights, "ResNet-34 ImageNet weights", hint)
 
 
 def build_resnet_judge(config: ClassifierConfig, in_channels: int, num_classes: int) -> ResNetJudge:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import io
 import json
 import threading
 from collections.abc import Callable
@@ -28,7 +27,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from erasure.core.errors import ErasureError
-from erasure.core.io import atomic_path, read_json, write_json, write_text
+from erasure.core.io import atomic_path, read_json, torchvision_weights, write_json, write_text
 from erasure.core.stages import is_main_process
 from erasure.evaluation.grid import font
 from erasure.evaluation.prompts import Prompt
@@ -390,51 +389,13 @@ def nudity_audit(
 # ----------------------------------------------------------------------------- UA on Imagenette
 
 
-def _resnet50_state(weights: str | None) -> dict[str, torch.Tensor]:
-    """ResNet-50 ImageNet weights, only ever unpickled with ``weights_only=True`` (cannot run code).
-
-    ``weights`` is a local state dict; None is torchvision's IMAGENET1K_V2 file in the torch
-    hub cache (downloaded if missing). torchvision publishes only an 8-hex-digit SHA-256
-    prefix in the file name (``resnet50-11ad3fa6.pth``): a cached file must match it, which
-    catches a replaced or truncated download before we even open it.
-    """
-    from torchvision.models import ResNet50_Weights
-
-    if weights:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise ErasureError(f"classifier weights '{path}' do not exist. Pass a torchvision ResNet-50 state dict (.pth).")
-    else:
-        url = ResNet50_Weights.IMAGENET1K_V2.url
-        path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
-        prefix = path.stem.rsplit("-", 1)[1]
-        if not path.is_file():
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                torch.hub.download_url_to_file(url, str(path), hash_prefix=prefix, progress=False)
-            except Exception as e:  # noqa: BLE001 - offline: network errors of every kind
-                raise ErasureError(
-                    f"could not download the ResNet-50 ImageNet weights ({type(e).__name__}). "
-                    "Offline, pass a local copy with --classifier-weights PATH (torchvision's resnet50 IMAGENET1K_V2 .pth)."
-                ) from None
-    data = path.read_bytes()  # read once: the bytes we check are the bytes we load
-    if not weights and not hashlib.sha256(data).hexdigest().startswith(prefix):
-        raise ErasureError(
-            f"the cached ResNet-50 weights '{path}' do not match torchvision's published hash prefix {prefix}; refusing to "
-            "load them. Delete that file to download it again, or pass a copy you trust with --classifier-weights."
-        )
-    try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - refuse anything that is not a plain state dict
-        raise ErasureError(f"'{path}' is not a ResNet-50 state dict of tensors ({str(e).splitlines()[0]}); refusing to load it.") from None
-
-
 def load_classifier(weights: str | None = None) -> torch.nn.Module:
     """torchvision ResNet-50 with ImageNet weights (a local state dict or torchvision's download), in eval mode."""
-    from torchvision.models import resnet50
+    from torchvision.models import ResNet50_Weights, resnet50
 
     model = resnet50(weights=None)
-    state = _resnet50_state(weights)
+    hint = "Pass a local copy with --classifier-weights PATH (torchvision's resnet50 IMAGENET1K_V2 .pth)."
+    state = torchvision_weights(ResNet50_Weights.IMAGENET1K_V2, weights, "ResNet-50 classifier weights (ImageNet)", hint)
     try:
         model.load_state_dict(state)
     except Exception as e:  # noqa: BLE001 - a state dict of another network
