@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from common import flop_counter, machine, sd14, sync  # benchmarks/ is on sys.path when a script runs
@@ -107,38 +108,32 @@ def main() -> None:
     # clocks) stay eager around it; the warm-up compiles, the timed run reuses the compiled code.
     timer = UNetTimer(pipe.unet)
     with tempfile.TemporaryDirectory() as tmp:
+
+        def run(pipe: Any, items: list[Item], name: str) -> list[Path]:
+            return generate(
+                pipe,
+                items,
+                Path(tmp) / name,
+                "sd14-random",
+                args.scheduler,
+                args.batch_size,
+                desc=name,
+                compile=args.compile,
+                generator=args.generator,
+            )
+
         # Warm-up (kernel selection, allocator, compiling): one batch of the timed size at 2 steps, not timed.
         warmup = [Item(prompts[0], 0, 7.5, 2, size, size)] * args.batch_size
         sync()
         start = time.perf_counter()
-        generate(
-            pipe,
-            warmup,
-            Path(tmp) / "warmup",
-            "sd14-random",
-            args.scheduler,
-            args.batch_size,
-            desc="warm-up",
-            compile=args.compile,
-            generator=args.generator,
-        )
+        run(pipe, warmup, "warm-up")
         sync()
         warmup_s = time.perf_counter() - start
         timer.seconds, timer.calls, timer.samples = 0.0, 0, 0
         items = [Item(prompts[i % len(prompts)], i, 7.5, args.steps, size, size) for i in range(args.images)]
         sync()
         start = time.perf_counter()
-        paths = generate(
-            pipe,
-            items,
-            Path(tmp) / "timed",
-            "sd14-random",
-            args.scheduler,
-            args.batch_size,
-            desc="timed",
-            compile=args.compile,
-            generator=args.generator,
-        )
+        paths = run(pipe, items, "timed")
         sync()
         total = time.perf_counter() - start
         batches = -(-args.images // args.batch_size)
