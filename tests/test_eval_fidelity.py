@@ -231,3 +231,16 @@ def test_a_saved_model_samples_at_its_bases_timesteps(tiny_model, tmp_path):
             pipe.scheduler.set_timesteps(10)
             timesteps.append(pipe.scheduler.timesteps)
         assert torch.equal(*timesteps), name
+
+
+def test_a_ua_audit_of_a_large_file_at_many_images_per_row_warns_first(models, tmp_path, capsys):
+    """SalUn's 100 images per row suit its 10 prompts; a file with many seeds per class gets a warning before anything runs."""
+    csv = tmp_path / "many.csv"
+    csv.write_text("case_number,prompt,evaluation_seed,class\n" + "".join(f"{i},an image of a church,{i},church\n" for i in range(201)))
+    base = ["audit", "ua", "--prompts", str(csv), "--model", f"m={models / 'a'}", "--forget-class", "church", "--out", str(tmp_path / "o")]
+    missing = ["--classifier-weights", str(tmp_path / "missing.pth")]  # stops the run after the checks, before any image
+    assert main([*base, *missing]) == 2
+    err = capsys.readouterr().err
+    assert "201 prompt rows x 100 images = 20,100 images per model" in err and "--images-per-prompt 1" in err
+    assert main([*base, *missing, "--images-per-prompt", "1"]) == 2
+    assert "warning" not in capsys.readouterr().err

@@ -7,9 +7,13 @@ its prompts, models and detector settings, and every output file records all of 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from erasure.core.errors import ErasureError
+
+# More images per model than this, several per row, get a warning: at 100 steps that is hours of GPU time per model.
+LARGE_AUDIT = 20_000
 
 
 def _prompts(args: argparse.Namespace, category: str | None = None):
@@ -93,7 +97,16 @@ def cmd_audit_ua(args: argparse.Namespace) -> None:
     models = parse_models(args.model)
     parse_log_with(args.log_with)
     sampling = _sampling(args)
-    prompts = imagenette_prompts(_prompts(args), args.images_per_prompt, args.image_seeds)
+    rows = _prompts(args)
+    prompts = imagenette_prompts(rows, args.images_per_prompt, args.image_seeds)
+    if args.images_per_prompt > 1 and len(prompts) > LARGE_AUDIT:
+        # The default (100 per row) is SalUn's for its 10 Imagenette prompts; a file with many seeds per class
+        # (UCE's 5,000 rows) would silently become a job of days.
+        print(
+            f"warning: {len(rows)} prompt rows x {args.images_per_prompt} images = {len(prompts):,} images per model. "
+            "A file with many seeds per class (e.g. UCE's) is meant for --images-per-prompt 1.",
+            file=sys.stderr,
+        )
     settings = _settings(args, **_repeats(args))
     result = ua_audit(
         prompts,
