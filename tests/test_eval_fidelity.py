@@ -108,6 +108,13 @@ def test_initial_latents_are_the_references_cpu_draw(models):
     stream = torch.cat([initial_latents(pipe, replace(item, noise_index=j)) for j in range(6)])
     g = torch.Generator("cpu").manual_seed(1234)
     assert torch.equal(stream, torch.cat([torch.randn((3, *shape[1:]), generator=g) for _ in range(2)]))
+    # The generation engine keeps a prompt's generator between its images (K draws, not K(K+1)/2): the same latents,
+    # also when the images are asked for out of order or another seed comes between.
+    streams: dict = {}
+    kept = [initial_latents(pipe, replace(item, noise_index=j), "cpu", streams) for j in (0, 1, 2, 5, 3, 4)]
+    assert torch.equal(torch.cat([kept[i] for i in (0, 1, 2, 4, 5, 3)]), stream)
+    initial_latents(pipe, replace(item, seed=7), "cpu", streams)
+    assert torch.equal(initial_latents(pipe, replace(item, noise_index=4), "cpu", streams), stream[4:5])
     # In bf16 (a GPU's "auto"), the latents are drawn in fp32 as the reference's, then cast.
     half = load_pipeline(str(models / "a"), dtype=torch.bfloat16)
     cast = initial_latents(half, item)

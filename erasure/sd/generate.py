@@ -12,11 +12,11 @@ training sets, evaluation sets and audits. It is
   size, scheduler, noise generator and model.
 
 Initial noise (:func:`initial_latents`): item ``i`` with seed ``s`` and ``noise_index`` ``j``
-starts from row ``j`` of a standard normal draw of ``j + 1`` latents from a generator seeded
-``s``. ``generator="cpu"`` draws them in fp32 on the CPU, as the reference evaluation
-scripts' ``torch.randn(..., generator=torch.manual_seed(seed))`` (the same latents on any
-device, then cast to the pipeline's dtype); ``"device"`` draws them on the pipeline's device
-in its dtype, as diffusers does with a generator there (what the training sets use).
+starts from the ``j``-th of the latents drawn one after another from a generator seeded ``s``.
+``generator="cpu"`` draws them in fp32 on the CPU, as the reference evaluation scripts'
+``torch.randn(..., generator=torch.manual_seed(seed))`` (the same latents on any device,
+then cast to the pipeline's dtype); ``"device"`` draws them on the pipeline's device in its
+dtype, as diffusers does with a generator there (what the training sets use).
 """
 
 from __future__ import annotations
@@ -85,30 +85,37 @@ def check_generator(generator: str) -> None:
         raise ErasureError(f"unknown generator '{generator}'; choose cpu (the reference's torch.manual_seed) or device.")
 
 
-def initial_latents(pipe: DiffusionPipeline, item: Item, generator: str = "cpu") -> torch.Tensor:
+def initial_latents(pipe: DiffusionPipeline, item: Item, generator: str = "cpu", streams: dict | None = None) -> torch.Tensor:
     """The initial latents ``[1, C, h, w]`` of ``item``, on the pipeline's device in the dtype it denoises in.
 
-    Row ``item.noise_index`` of ``torch.randn((noise_index + 1, C, h, w))`` from a generator
-    seeded with ``item.seed``: on the CPU in fp32 (``generator="cpu"``, as the reference's
+    The ``item.noise_index``-th of the latents drawn one after another from a generator seeded
+    with ``item.seed``: on the CPU in fp32 (``generator="cpu"``, as the reference's
     ``torch.randn(shape, generator=torch.manual_seed(seed))``, so a batch of K images of one
-    prompt there is rows 0..K-1 here), or on the pipeline's device in its dtype
-    (``"device"``: for noise_index 0 the very latents diffusers draws with
+    prompt there is draws 0..K-1 here), or on the pipeline's device in its dtype
+    (``"device"``: draw 0 is the very latents diffusers draws with
     ``generator=torch.Generator(device).manual_seed(seed)``). Not yet scaled by the
-    scheduler's ``init_noise_sigma`` (the pipeline does that).
+    scheduler's ``init_noise_sigma`` (the pipeline does that). ``streams``, a dict the caller
+    keeps, holds the last seed's generator and draws, so a prompt's K images cost K draws,
+    not K (K + 1) / 2.
     """
     check_generator(generator)
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     width, height = item.width or native, item.height or native
-    shape = (item.noise_index + 1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    shape = (1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     device = pipe.unet.device
     # The dtype diffusers draws its own noise in: that of the prompt embeddings.
     encoder = getattr(pipe, "text_encoder_2", None) or getattr(pipe, "text_encoder", None)
     dtype = encoder.dtype if encoder is not None else pipe.unet.dtype
-    if generator == "cpu":
-        noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(item.seed), dtype=torch.float32)
-    else:
-        noise = torch.randn(shape, generator=torch.Generator(device).manual_seed(item.seed), device=device, dtype=dtype)
-    return noise[item.noise_index :].to(device=device, dtype=dtype)
+    key = (item.seed, shape, generator)
+    streams = {} if streams is None else streams
+    if key not in streams:
+        streams.clear()  # one prompt's images come together: keeping only the last seed's draws bounds the memory
+        on = "cpu" if generator == "cpu" else device
+        streams[key] = (torch.Generator(on).manual_seed(item.seed), [], torch.float32 if generator == "cpu" else dtype, on)
+    g, drawn, draw_dtype, on = streams[key]
+    while len(drawn) <= item.noise_index:
+        drawn.append(torch.randn(shape, generator=g, device=on, dtype=draw_dtype))
+    return drawn[item.noise_index].to(device=device, dtype=dtype)
 
 
 # The noise schedule proper, as opposed to a sampler's own settings (timestep spacing, offsets).
@@ -243,6 +250,7 @@ def _generate_batches(
     # PNG encoding and writing run in a thread while the GPU denoises the next batch.
     saver = ThreadPoolExecutor(max_workers=2)
     pending = []
+    streams: dict = {}  # see initial_latents
     try:
         # Grouping by settings keeps batches homogeneous; within a group, items keep their order. (A size of None, the
         # model's native one, sorts before any number: rows with and without a size in one file mix.)
@@ -263,7 +271,7 @@ def _generate_batches(
                     guidance_scale=first.guidance,
                     width=first.width,
                     height=first.height,
-                    latents=torch.cat([initial_latents(pipe, items[i], generator) for i in rows]),
+                    latents=torch.cat([initial_latents(pipe, items[i], generator, streams) for i in rows]),
                     # Only a stochastic sampler step would draw from these (none of SCHEDULERS does); they keep
                     # such draws per item and off the global generator.
                     generator=[torch.Generator(device).manual_seed(items[i].seed) for i in rows],
