@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from erasure.classification.config import ClassificationConfig
-from erasure.classification.data import EpochSampler, Split, augment, make_split
+from erasure.classification.data import Split, augment, make_split
 from erasure.classification.methods import METHODS, UnlearnContext, get_method
 from erasure.classification.metrics import make_table, markdown, mia_efficacy
 from erasure.classification.model import resnet18
 from erasure.classification.train import Pass, PassSchedule
 from erasure.cli import main
 from erasure.core.config import load_config
+from erasure.core.data import EpochSampler
 from erasure.core.errors import ErasureError
 from erasure.core.loop import LoopSettings, _lr_factor, make_accelerator, shard
 from erasure.core.saliency import Mask

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from erasure.classification.config import ClassificationConfig
-from erasure.classification.data import EpochSampler, make_split
+from erasure.classification.data import make_split
 from erasure.classification.methods import UnlearnContext, get_method
 from erasure.classification.methods.iu import woodbury_solve, woodfisher_reference
 from erasure.classification.methods.l1 import l1_gamma
@@ -23,6 +23,7 @@ from erasure.classification.sweep import grid_points, own_label, parse_grid, run
 from erasure.classification.train import PassSchedule, fit
 from erasure.cli import main
 from erasure.core.config import load_config
+from erasure.core.data import EpochSampler
 from erasure.core.errors import ErasureError
 from erasure.core.io import load_checkpoint, load_tensors
 from erasure.core.loop import LoopSettings, make_accelerator, step_generator, train

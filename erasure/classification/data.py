@@ -10,7 +10,6 @@ cropped, flipped and scaled there, so the GPU never waits for a data loader.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from erasure.classification.config import ForgetConfig, SplitConfig
-from erasure.core.data import to_model_range
+from erasure.core.data import seeded_perm, to_model_range
 from erasure.core.errors import ErasureError
 from erasure.core.io import load_tensors, read_metadata, save_tensors
 
@@ -51,11 +50,6 @@ class Split:
             raise ErasureError(f"'{path}' holds a split made with other settings ({found}, now {fingerprint}); use another workdir.")
         tensors = load_tensors(path)
         return cls(**{k: tensors[k] for k in FIELDS})
-
-
-def seeded_perm(n: int, seed: int) -> torch.Tensor:
-    """A seeded permutation of range(n) (CPU generator: the same on every machine)."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
 
 def make_split(train_labels: torch.Tensor, test_labels: torch.Tensor, split: SplitConfig, forget: ForgetConfig) -> Split:
@@ -143,36 +137,6 @@ def stratified(labels: torch.Tensor, size: int) -> torch.Tensor:
     classes, quota = class_quotas(labels, size)
     picked = [torch.nonzero(labels == c).flatten()[:q] for c, q in zip(classes.tolist(), quota.tolist())]
     return torch.cat(picked).sort().values
-
-
-class EpochSampler:
-    """Batch indices for step ``s``: epochs of a seeded permutation, so steps map to epochs exactly.
-
-    Like a shuffled ``DataLoader``, the last batch of an epoch holds the remainder
-    (``n % batch_size`` images) unless ``drop_last``, which skips it when ``n >= batch_size``.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, device: torch.device | str = "cpu", drop_last: bool = False) -> None:
-        if n < 1:
-            raise ErasureError("cannot train on an empty set of images.")
-        self.n, self.batch_size, self.seed, self.device = n, batch_size, seed, device
-        self.steps_per_epoch = n // batch_size if drop_last and n >= batch_size else math.ceil(n / batch_size)
-        self._epoch, self.seeded_perm = -1, torch.empty(0)
-
-    @property
-    def smallest_batch(self) -> int:
-        """The size of an epoch's last (smallest) batch."""
-        return min(self.batch_size, self.n - (self.steps_per_epoch - 1) * self.batch_size)
-
-    def epoch(self, step: int) -> int:
-        """The epoch that ``step`` belongs to."""
-        return step // self.steps_per_epoch
-
-    def __call__(self, step: int) -> torch.Tensor:
-        epoch, i = divmod(step, self.steps_per_epoch)
-        if epoch != self._epoch:  # one permutation per epoch, made again on resume from (seed, epoch)
-            self._epoch, self.seeded_perm = epoch, seeded_perm(self.n, self.seed * 100_003 + epoch).to(self.device)
-        return self.seeded_perm[i * self.batch_size : (i + 1) * self.batch_size]
 
 
 def augment(images: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:

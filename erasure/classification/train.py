@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from erasure.classification.config import ClassificationConfig, RecipeConfig
-from erasure.classification.data import EpochSampler, augment, to_input
+from erasure.classification.data import augment, to_input
 from erasure.classification.metrics import predict
 from erasure.classification.model import CHANNEL_STATS, resnet18
+from erasure.core.data import EpochSampler
 from erasure.core.errors import ErasureError
 from erasure.core.io import load_tensors, save_tensors, write_json
 from erasure.core.loop import LoopSettings, Monitor, shard, train

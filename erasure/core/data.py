@@ -17,6 +17,7 @@ An image folder is ``{split}/{class_name}/*.png`` (or .jpg), class folders in la
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,3 +162,38 @@ def _image_folder(folder: Path, class_names: list[str]) -> ImageData:
     stacked = torch.from_numpy(np.stack(images))
     stacked = stacked[:, None] if stacked.ndim == 3 else stacked.permute(0, 3, 1, 2)
     return ImageData(stacked.contiguous(), torch.tensor(labels), class_names)
+
+
+def seeded_perm(n: int, seed: int) -> torch.Tensor:
+    """A seeded permutation of range(n) (CPU generator: the same on every machine)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+class EpochSampler:
+    """Batch indices for step ``s``: epochs of a seeded permutation, so steps map to epochs exactly.
+
+    Like a shuffled ``DataLoader``, the last batch of an epoch holds the remainder
+    (``n % batch_size`` images) unless ``drop_last``, which skips it when ``n >= batch_size``.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, device: torch.device | str = "cpu", drop_last: bool = False) -> None:
+        if n < 1:
+            raise ErasureError("cannot train on an empty set of images.")
+        self.n, self.batch_size, self.seed, self.device = n, batch_size, seed, device
+        self.steps_per_epoch = n // batch_size if drop_last and n >= batch_size else math.ceil(n / batch_size)
+        self._epoch, self.seeded_perm = -1, torch.empty(0)
+
+    @property
+    def smallest_batch(self) -> int:
+        """The size of an epoch's last (smallest) batch."""
+        return min(self.batch_size, self.n - (self.steps_per_epoch - 1) * self.batch_size)
+
+    def epoch(self, step: int) -> int:
+        """The epoch that ``step`` belongs to."""
+        return step // self.steps_per_epoch
+
+    def __call__(self, step: int) -> torch.Tensor:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:  # one permutation per epoch, made again on resume from (seed, epoch)
+            self._epoch, self.seeded_perm = epoch, seeded_perm(self.n, self.seed * 100_003 + epoch).to(self.device)
+        return self.seeded_perm[i * self.batch_size : (i + 1) * self.batch_size]

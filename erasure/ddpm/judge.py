@@ -17,8 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from erasure.classification.data import EpochSampler
-from erasure.core.data import ImageData, to_model_range
+from erasure.core.data import EpochSampler, ImageData, to_model_range
 from erasure.core.errors import ErasureError
 from erasure.core.io import load_tensors, read_json, save_tensors, torchvision_weights, write_json
 from erasure.core.loop import LoopSettings, make_accelerator, shard, train

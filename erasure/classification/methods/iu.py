@@ -29,8 +29,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from erasure.classification.data import augment, seeded_perm, to_input
+from erasure.classification.data import augment, to_input
 from erasure.classification.methods.base import Method, register
+from erasure.core.data import seeded_perm
 from erasure.core.errors import ErasureError
 
 

@@ -13,9 +13,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from erasure.classification.data import augment, seeded_perm, to_input
+from erasure.classification.data import augment, to_input
 from erasure.classification.methods.base import Method, register
 from erasure.classification.methods.rl import rl_passes
+from erasure.core.data import seeded_perm
 from erasure.core.saliency import Mask, accumulate_gradients
 from erasure.core.stages import Stage, shared_mask
 
