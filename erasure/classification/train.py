@@ -27,7 +27,7 @@ from erasure.classification.model import CHANNEL_STATS, resnet18
 from erasure.core.data import EpochSampler
 from erasure.core.errors import ErasureError
 from erasure.core.io import load_tensors, save_tensors, write_json
-from erasure.core.loop import LoopSettings, Monitor, shard, train
+from erasure.core.loop import LoopSettings, Monitor, shard, shard_weight, train
 from erasure.core.saliency import Mask
 
 # (model, inputs, labels, epoch) -> (loss, numbers to log)
@@ -206,10 +206,7 @@ def fit_passes(
         # The images may live on the CPU (a caller's tensors); a batch on the device already stays put.
         images, labels = b.images[part].to(device, non_blocking=True), b.labels[part].to(device, non_blocking=True)
         loss, logs = passes[b.pass_index].loss_fn(model, to_input(images), labels, b.epoch)
-        # DDP averages the processes' gradients; weighting each shard's mean loss by its share
-        # of the batch makes that average the gradient of the whole batch's mean loss, also
-        # for a last batch that does not split evenly. With one process the weight is exactly 1.
-        return loss * ((part.stop - part.start) * processes / len(b.labels)), logs
+        return loss * shard_weight(part, len(b.labels), processes), logs
 
     settings = LoopSettings(
         steps=recipe.epochs * spe,

@@ -252,6 +252,15 @@ def shard(n: int, rank: int, processes: int) -> slice:
     return slice(start, start + size + (rank < extra))
 
 
+def shard_weight(part: slice, n: int, processes: int) -> float:
+    """The factor on a shard's mean loss that makes DDP's average over processes the whole batch's mean loss.
+
+    DDP averages the processes' gradients; weighting each shard by its share of the batch keeps that
+    exact for a last batch that does not split evenly. With one process it is exactly 1.
+    """
+    return (part.stop - part.start) * processes / n
+
+
 def step_generator(seed: int, step: int, process: int, device: torch.device) -> torch.Generator:
     """The generator for one step of one process: reproducible, and different per process."""
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 1_009 + process)

@@ -9,7 +9,6 @@ fine-tuned on images resized to 224 px. Both take uint8 images and train through
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ from accelerate import Accelerator
 from erasure.core.data import EpochSampler, ImageData, to_model_range
 from erasure.core.errors import ErasureError
 from erasure.core.io import load_tensors, read_json, save_tensors, torchvision_weights, write_json
-from erasure.core.loop import LoopSettings, make_accelerator, shard, train
+from erasure.core.loop import LoopSettings, make_accelerator, shard, shard_weight, train
 from erasure.ddpm.config import ClassifierConfig
 from erasure.ddpm.model import random_flip
 
@@ -223,12 +222,13 @@ def _train_resnet(config: ClassifierConfig, data: ImageData, folder: str | Path,
 
     # Under `accelerate launch` every process draws the one-process batch and its flips, then trains on its share of it
     # (BatchNorm normalizes each share by itself; the reference trains on one device).
-    part = functools.partial(shard, rank=accelerator.process_index, processes=accelerator.num_processes)
+    rank, processes = accelerator.process_index, accelerator.num_processes
 
     def step_loss(m: nn.Module, g: torch.Generator, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         idx = sampler(step)
-        mine = part(len(idx))
-        return F.cross_entropy(m(random_flip(images[idx], g)[mine]), labels[idx][mine]), {}
+        mine = shard(len(idx), rank, processes)
+        loss = F.cross_entropy(m(random_flip(images[idx], g)[mine]), labels[idx][mine])
+        return loss * shard_weight(mine, len(idx), processes), {}
 
     settings = LoopSettings(
         steps=config.epochs * sampler.steps_per_epoch,
