@@ -141,11 +141,10 @@ class Sampling:
 
     def check(self) -> None:
         """Clear errors for settings that cannot run (before anything is generated)."""
-        from erasure.sd.generate import SCHEDULERS, check_generator
+        from erasure.sd.generate import check_generator, check_scheduler
         from erasure.sd.model import DTYPES
 
-        if self.scheduler not in SCHEDULERS:
-            raise ErasureError(f"unknown scheduler '{self.scheduler}'; choose one of: {', '.join(SCHEDULERS)}.")
+        check_scheduler(self.scheduler)
         check_generator(self.generator)
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ErasureError(f"unknown dtype '{self.dtype}'; choose auto, {', '.join(DTYPES)}.")

@@ -79,6 +79,12 @@ def image_path(folder: str | Path, index: int) -> Path:
     return Path(folder) / f"{index:06d}.png"
 
 
+def check_scheduler(name: str) -> None:
+    """A clear error for an unknown sampler."""
+    if name not in SCHEDULERS:
+        raise ErasureError(f"unknown scheduler '{name}'; choose one of: {', '.join(SCHEDULERS)}.")
+
+
 def check_generator(generator: str) -> None:
     """A clear error for an unknown noise generator."""
     if generator not in GENERATORS:
@@ -128,13 +134,11 @@ def set_scheduler(pipe: DiffusionPipeline, name: str) -> None:
     "lms" is built from the noise schedule alone, every other setting at LMS's defaults, as
     the reference evaluation scripts build it (``LMSDiscreteScheduler(beta_start=0.00085,
     beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)`` for SD v1.4).
-    From the whole config it would inherit the timestep spacing that ``save_pretrained``
-    writes out ("leading", SD v1.4's PNDM default; the hub's config names none, so LMS's
-    "linspace" applies): an erased model saved locally would then sample at other timesteps
-    than its base loaded from the hub. The other samplers take the pipeline's config.
+    From a whole config it would inherit whatever timestep spacing the file names (a pipeline
+    saved by another tool writes PNDM's "leading"; erasure's own saves keep the base's file,
+    see :func:`erasure.sd.model.save_pipeline`). The other samplers take the pipeline's config.
     """
-    if name not in SCHEDULERS:
-        raise ErasureError(f"unknown scheduler '{name}'; choose one of: {', '.join(SCHEDULERS)}.")
+    check_scheduler(name)
     if name == "lms":
         pipe.scheduler = LMSDiscreteScheduler(**{k: v for k, v in pipe.scheduler.config.items() if k in NOISE_SCHEDULE})
     else:
