@@ -115,12 +115,12 @@ def test_esd_all_and_x_parameter_sets(pipe):
     assert {n for n in names if x.trainable(n)} == {n for n in names if ".attn2." in n}
 
 
-def test_class_sets_can_train_on_real_images_per_class(pipe, tmp_path):
+def three_classes(tmp_path):
+    """A class set of real images: 3 cats, 2 dogs and 4 fish (``train/n01..n03``), with 'dog' forgotten."""
     import numpy as np
     from PIL import Image
 
     from erasure.sd.config import ConceptConfig, load_concept
-    from erasure.sd.pipeline import training_sets
 
     counts = {"n01": 3, "n02": 2, "n03": 4}
     for folder, n in counts.items():
@@ -129,7 +129,14 @@ def test_class_sets_can_train_on_real_images_per_class(pipe, tmp_path):
             Image.fromarray(np.full((20, 24, 3), 40 * i, np.uint8)).save(tmp_path / "train" / folder / f"{i}.png")
     spec = tmp_path / "spec.yaml"
     spec.write_text("name: three\nclasses: [cat, dog, fish]\nclass_images: train\nclass_folders: [n01, n02, n03]\n")
-    concept = load_concept(ConceptConfig(spec=str(spec), forget="dog"))
+    return load_concept(ConceptConfig(spec=str(spec), forget="dog")), spec
+
+
+def test_class_sets_can_train_on_real_images_per_class(pipe, tmp_path):
+    from erasure.sd.config import ConceptConfig, load_concept
+    from erasure.sd.pipeline import training_sets
+
+    concept, spec = three_classes(tmp_path)
     assert concept.images["forget"] == [str(tmp_path / "train" / "n02")]
     assert concept.images["target"] == [str(tmp_path / "train" / "n03")]
     assert concept.images["retain"] == [str(tmp_path / "train" / "n01"), str(tmp_path / "train" / "n03")]
@@ -145,6 +152,29 @@ def test_class_sets_can_train_on_real_images_per_class(pipe, tmp_path):
 
     with pytest.raises(ErasureError, match="no folder"):
         load_concept(ConceptConfig(spec=str(spec), forget="dog"))
+
+
+def test_latents_cached_before_posterior_sampling_are_refused_with_the_fix(pipe, tmp_path):
+    """A data folder from an earlier version holds only the posterior mean: train.latents=sample names both ways out."""
+    from erasure.core.errors import ErasureError
+    from erasure.core.io import load_tensors, save_tensors
+    from erasure.sd.pipeline import training_sets
+
+    concept, _ = three_classes(tmp_path)
+    config = load_config(None, [f"workdir={tmp_path / 'run'}", "device=cpu"], schema=SDConfig)
+    sets = training_sets(config, concept, pipe, ("forget",), torch.device("cpu"))
+    assert config.train.latents == "sample" and sets["forget"].std.shape == sets["forget"].latents.shape
+    folder = tmp_path / "run" / "data" / "forget"
+    old = {k: v for k, v in load_tensors(folder / "latents.safetensors").items() if k != "std"}
+    save_tensors(folder / "latents.safetensors", old)
+
+    with pytest.raises(ErasureError, match=r"delete .*done.json to encode the images kept there again, or set train.latents=mean"):
+        training_sets(config, concept, pipe, ("forget",), torch.device("cpu"))
+    mean = load_config(None, [f"workdir={tmp_path / 'run'}", "device=cpu", "train.latents=mean"], schema=SDConfig)
+    assert training_sets(mean, concept, pipe, ("forget",), torch.device("cpu"))["forget"].std is None
+    (folder / "done.json").unlink()  # the fix the message names
+    again = training_sets(config, concept, pipe, ("forget",), torch.device("cpu"))["forget"]
+    assert torch.equal(again.std, sets["forget"].std) and torch.equal(again.latents, sets["forget"].latents)
 
 
 def test_class_sets_without_real_images_generate_them():

@@ -49,13 +49,13 @@ def salun_method(tiny_model, overrides: list[str] = ()):
 
 def record(method) -> list[torch.Tensor]:
     """The clean latents of every batch the method noises, in call order."""
-    seen, noisy = [], method.ctx.noisy
+    seen, noise = [], method.ctx.noise
 
     def spy(latents, g):
         seen.append(latents.detach().clone())
-        return noisy(latents, g)
+        return noise(latents, g)
 
-    method.ctx.noisy = spy
+    method.ctx.noise = spy
     return seen
 
 
@@ -67,6 +67,7 @@ def test_defaults_follow_the_reference_and_the_earlier_behaviour_is_an_option():
     cfg = SDConfig()
     assert cfg.mask.batches is None and cfg.mask.clip_norm is None  # one ordered pass, raw gradients
     assert cfg.train.data_order == "epochs" and cfg.train.epochs is None
+    assert cfg.train.latents == "sample"  # a fresh posterior sample per read, not the mean
     for path in ("configs/sd/nudity_salun.yaml", "configs/sd/nudity_salun_sdxl.yaml", "configs/sd/multi_concept.yaml"):
         c = load_config(path, schema=SDConfig)
         assert (c.mask.batches, c.mask.clip_norm, c.train.data_order, c.train.steps) == (None, None, "epochs", 100), path
@@ -233,10 +234,63 @@ def test_train_epochs_needs_a_method_with_a_forget_set():
         load_config("configs/sd/nudity_esd.yaml", ["train.epochs=1"], schema=SDConfig)
 
 
-@pytest.mark.parametrize("override", ["mask.clip_norm=1.0", "mask.batches=100", "train.data_order=random", "train.epochs=1"])
+@pytest.mark.parametrize(
+    "override", ["mask.clip_norm=1.0", "mask.batches=100", "train.data_order=random", "train.epochs=1", "train.latents=mean"]
+)
 def test_each_new_setting_is_part_of_the_run_fingerprint(override):
     """A finished run or mask is never reused under another of these settings."""
     base = load_config("configs/sd/nudity_salun.yaml", schema=SDConfig)
     other = load_config("configs/sd/nudity_salun.yaml", [override], schema=SDConfig)
     concept = load_concept(base.concept)
     assert method_stage(base, concept).fingerprint != method_stage(other, concept).fingerprint
+
+
+def test_a_read_draws_a_fresh_sample_of_the_vae_posterior_as_latent_dist_sample(tiny_model):
+    """train.latents=sample: the references encode each batch anew (get_input, latent_dist.sample())."""
+    from erasure.sd.model import encode_posterior, load_pipeline
+
+    pipe = load_pipeline(str(tiny_model))
+    images = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    mean, std = encode_posterior(pipe, images, batch_size=2)
+    scale = pipe.vae.config.scaling_factor
+    with torch.no_grad():
+        dist = pipe.vae.encode(images.float() / 127.5 - 1).latent_dist
+        expected = dist.sample(generator=torch.Generator().manual_seed(5)) * scale
+    torch.testing.assert_close((mean, std), (dist.mean * scale, dist.std * scale))
+    assert std.min() > 0
+
+    sampled = LatentSet(mean, torch.zeros(3, dtype=torch.long), None, ["x"], std)  # type: ignore[arg-type]
+    idx = torch.arange(3)
+    g = torch.Generator().manual_seed(5)
+    torch.testing.assert_close(sampled.sample(idx, g), expected)
+    assert not torch.equal(sampled.sample(idx, g), expected)  # every read is a new draw
+
+    fixed = LatentSet(mean, torch.zeros(3, dtype=torch.long), None, ["x"])  # type: ignore[arg-type]
+    state = g.get_state()
+    assert torch.equal(fixed.sample(idx, g), mean) and torch.equal(g.get_state(), state)  # train.latents=mean draws nothing
+
+
+@pytest.mark.parametrize("latents", ["sample", "mean"])
+def test_salun_noises_a_second_posterior_sample_for_the_target_with_the_same_noise_and_t(tiny_model, latents):
+    """nsfw_removal.py / random_label.py: get_input twice (two posterior samples), one noise and one t for both."""
+    method, model = salun_method(tiny_model, ["train.batch_size=3"])
+    forget, ctx = method.ctx.sets["forget"], method.ctx
+    if latents == "sample":
+        forget.std = torch.full_like(forget.latents, 0.5)
+    samples, draws, calls = [], [], []
+    sample, noise = forget.sample, ctx.noise
+    forget.sample = lambda idx, g: samples.append(sample(idx, g)) or samples[-1]
+    ctx.noise = lambda z, g: draws.append(noise(z, g)) or draws[-1]
+    model.register_forward_pre_hook(lambda m, args: calls.append((args[0].detach().clone(), args[1].clone())))
+    method.loss(model, torch.Generator(DEVICE).manual_seed(3))
+
+    (n, t), forget_x_t = draws[0], calls[1][0][:3]  # calls: the target (no grad), then forget + retain in one batch
+    assert torch.equal(calls[0][1], t) and torch.equal(calls[1][1][:3], t)
+    torch.testing.assert_close(forget_x_t, ctx.scheduler.add_noise(samples[0], n, t))
+    if latents == "sample":
+        assert len(samples) == 2  # the forget input, and the target's input from the same images
+        assert not torch.equal(samples[0], samples[1])
+        torch.testing.assert_close(calls[0][0], ctx.scheduler.add_noise(samples[1], n, t))
+        assert not torch.equal(calls[0][0], forget_x_t)
+    else:
+        assert torch.equal(calls[0][0], forget_x_t)  # one x_t for both, as before

@@ -95,6 +95,11 @@ class SDTrainConfig:
     # pass per epoch; beside it the retain set in a fresh random order per pass, restarted every
     # epoch. "random": every step draws both batches at random with replacement (our earlier default).
     data_order: Literal["epochs", "random"] = "epochs"
+    # What a training image's latents are each time a step (or the SalUn mask) reads it.
+    # "sample": a fresh draw from its VAE posterior, as the references encode every batch anew
+    # (LatentDiffusion.get_input in SalUn's scripts, latent_dist.sample() in FMN's). "mean": the
+    # posterior mean every time (our earlier default). Both come from one cached encoding.
+    latents: Literal["sample", "mean"] = "sample"
     lr: float = 1e-5
     alpha: float = 0.1  # SalUn: weight of the retain loss
     # Off by default: neither the SalUn SD scripts nor ESD clip gradients, and FMN's clip is a

@@ -276,14 +276,26 @@ def encode_prompts(pipe: DiffusionPipeline, prompts: list[str], batch_size: int 
 
 
 @torch.no_grad()
-def encode_images(pipe: DiffusionPipeline, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-    """VAE latents (posterior mean, scaled) of uint8 images ``[N, 3, H, W]``."""
+def encode_posterior(pipe: DiffusionPipeline, images: torch.Tensor, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior of uint8 images ``[N, 3, H, W]``: its mean and standard deviation, scaled as latents are.
+
+    A latent sample is ``mean + std * randn``, what ``latent_dist.sample()`` draws; both are
+    kept so that training can draw a fresh one each time it reads an image without running
+    the VAE again.
+    """
     vae = pipe.vae
-    out = []
+    means, stds = [], []
     for i in range(0, len(images), batch_size):
         x = images[i : i + batch_size].to(vae.device, vae.dtype) / 127.5 - 1
-        out.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
-    return torch.cat(out).float()
+        dist = vae.encode(x).latent_dist
+        means.append(dist.mean.float() * vae.config.scaling_factor)
+        stds.append(dist.std.float() * vae.config.scaling_factor)
+    return torch.cat(means), torch.cat(stds)
+
+
+def encode_images(pipe: DiffusionPipeline, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """VAE latents (posterior mean, scaled) of uint8 images ``[N, 3, H, W]``."""
+    return encode_posterior(pipe, images, batch_size)[0]
 
 
 def load_unet(pretrained: str, revision: str | None = None) -> UNet2DConditionModel:

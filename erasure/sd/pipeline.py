@@ -30,7 +30,7 @@ from erasure.sd.methods import SD_METHODS, SDContext
 from erasure.sd.methods.base import LatentSet, steps_per_epoch
 from erasure.sd.model import (
     encode_conditioning,
-    encode_images,
+    encode_posterior,
     frozen_dtype,
     load_pipeline,
     load_unet,
@@ -77,8 +77,17 @@ def training_sets(
         stage = Stage(Path(config.workdir) / "data" / name, config_fingerprint(config, ("model", "generation"), prompts=prompts, real=real))
         stage.run(config, functools.partial(_make_set, config, pipe, stage.folder, name, prompts, real, size))
         cached = load_tensors(stage.folder / "latents.safetensors", device)
+        std = None
+        if config.train.latents == "sample":
+            if "std" not in cached:
+                raise ErasureError(
+                    f"the latents cached in {stage.folder} hold only the VAE posterior's mean (an earlier version), and "
+                    "train.latents=sample draws from the whole posterior: delete "
+                    f"{stage.folder / 'done.json'} to encode the images kept there again, or set train.latents=mean"
+                )
+            std = cached["std"]
         embeddings = encode_conditioning(pipe, prompts, size).float().to(device)
-        out[name] = LatentSet(cached["latents"], cached["prompt_index"].long(), embeddings, prompts)
+        out[name] = LatentSet(cached["latents"], cached["prompt_index"].long(), embeddings, prompts, std)
     return out
 
 
@@ -96,14 +105,15 @@ def _make_set(
         generate(pipe, items, folder / "images", config.model.pretrained, gen.scheduler, gen.batch_size, f"generating {name}", gen.compile)
     if not is_main_process():  # only the main process reads the images and encodes the latents
         return {}
+    # The posterior's mean and std: training draws a fresh sample from them (train.latents).
     if isinstance(real, list):  # one folder per prompt (a class set's real images)
-        parts = [encode_images(pipe, load_image_folder(f, size)).cpu() for f in real]
-        latents = torch.cat(parts)
-        index = torch.cat([torch.full((len(p),), k) for k, p in enumerate(parts)])
+        parts = [encode_posterior(pipe, load_image_folder(f, size)) for f in real]
+        latents, std = (torch.cat([part[k] for part in parts]).cpu() for k in (0, 1))
+        index = torch.cat([torch.full((len(p[0]),), k) for k, p in enumerate(parts)])
     else:
-        latents = encode_images(pipe, load_image_folder(real or folder / "images", size)).cpu()
+        latents, std = (x.cpu() for x in encode_posterior(pipe, load_image_folder(real or folder / "images", size)))
         index = torch.arange(len(latents)) % len(prompts)
-    save_tensors(folder / "latents.safetensors", {"latents": latents, "prompt_index": index})
+    save_tensors(folder / "latents.safetensors", {"latents": latents, "std": std, "prompt_index": index})
     return {"images": len(latents), "prompts": len(prompts), "resolution": size, "source": real or "generated"}
 
 

@@ -29,26 +29,44 @@ from erasure.sd.model import Conditioning
 
 @dataclass
 class LatentSet:
-    """Training images as VAE latents, each with the index of its prompt in ``embeddings``."""
+    """Training images as VAE latents, each with the index of its prompt in ``embeddings``.
 
-    latents: torch.Tensor  # [N, 4, h, w]
+    With ``std`` (``train.latents=sample``) every read of an image draws a fresh sample of its
+    VAE posterior, ``latents + std * randn``, as the references encode each batch anew
+    (``LatentDiffusion.get_input``, FMN's ``latent_dist.sample()``); without it every read
+    gives the posterior mean.
+    """
+
+    latents: torch.Tensor  # [N, 4, h, w]: the posterior mean
     prompt_index: torch.Tensor  # [N] long
     embeddings: Conditioning  # P rows: each prompt's conditioning
     prompts: list[str]
+    std: torch.Tensor | None = None  # [N, 4, h, w]: the posterior's standard deviation
 
     def __len__(self) -> int:
         return len(self.latents)
 
+    def random_indices(self, g: torch.Generator, n: int) -> torch.Tensor:
+        """``n`` items drawn at random with replacement."""
+        return torch.randint(0, len(self.latents), (n,), generator=g, device=g.device)
+
     def batch(self, g: torch.Generator, n: int) -> tuple[torch.Tensor, Conditioning, torch.Tensor]:
         """A random batch (``n`` draws with replacement): latents, their prompts' conditioning, and the prompt indices."""
-        idx = torch.randint(0, len(self.latents), (n,), generator=g, device=g.device)
-        return self.take(idx)
+        return self.take(self.random_indices(g, n), g)
 
-    def take(self, idx: torch.Tensor) -> tuple[torch.Tensor, Conditioning, torch.Tensor]:
-        """The items ``idx``: latents, their prompts' conditioning, and the prompt indices."""
+    def take(self, idx: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, Conditioning, torch.Tensor]:
+        """The items ``idx``: latents (see :meth:`sample`), their prompts' conditioning, and the prompt indices."""
         idx = idx.to(self.latents.device)
         p = self.prompt_index[idx]
-        return self.latents[idx], self.embeddings[p], p
+        return self.sample(idx, g), self.embeddings[p], p
+
+    def sample(self, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """The latents of items ``idx``: a fresh posterior sample each (drawn from ``g``), or the means without ``std``."""
+        idx = idx.to(self.latents.device)
+        mean = self.latents[idx]
+        if self.std is None:
+            return mean
+        return mean + self.std[idx] * torch.randn(mean.shape, generator=g, device=g.device).to(mean.device)
 
     def in_order(self, n: int) -> list[torch.Tensor]:
         """One pass in dataset order: the indices of consecutive batches of ``n`` (the last holds the rest)."""
@@ -134,15 +152,19 @@ class SDContext:
     process: int = 0  # this process's index in a multi-process run, and their number (ordered data splits batches)
     processes: int = 1
 
+    def noise(self, latents: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(noise, t)``: the forward process's noise for ``latents`` and random timesteps."""
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(latents),), generator=g, device=g.device)
+        t = t.to(latents.device)
+        return torch.randn(latents.shape, generator=g, device=g.device).to(latents.device), t
+
     def noisy(self, latents: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(x_t, target, t)`` for random timesteps; the target is what the UNet should predict.
 
         That is the noise for epsilon-prediction models (SD 1.x, SD 2 base) and the velocity
         for v-prediction ones (SD 2.x at 768 px).
         """
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(latents),), generator=g, device=g.device)
-        t = t.to(latents.device)
-        noise = torch.randn(latents.shape, generator=g, device=g.device).to(latents.device)
+        noise, t = self.noise(latents, g)
         if self.scheduler.config.prediction_type == "v_prediction":
             target = self.scheduler.get_velocity(latents, noise, t)
         else:

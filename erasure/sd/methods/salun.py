@@ -3,8 +3,10 @@
 Mask: the summed gradient of -MSE(noise, (1+w)·ε_cond − w·ε_uncond) over one pass of the
 forget latents in order (w = mask.guidance; no clipping unless ``mask.clip_norm``; random
 batches with ``mask.batches``); the top ``mask.ratio`` may change.
-Loss: MSE(ε(x_t, c_forget), sg ε(x_t, c_target)) on forget latents, plus alpha times
-the standard denoising loss on retain latents with their own prompts. The forget set is read
+Loss: MSE(ε(x_t, c_forget), sg ε(x_t', c_target)) on forget latents, plus alpha times
+the standard denoising loss on retain latents with their own prompts; x_t' noises a second
+posterior sample of the same images with the same noise and t (``train.latents=sample``, the
+reference's two ``get_input`` calls; x_t' = x_t under ``mean``). The forget set is read
 in order, one pass per epoch, the retain set beside it (``train.data_order``, see
 :class:`~erasure.sd.methods.base.EpochOrder`).
 
@@ -56,7 +58,7 @@ class SalUnSD(SDMethod):
         """-MSE(target, guided prediction) on forget latents ``idx`` (None: a random batch); the target is the noise for SD 1.x."""
         ctx, w = self.ctx, self.ctx.config.mask.guidance
         forget = ctx.sets["forget"]
-        latents, emb, _ = forget.batch(g, ctx.config.mask.batch_size) if idx is None else forget.take(idx)
+        latents, emb, _ = forget.batch(g, ctx.config.mask.batch_size) if idx is None else forget.take(idx, g)
         x_t, target, t = ctx.noisy(latents, g)
         both = eps(model, torch.cat([x_t, x_t]), torch.cat([t, t]), Conditioning.cat([emb, ctx.uncond.expand(len(emb))]))
         cond, uncond = both.chunk(2)
@@ -96,12 +98,18 @@ class SalUnSD(SDMethod):
         ctx, n = self.ctx, self.ctx.config.train.batch_size
         forget, retain = ctx.sets["forget"], ctx.sets["retain"]
         in_epochs = ctx.config.train.data_order == "epochs"
-        latents, emb, p = forget.take(self.order.forget_indices(self.step, ctx.device)) if in_epochs else forget.batch(g, n)
-        x_t, _, t = ctx.noisy(latents, g)
+        idx = self.order.forget_indices(self.step, ctx.device) if in_epochs else forget.random_indices(g, n)
+        latents, emb, p = forget.take(idx, g)
+        # The reference encodes the images again for the target's input: under train.latents=sample
+        # a second posterior sample, noised with the same noise at the same t (one x_t for both otherwise).
+        target_latents = forget.sample(idx, g) if forget.std is not None else latents
+        noise, t = ctx.noise(latents, g)
+        x_t, target_x_t = (ctx.scheduler.add_noise(z, noise, t) for z in (latents, target_latents))
         target_emb = self.target[self.target_indices(p, g)]
         with torch.no_grad():
-            target = eps(model, x_t, t, target_emb)
-        retain_latents, retain_emb, _ = retain.take(self.order.retain_indices(self.step, ctx.device)) if in_epochs else retain.batch(g, n)
+            target = eps(model, target_x_t, t, target_emb)
+        retain_idx = self.order.retain_indices(self.step, ctx.device) if in_epochs else retain.random_indices(g, n)
+        retain_latents, retain_emb, _ = retain.take(retain_idx, g)
         retain_x_t, retain_target, retain_t = ctx.noisy(retain_latents, g)
         # Both trained predictions in one UNet call (see eps_of_batches); the losses are the reference's two.
         pred, retain_pred = eps_of_batches(model, (x_t, t, emb), (retain_x_t, retain_t, retain_emb))
