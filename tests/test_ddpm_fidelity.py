@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers.models.resnet import ResnetBlock2D
 
 from erasure.core.errors import ErasureError
@@ -207,6 +209,26 @@ def test_dropout_and_attention_layout_reach_the_unet():
         build_unet(dataclasses.replace(reference, attention_resolutions=[12]), (3, 32, 32), 10)
 
 
+def test_the_unet_keeps_the_reference_models_sinusoid_norm_eps_and_downsample_padding():
+    """Conditional_Model: [sin, cos] at exp(-ln(1e4) i / (half - 1)), GroupNorm eps 1e-6, pad (0, 1, 0, 1) then a stride-2 conv."""
+    from diffusers.models.downsampling import Downsample2D
+
+    cfg = ModelConfig(channels=[16, 32], layers_per_block=1, norm_groups=8)
+    assert cfg.conventions == "reference"
+    unet = build_unet(cfg, (3, 8, 8), 10)
+    t, half = torch.tensor([0, 7, 999]), 8  # the sinusoid spans the first level's 16 channels
+    angles = t[:, None].float() * torch.exp(torch.arange(half) * -(math.log(10000) / (half - 1)))[None]
+    torch.testing.assert_close(unet.time_proj(t), torch.cat([angles.sin(), angles.cos()], 1))
+    assert {m.eps for m in unet.modules() if isinstance(m, torch.nn.GroupNorm)} == {1e-6}
+    (down,) = [m for m in unet.modules() if isinstance(m, Downsample2D)]
+    x = torch.randn(2, 16, 8, 8)
+    torch.testing.assert_close(down(x), F.conv2d(F.pad(x, (0, 1, 0, 1)), down.conv.weight, down.conv.bias, stride=2))
+
+    earlier = build_unet(dataclasses.replace(cfg, conventions="diffusers"), (3, 8, 8), 10)
+    c = earlier.config
+    assert (c.flip_sin_to_cos, c.freq_shift, c.norm_eps, c.downsample_padding) == (True, 0, 1e-5, 1)  # diffusers' defaults
+
+
 def test_cifar10_config_carries_the_reference_recipe():
     cfg = load(ROOT / "configs" / "cifar10.yaml")
     assert (cfg.model.dropout, cfg.model.attention_resolutions, cfg.model.attention_head_dim) == (0.1, [16], None)
@@ -367,6 +389,7 @@ def test_each_new_key_lands_in_the_fingerprint_of_the_stage_that_reads_it():
         "model.dropout=0.1": {"base", "erase"},
         "model.attention_head_dim=null": {"base", "erase"},
         "model.attention_resolutions=[4]": {"base", "erase"},
+        "model.conventions=diffusers": {"base", "erase"},
         "train.schedule=constant": {"base", "erase"},
         "train.ema_warmup=false": {"base", "erase"},
         "unlearn.mask.batches=4": {"erase"},

@@ -19,6 +19,13 @@ from tqdm.auto import tqdm
 from erasure.core.errors import ErasureError
 from erasure.ddpm.config import ModelConfig, SampleConfig
 
+# UNet2DModel's settings for each model.conventions (see ModelConfig); padding 0 makes
+# diffusers' Downsample2D pad right and bottom by one, as the reference's Downsample.
+CONVENTIONS = {
+    "reference": {"flip_sin_to_cos": False, "freq_shift": 1, "norm_eps": 1e-6, "downsample_padding": 0},
+    "diffusers": {"flip_sin_to_cos": True, "freq_shift": 0, "norm_eps": 1e-5, "downsample_padding": 1},
+}
+
 
 def build_unet(config: ModelConfig, image_shape: tuple[int, int, int], num_classes: int) -> UNet2DModel:
     """A fresh class-conditional UNet; one extra class embedding is the null class."""
@@ -53,6 +60,7 @@ def build_unet(config: ModelConfig, image_shape: tuple[int, int, int], num_class
         dropout=config.dropout,
         norm_num_groups=config.norm_groups,
         num_class_embeds=num_classes + 1,
+        **CONVENTIONS[config.conventions],
     )
 
 
