@@ -130,6 +130,39 @@ def test_delta_round_trip_is_exact_and_refuses_the_wrong_base(runs, method, tmp_
     assert all(torch.equal(a, b) for a, b in zip(reloaded.parameters(), erased.parameters()))
 
 
+def test_unet_variant_trains_exports_and_deltas_from_that_variant(tiny_model, tmp_path):
+    """model.unet_variant=non_ema: the raw weights the references train, beside the pipeline's own (EMA) UNet."""
+    import shutil
+
+    from erasure.core.delta import delta_record
+    from erasure.sd.pipeline import training_sets
+    from erasure.sd.tiny import tiny_pipeline
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    tiny_pipeline(tmp_path / "tok", seed=1).unet.save_pretrained(model / "unet", variant="non_ema", safe_serialization=True)
+    own, raw = load_unet(str(model)), load_unet(str(model), variant="non_ema")
+    folder = erase(sd_config(model, tmp_path / "run", "method=salun", "model.unet_variant=non_ema"))
+    erased = load_unet(str(folder / "model"))
+    kept = sum(int((a == b).sum()) for a, b in zip(erased.parameters(), raw.parameters()))
+    total = sum(p.numel() for p in raw.parameters())
+    assert 0.4 < kept / total < 1  # the weights outside the mask are the variant's: it is what trained
+    apart = [(e, o) for e, o, r in zip(erased.parameters(), own.parameters(), raw.parameters()) if not torch.equal(o, r)]
+    assert apart and not any(torch.equal(e, o) for e, o in apart)  # nothing of the pipeline's own UNet where the two differ
+
+    delta = folder / "delta.safetensors"
+    assert delta_record(delta)["unet_variant"] == "non_ema"
+    assert main(["sd", "apply-delta", "--base", str(model), "--delta", str(delta), "--out", str(tmp_path / "merged")]) == 0
+    merged = load_unet(str(tmp_path / "merged"))
+    assert all(torch.equal(a, b) for a, b in zip(merged.parameters(), erased.parameters()))
+
+    # The training images come from the pipeline's own UNet: switching the variant reuses them.
+    plain = sd_config(model, tmp_path / "run", "method=salun")
+    training_sets(plain, load_concept(plain.concept), load_pipeline(str(model)), ("forget",), torch.device("cpu"))
+    with pytest.raises(ErasureError, match="model.unet_variant=null"):
+        erase(sd_config(model, tmp_path / "other", "method=esd-x", "model.unet_variant=fp8"))
+
+
 def test_finished_runs_and_generated_data_are_reused(runs, capsys):
     model, workdir, folders = runs
     stamp = (folders["salun"] / "done.json").stat().st_mtime_ns

@@ -61,11 +61,23 @@ def make_delta(base: dict[str, torch.Tensor], new: dict[str, torch.Tensor], path
     return {"tensors": len({k.split("::")[0] for k in tensors}), "entries": changed_entries}
 
 
-def apply_delta(state: dict[str, torch.Tensor], path: str | Path, check: bool = True) -> dict[str, torch.Tensor]:
-    """Return ``state`` with the delta at ``path`` applied (a new dict; ``state`` is untouched)."""
+def _metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of the delta at ``path``; a clear error for a file that is not one."""
     metadata = read_metadata(path)
     if metadata.get("format") != FORMAT:
         raise ErasureError(f"'{path}' is not an erasure delta (format {metadata.get('format')!r}, expected {FORMAT!r}).")
+    return metadata
+
+
+def delta_record(path: str | Path) -> dict[str, Any]:
+    """What the delta at ``path`` records about its making (method, concept, base model, ...)."""
+    metadata = _metadata(path)
+    return json_metadata(metadata, "info", path, dict) if "info" in metadata else {}
+
+
+def apply_delta(state: dict[str, torch.Tensor], path: str | Path, check: bool = True) -> dict[str, torch.Tensor]:
+    """Return ``state`` with the delta at ``path`` applied (a new dict; ``state`` is untouched)."""
+    metadata = _metadata(path)
     if "base_checksum" not in metadata:
         raise ErasureError(f"the delta '{path}' has no 'base_checksum' in its metadata; it is damaged. Export it again.")
     layout = json_metadata(metadata, "sparse", path, dict)

@@ -45,10 +45,14 @@ def cmd_erase(args: argparse.Namespace) -> None:
 
 
 def cmd_apply_delta(args: argparse.Namespace) -> None:
-    from erasure.core.delta import apply_delta
-    from erasure.sd.model import load_pipeline, save_pipeline
+    from erasure.core.delta import apply_delta, delta_record
+    from erasure.sd.model import load_pipeline, load_unet, save_pipeline
 
     pipe = load_pipeline(args.base)
+    variant = delta_record(args.delta).get("unet_variant")
+    if variant:  # the delta was made against that variant of the base's UNet (model.unet_variant)
+        pipe.unet = load_unet(args.base, variant=variant)
+        print(f"base UNet: the '{variant}' variant of {args.base}")
     pipe.unet.load_state_dict(apply_delta(pipe.unet.state_dict(), args.delta))
     save_pipeline(pipe, args.out)
     print(f"merged pipeline: {args.out}")

@@ -28,6 +28,12 @@ class SDModelConfig:
 
     pretrained: str = "CompVis/stable-diffusion-v1-4"  # hub id or local diffusers folder
     revision: str | None = None
+    # The UNet weights that train, as a diffusers variant of the pipeline's UNet; the export
+    # and the delta then start from them. null: the pipeline's own (SD v1.4's: the EMA
+    # weights). "non_ema": the raw weights the references train (sd-v1-4-full-ema.ckpt loaded
+    # with use_ema: False), e.g. CompVis/stable-diffusion-v1-4's unet/*.non_ema.safetensors.
+    # The training images and the evaluations' "original" row keep the pipeline's own UNet.
+    unet_variant: str | None = None
     frozen_dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # VAE, text encoder, ESD teacher; auto = bf16 on GPU
     safety_checker: Literal[False] = False  # always off: the tool measures what the model generates
 

@@ -298,17 +298,18 @@ def encode_images(pipe: DiffusionPipeline, images: torch.Tensor, batch_size: int
     return encode_posterior(pipe, images, batch_size)[0]
 
 
-def load_unet(pretrained: str, revision: str | None = None) -> UNet2DConditionModel:
-    """Only the UNet of a pipeline (fp32), e.g. the base weights a delta is made against."""
+def load_unet(pretrained: str, revision: str | None = None, variant: str | None = None) -> UNet2DConditionModel:
+    """Only the UNet of a pipeline (fp32), e.g. the base weights a delta is made against; ``variant``: its diffusers variant."""
     local = Path(pretrained).expanduser()
     if not (local / "model_index.json").is_file() and (local / "model" / "model_index.json").is_file():
         local = local / "model"
     source = str(local) if (local / "model_index.json").is_file() else pretrained
     quiet_loading()
     try:
-        return UNet2DConditionModel.from_pretrained(source, subfolder="unet", revision=revision)
+        return UNet2DConditionModel.from_pretrained(source, subfolder="unet", revision=revision, variant=variant)
     except (OSError, ValueError) as e:
-        raise ErasureError(f"could not load the UNet of '{pretrained}': {str(e).splitlines()[0]}") from None
+        hint = f" Does it publish the '{variant}' variant? model.unet_variant=null trains its own UNet." if variant else ""
+        raise ErasureError(f"could not load the UNet of '{pretrained}': {str(e).splitlines()[0]}{hint}") from None
 
 
 # The SDXL adapter registers itself; imported last because it builds on the classes above.

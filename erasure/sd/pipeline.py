@@ -74,7 +74,9 @@ def training_sets(
     for name in names:
         prompts: list[str] = getattr(concept, name)
         real = concept.images[name]
-        stage = Stage(Path(config.workdir) / "data" / name, config_fingerprint(config, ("model", "generation"), prompts=prompts, real=real))
+        # The images are made with the pipeline's own UNet and encoded by its VAE: the trained UNet's variant is not theirs.
+        fingerprint = config_fingerprint(config, ("model", "generation"), skip={"model.unet_variant"}, prompts=prompts, real=real)
+        stage = Stage(Path(config.workdir) / "data" / name, fingerprint)
         stage.run(config, functools.partial(_make_set, config, pipe, stage.folder, name, prompts, real, size))
         cached = load_tensors(stage.folder / "latents.safetensors", device)
         std = None
@@ -142,7 +144,7 @@ def erase(config: SDConfig) -> Path:
         sets = training_sets(config, concept, pipe, method_cls.needs, device)
         size = resolution(config, pipe)
         uncond = encode_conditioning(pipe, [""], size).float().to(device)
-        unet = pipe.unet = load_unet(config.model.pretrained, config.model.revision).to(device)
+        unet = pipe.unet = load_unet(config.model.pretrained, config.model.revision, config.model.unet_variant).to(device)
         scheduler = noise_scheduler(pipe)
         ctx = SDContext(config, concept, pipe, scheduler, sets, uncond, device, size, accelerator.process_index, accelerator.num_processes)
         method = method_cls(ctx)
@@ -232,6 +234,8 @@ def export(config: SDConfig, concept: Concept, unet: torch.nn.Module, folder: Pa
     have held them in bf16, see :func:`hold_frozen_weights_in_bf16`).
     """
     base = load_pipeline(config.model.pretrained, config.model.revision)
+    if config.model.unet_variant:  # the weights training started from
+        base.unet = load_unet(config.model.pretrained, config.model.revision, config.model.unet_variant)
     trained = {name for name, p in unet.named_parameters() if p.requires_grad}
     unet = unet.cpu().float().requires_grad_(False)
     unet.load_state_dict({k: v for k, v in base.unet.state_dict().items() if k not in trained}, strict=False)
@@ -241,6 +245,8 @@ def export(config: SDConfig, concept: Concept, unet: torch.nn.Module, folder: Pa
     summary["command"] = command_line()
     if config.export.delta:
         info = {"base_model": config.model.pretrained, "method": config.method, "concept": concept.name, "concepts": concepts}
+        if config.model.unet_variant:
+            info["unet_variant"] = config.model.unet_variant  # apply-delta loads the same base UNet
         summary["delta"] = make_delta(base.unet.state_dict(), unet.state_dict(), folder / "delta.safetensors", **info)
     if config.export.pipeline:
         base.unet = unet
