@@ -37,6 +37,7 @@ def test_defaults_are_the_reference_values():
     new = load_config("configs/sd/nudity_esd_diffusers.yaml", schema=SDConfig)
     assert (new.train.lr, new.train.steps, new.esd.eta, new.esd.params, new.esd.trajectory) == (5e-5, 200, 2.0, "linear", "frozen")
     assert new.esd.timestep == "matched" and new.esd.anchor == "concept" and new.esd.sampler == "pndm" and new.esd.resolution == 1024
+    assert new.train.weights_dtype == "bf16" and esd.train.weights_dtype == "fp32"  # esd_sd.py updates bf16 weights
     for salun in ("configs/sd/nudity_salun.yaml", "configs/sd/imagenette_salun.yaml"):
         assert load_config(salun, schema=SDConfig).train.grad_clip is None
 

@@ -163,6 +163,26 @@ def test_unet_variant_trains_exports_and_deltas_from_that_variant(tiny_model, tm
         erase(sd_config(model, tmp_path / "other", "method=esd-x", "model.unet_variant=fp8"))
 
 
+def test_bf16_weights_train_and_update_in_bf16_as_esd_sd(tiny_model, tmp_path, monkeypatch):
+    """train.weights_dtype=bf16 (esd_sd.py): the trained weights and Adam's moments are bf16; the frozen ones stay the base's."""
+    from erasure.core import loop
+
+    optimizers, make = [], loop.make_optimizer
+    monkeypatch.setattr(loop, "make_optimizer", lambda *a: optimizers.append(make(*a)) or optimizers[-1])
+    folder = erase(sd_config(tiny_model, tmp_path, "method=esd-x", "train.weights_dtype=bf16"))
+    (optimizer,) = optimizers
+    state = [v for s in optimizer.state.values() for v in s.values() if v.ndim > 0]
+    assert state and {v.dtype for v in state} == {torch.bfloat16}
+    base, erased = load_unet(str(tiny_model)), load_unet(str(folder / "model"))
+    changed = changed_params(base, erased)
+    assert changed and all(".attn2." in n for n in changed)
+    for name, p in erased.named_parameters():
+        if ".attn2." in name:
+            assert torch.equal(p, p.bfloat16().float()), name  # each value a bf16 one: updated in bf16
+    with pytest.raises(ErasureError, match="mixed_precision=bf16"):
+        sd_config(tiny_model, tmp_path, "train.weights_dtype=bf16", "mixed_precision=no")
+
+
 def test_finished_runs_and_generated_data_are_reused(runs, capsys):
     model, workdir, folders = runs
     stamp = (folders["salun"] / "done.json").stat().st_mtime_ns

@@ -113,6 +113,11 @@ class SDTrainConfig:
     grad_clip: float | None = None
     weight_decay: float = 0.0
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"  # auto: on only where the step would not fit in GPU memory
+    # The dtype the trained UNet's weights (and so Adam's moments) are held and updated in.
+    # "fp32": every reference but one, and ours. "bf16": the newer ESD's esd_sd.py, which loads
+    # the UNet in bf16 and lets Adam update it there, each step rounded to bf16; it computes
+    # under bf16 autocast (mixed_precision auto or bf16), also on a CPU.
+    weights_dtype: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False  # torch.compile the UNet (about 2 min to compile the SD v1.4 UNet on an H100)
     checkpoint_every: int = 50
     log_every: int = 10
@@ -128,8 +133,7 @@ class ESDConfig:
     ``configs/sd/nudity_esd_diffusers.yaml``: ``anchor: concept`` (target ε_c − η(ε_c − ε₀)),
     eta 2, lr 5e-5, 200 iterations, ``params: linear``, ``trajectory: frozen``,
     ``timestep: matched``, ``sampler: pndm``, ``resolution: 1024``, bf16. The reference
-    trains bf16 weights directly (Adam on bf16 parameters); ours keeps fp32 weights under
-    bf16 autocast (no option).
+    trains bf16 weights directly (Adam on bf16 parameters): ``train.weights_dtype: bf16``.
     """
 
     eta: float = 1.0  # negative-guidance strength η
@@ -251,6 +255,8 @@ class SDConfig(RunConfig):
                 f"train.epochs counts passes over the forget set, and method '{self.method}' trains on none; "
                 "set train.steps instead (train.epochs=null)."
             )
+        if self.train.weights_dtype == "bf16" and self.mixed_precision == "no":
+            raise ErasureError("train.weights_dtype=bf16 computes in bf16: set mixed_precision=bf16 or auto, or train.weights_dtype=fp32.")
         if self.generation.scheduler not in SCHEDULERS:
             raise ErasureError(f"generation.scheduler is {self.generation.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}.")
 

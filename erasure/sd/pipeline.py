@@ -137,14 +137,17 @@ def erase(config: SDConfig) -> Path:
     stage = method_stage(config, concept)
 
     def work() -> dict:
-        accelerator = make_accelerator(config.device, config.mixed_precision, config.log_with, method_cls.unused_weights)
+        bf16_weights = config.train.weights_dtype == "bf16"  # esd_sd.py: bf16 weights need bf16 compute
+        precision = "bf16" if bf16_weights else config.mixed_precision
+        accelerator = make_accelerator(config.device, precision, config.log_with, method_cls.unused_weights)
         device = accelerator.device
         # Frozen parts (and data generation) run in low precision; the trained UNet is a separate copy, fp32 where it trains.
         pipe = load_pipeline(config.model.pretrained, config.model.revision, frozen_dtype(config.model.frozen_dtype, device)).to(device)
         sets = training_sets(config, concept, pipe, method_cls.needs, device)
         size = resolution(config, pipe)
         uncond = encode_conditioning(pipe, [""], size).float().to(device)
-        unet = pipe.unet = load_unet(config.model.pretrained, config.model.revision, config.model.unet_variant).to(device)
+        unet = load_unet(config.model.pretrained, config.model.revision, config.model.unet_variant)
+        unet = pipe.unet = unet.to(device, torch.bfloat16 if bf16_weights else torch.float32)
         scheduler = noise_scheduler(pipe)
         ctx = SDContext(config, concept, pipe, scheduler, sets, uncond, device, size, accelerator.process_index, accelerator.num_processes)
         method = method_cls(ctx)
