@@ -60,14 +60,16 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def context(pipe: StableDiffusionPipeline, config: SDConfig, latent: int, device: torch.device) -> SDContext:
-    """The method context with random latents and the real prompts' embeddings."""
+    """The method context with random latents (each read a posterior sample, train.latents' default) and the real prompts' embeddings."""
     concept = load_concept(config.concept)
     g = torch.Generator().manual_seed(0)
     sets = {}
     for name in ("forget", "retain"):
         prompts = getattr(concept, name)
         latents = torch.randn(64, 4, latent, latent, generator=g).to(device)
-        sets[name] = LatentSet(latents, torch.arange(64, device=device) % len(prompts), encode_conditioning(pipe, prompts).float(), prompts)
+        std = None if config.train.latents == "mean" else torch.full_like(latents, 0.05)
+        index = torch.arange(64, device=device) % len(prompts)
+        sets[name] = LatentSet(latents, index, encode_conditioning(pipe, prompts).float(), prompts, std)
     uncond = encode_conditioning(pipe, [""]).float()
     return SDContext(config, concept, pipe, noise_scheduler(pipe), sets, uncond, device)
 
