@@ -9,13 +9,11 @@ BatchNorm normalizes with the global batch's statistics (``sync_batchnorm``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -24,6 +22,7 @@ from erasure.classification.config import ClassificationConfig, RecipeConfig
 from erasure.classification.data import augment, to_input
 from erasure.classification.metrics import predict
 from erasure.classification.model import CHANNEL_STATS, resnet18
+from erasure.core.batchnorm import synced_batchnorm
 from erasure.core.data import EpochSampler
 from erasure.core.errors import ErasureError
 from erasure.core.io import load_tensors, save_tensors, write_json
@@ -304,80 +303,3 @@ class BestOnValidation(Monitor):
             "val_augmented": augmented,
             "scores": scores,
         }
-
-
-class _SumOverProcesses(torch.autograd.Function):
-    """All-reduce (sum) whose gradient is the all-reduced (summed) gradient: every process's loss reaches every shard."""
-
-    @staticmethod
-    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
-
-    @staticmethod
-    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
-
-
-def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """The sum of ``x`` over the job's processes, differentiable (torch's own differentiable all_reduce is deprecated)."""
-    return _SumOverProcesses.apply(x)
-
-
-class GlobalBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d that, in training mode, normalizes with the statistics of the batch of all processes together.
-
-    torch's ``SyncBatchNorm`` does this on GPUs only; this is the same computation in plain
-    ops for CPU (gloo) jobs. Its all-reduces are autograd-aware: the backward pass sums each
-    statistic's gradient over processes, as ``SyncBatchNorm``'s does. Mean and variance are
-    taken in two passes (mean, then centred squares), in fp32, like BatchNorm's own.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or not dist.is_initialized():
-            return super().forward(x)
-        dims, shape = (0, 2, 3), (1, -1, 1, 1)
-        x32 = x.float()
-        count = torch.full((1,), x.numel() / x.shape[1], device=x.device)
-        totals = all_reduce(torch.cat([x32.sum(dims), count]))
-        n = totals[-1].detach()
-        mean = totals[:-1] / n
-        centred = x32 - mean.view(shape)
-        var = all_reduce(centred.square().sum(dims)) / n  # biased, for normalizing (as BatchNorm)
-        if self.track_running_stats and self.running_mean is not None:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                self.running_mean.lerp_(mean.detach(), factor)
-                self.running_var.lerp_(var.detach() * n / (n - 1).clamp(min=1), factor)  # unbiased, as BatchNorm keeps
-        y = centred * torch.rsqrt(var + self.eps).view(shape)
-        if self.affine:
-            y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y.to(x.dtype)
-
-
-@contextmanager
-def synced_batchnorm(model: nn.Module, accelerator: Accelerator, enabled: bool = True) -> Iterator[None]:
-    """While training with several processes, make ``model``'s BatchNorm layers use the whole global batch's statistics.
-
-    A one-GPU run (the reference) normalizes each step with the statistics of its whole
-    batch; plain DDP would use each process's shard instead, so the same recipe would train
-    differently with N. The layers are switched in place (``SyncBatchNorm`` on CUDA,
-    :class:`GlobalBatchNorm2d` elsewhere) and switched back on exit: parameters, buffers and
-    state-dict keys stay the model's own, so the optimizer, the mask constraint and the
-    checkpoints see the same tensors. No-op for one process or when not ``enabled``.
-    """
-    layers = [m for m in model.modules() if type(m) is nn.BatchNorm2d] if enabled and accelerator.num_processes > 1 else []
-    synced = nn.SyncBatchNorm if accelerator.device.type == "cuda" else GlobalBatchNorm2d
-    for m in layers:
-        m.__class__ = synced
-        if synced is nn.SyncBatchNorm:
-            m.process_group = None  # the default (world) group; SyncBatchNorm's __init__ would set it
-    try:
-        yield
-    finally:
-        for m in layers:
-            m.__class__ = nn.BatchNorm2d

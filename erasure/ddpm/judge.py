@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from accelerate import Accelerator
 
+from erasure.core.batchnorm import synced_batchnorm
 from erasure.core.data import EpochSampler, ImageData, to_model_range
 from erasure.core.errors import ErasureError
 from erasure.core.io import load_tensors, read_json, save_tensors, torchvision_weights, write_json
@@ -208,7 +209,8 @@ def train_classifier(
     settings = LoopSettings.from_config(
         config, lr=config.resolved_lr(), warmup_steps=config.steps // 20, cosine=True, checkpoint_every=every, desc="classifier"
     )
-    model, _ = train(model, step_loss, settings, folder, accelerator, fingerprint=fingerprint)
+    with synced_batchnorm(model, accelerator):
+        model, _ = train(model, step_loss, settings, folder, accelerator, fingerprint=fingerprint)
     return model.eval()
 
 
@@ -220,8 +222,8 @@ def _train_resnet(config: ClassifierConfig, data: ImageData, folder: str | Path,
     labels = data.labels.to(accelerator.device)
     sampler = EpochSampler(len(labels), config.batch_size, config.seed, accelerator.device)
 
-    # Under `accelerate launch` every process draws the one-process batch and its flips, then trains on its share of it
-    # (BatchNorm normalizes each share by itself; the reference trains on one device).
+    # Under `accelerate launch` every process draws the one-process batch and its flips, then trains on its share of
+    # it; BatchNorm normalizes with the whole batch's statistics, as the reference's one-device run.
     rank, processes = accelerator.process_index, accelerator.num_processes
 
     def step_loss(m: nn.Module, g: torch.Generator, step: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -242,5 +244,6 @@ def _train_resnet(config: ClassifierConfig, data: ImageData, folder: str | Path,
         checkpoint_every=sampler.steps_per_epoch,
         desc="classifier (resnet34)",
     )
-    model, _ = train(model, step_loss, settings, folder, accelerator, fingerprint=fingerprint)
+    with synced_batchnorm(model, accelerator):
+        model, _ = train(model, step_loss, settings, folder, accelerator, fingerprint=fingerprint)
     return model.eval()
