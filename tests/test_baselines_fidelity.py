@@ -178,6 +178,16 @@ def test_a_method_run_from_another_methods_config_warns(tiny_model, capsys, meth
         assert "train.steps=100" in err and "train.batch_size=8" in err
 
 
+def test_the_newer_esd_recipe_at_fp32_weights_warns(capsys):
+    """esd_sd.py updates bf16 weights: esd.anchor=concept with train.weights_dtype=fp32 names the difference."""
+    from erasure.sd.methods.base import warn_unlike_recipe
+    from erasure.sd.methods.esd import ESD_RECIPES
+
+    train = load_config("configs/sd/nudity_esd_diffusers.yaml", ["train.weights_dtype=fp32"], schema=SDConfig).train
+    assert warn_unlike_recipe("esd-u", train, *ESD_RECIPES["concept"]) == ["train.weights_dtype=fp32 (recipe: bf16)"]
+    assert "configs/sd/nudity_esd_diffusers.yaml" in capsys.readouterr().err
+
+
 def test_uce_counts_a_duplicated_preserve_prompt_as_listed(tiny_model):
     """uce_sd_erase.py loops over its preserve list: a prompt listed twice weighs twice (the dict only caches)."""
     from types import SimpleNamespace

@@ -38,10 +38,13 @@ COMPVIS_ESD_U_EXCLUDED = ("time_embedding.", "conv_norm_out.", "conv_out.")
 # The reference recipes' training settings, which the `train:` section of a run config must
 # set for ESD (the schema's defaults are SalUn's): train-esd.py, and esd_sd.py (esd.anchor=concept).
 ESD_RECIPES = {
-    "uncond": ("configs/sd/nudity_esd.yaml", {"steps": 1000, "batch_size": 1, "lr": 1e-5, "weight_decay": 0.0, "grad_clip": None}),
+    "uncond": (
+        "configs/sd/nudity_esd.yaml",
+        {"steps": 1000, "batch_size": 1, "lr": 1e-5, "weight_decay": 0.0, "grad_clip": None, "weights_dtype": "fp32"},
+    ),
     "concept": (
         "configs/sd/nudity_esd_diffusers.yaml",
-        {"steps": 200, "batch_size": 1, "lr": 5e-5, "weight_decay": 0.0, "grad_clip": None},
+        {"steps": 200, "batch_size": 1, "lr": 5e-5, "weight_decay": 0.0, "grad_clip": None, "weights_dtype": "bf16"},
     ),
 }
 

@@ -31,7 +31,10 @@ from erasure.sd.methods.base import SD_METHODS, SDMethod, eps, warn_unlike_recip
 
 # The reference's training settings (configs/attn.yaml; its clip is a no-op, see above), which
 # the `train:` section of a run config must set for FMN (the schema's defaults are SalUn's).
-FMN_RECIPE = ("configs/sd/nudity_fmn.yaml", {"steps": 35, "batch_size": 1, "lr": 2e-6, "weight_decay": 0.01, "grad_clip": None})
+FMN_RECIPE = (
+    "configs/sd/nudity_fmn.yaml",
+    {"steps": 35, "batch_size": 1, "lr": 2e-6, "weight_decay": 0.01, "grad_clip": None, "weights_dtype": "fp32"},
+)
 
 
 class AttentionProbe:
