@@ -81,6 +81,7 @@ def setup(
     method_name = "salun" if phase.startswith("salun") else phase
     overrides = [f"method={method_name}", f"train.batch_size={batch}", f"mask.batch_size={batch}", f"esd.ddim_steps={args.esd_ddim_steps}"]
     overrides.append(f"esd.cuda_graph={str(graph).lower()}")
+    overrides.append("fmn.textual_inversion=false")  # its 500-step first stage changes the prompt, not the timed step
     config = load_config("configs/sd/nudity_salun.yaml", overrides, schema=SDConfig)
     unet = pipe.unet = copy.deepcopy(base).to(device)
     method = SD_METHODS.get(method_name)(context(pipe, config, args.resolution // 8, device))

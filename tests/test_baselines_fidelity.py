@@ -157,7 +157,7 @@ def test_a_method_run_from_another_methods_config_warns(tiny_model, capsys, meth
     from erasure.sd.methods.base import LatentSet
     from erasure.sd.model import encode_conditioning, load_pipeline, noise_scheduler
 
-    cfg = load_config(config, [f"method={method}", f"device={DEVICE}"], schema=SDConfig)
+    cfg = load_config(config, [f"method={method}", f"device={DEVICE}", "fmn.textual_inversion=false"], schema=SDConfig)
     concept, device = load_concept(cfg.concept), torch.device(DEVICE)
     pipe = load_pipeline(str(tiny_model)).to(device)
     size = pipe.unet.config.sample_size

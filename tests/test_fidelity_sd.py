@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from erasure.core.config import load_config
+from erasure.core.errors import ErasureError
 from erasure.sd.config import SDConfig
 from erasure.sd.methods import SD_METHODS
 from erasure.sd.methods.fmn import attention_loss, concept_positions
@@ -52,17 +53,98 @@ def test_fmn_marks_every_concept_occurrence_and_every_eot_position(pipe):
     eot = {i for i, t in enumerate(ids) if t == pipe.tokenizer.eos_token_id}
     assert len(eot) > 1  # the SD 1.x tokenizer pads with its end-of-text token
 
-    marked = lambda mode: set(concept_positions(pipe, prompt, "nude", mode).nonzero().flatten().tolist())  # noqa: E731
+    marked = lambda mode: set(concept_positions(pipe.tokenizer, prompt, "nude", mode).nonzero().flatten().tolist())  # noqa: E731
     assert marked("all") == concept | eot
     assert marked("first") == concept | {min(eot)}
     assert marked("none") == concept
 
 
 def test_fmn_refuses_prompts_without_the_concept(pipe):
-    from erasure.core.errors import ErasureError
 
     with pytest.raises(ErasureError, match="does not occur"):
-        concept_positions(pipe, "a photo of a person", "nude")
+        concept_positions(pipe.tokenizer, "a photo of a person", "nude")
+
+
+def fmn_method(tiny_model, *overrides: str):
+    """FMN (nudity_fmn.yaml) on the tiny pipeline folder, with three forget latents of the forget prompt."""
+    from erasure.sd.config import load_concept
+    from erasure.sd.methods.base import LatentSet, SDContext
+    from erasure.sd.model import encode_conditioning, load_pipeline, noise_scheduler
+    from tests.conftest import DEVICE
+
+    config = load_config("configs/sd/nudity_fmn.yaml", [f"device={DEVICE}", f"model.pretrained={tiny_model}", *overrides], schema=SDConfig)
+    concept, device = load_concept(config.concept), torch.device(DEVICE)
+    pipe = load_pipeline(str(tiny_model)).to(device)
+    size = pipe.unet.config.sample_size
+    latents = torch.randn(3, 4, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    embeddings = encode_conditioning(pipe, concept.forget).float().to(device)
+    forget = LatentSet(latents, torch.zeros(3, dtype=torch.long, device=device), embeddings, concept.forget, torch.full_like(latents, 0.1))
+    uncond = encode_conditioning(pipe, [""]).float().to(device)
+    ctx = SDContext(config, concept, pipe, noise_scheduler(pipe), {"forget": forget}, uncond, device)
+    return SD_METHODS.get("fmn")(ctx), pipe
+
+
+def marked_tokens(tokenizer, prompt: str, positions: torch.Tensor) -> list[int]:
+    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length).input_ids
+    return [t for t, m in zip(ids, positions.tolist()) if m and t != tokenizer.eos_token_id]
+
+
+def test_fmn_prompts_every_image_with_the_template_and_marks_its_snippet(tiny_model):
+    """train_attn.py: "a photo of {snippet}" for every image, the snippet's tokens marked (use_ti: false: the concept's name)."""
+    fmn, pipe = fmn_method(tiny_model, "fmn.textual_inversion=false")
+    fmn.prepare(pipe.unet)
+    nudity = pipe.tokenizer("nudity", add_special_tokens=False).input_ids
+    assert marked_tokens(pipe.tokenizer, "a photo of nudity", fmn.positions[0]) == nudity
+    torch.testing.assert_close(fmn.conditioning.hidden, fmn.ctx.encode(["a photo of nudity"]).hidden)
+    earlier, pipe = fmn_method(tiny_model, "fmn.textual_inversion=false", "fmn.prompts=forget")
+    earlier.prepare(pipe.unet)  # the forget prompt's own conditioning, "nude" marked in it
+    nude = pipe.tokenizer("nude", add_special_tokens=False).input_ids
+    assert earlier.conditioning is None and marked_tokens(pipe.tokenizer, "a photo of a nude person", earlier.positions[0]) == nude
+    with pytest.raises(ErasureError, match="fmn.prompts=template"):
+        load_config("configs/sd/nudity_fmn.yaml", ["fmn.prompts=forget"], schema=SDConfig)
+    with pytest.raises(ErasureError, match="fmn.template"):
+        load_config("configs/sd/nudity_fmn.yaml", ["fmn.template=a photo"], schema=SDConfig)
+
+
+def test_pull_norms_moves_each_norm_a_tenth_of_the_way_to_0_4_at_lr_1e_3():
+    """train_ti.py's clip_ti_decay: normalize(w) * (|w| + min(1, 100 lr) (0.4 - |w|))."""
+    from erasure.sd.textual_inversion import pull_norms
+
+    rows = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.06, 0.08]])
+    pulled = pull_norms(rows, 1e-3)
+    torch.testing.assert_close(pulled.norm(dim=-1), torch.tensor([1.84, 0.13]))
+    torch.testing.assert_close(pulled / pulled.norm(dim=-1, keepdim=True), rows / rows.norm(dim=-1, keepdim=True))
+    torch.testing.assert_close(pull_norms(rows, 0.02).norm(dim=-1), torch.tensor([0.4, 0.4]))  # lambda capped at 1
+
+
+def test_textual_inversion_learns_only_its_new_rows_and_fmn_prompts_with_them(tiny_model):
+    """train_ti.py: placeholders <s1>..<s4> from the concept's tokens then random, only their rows trained; attn stage uses them."""
+    from transformers import CLIPTextModel
+
+    from erasure.sd.textual_inversion import learn_tokens
+
+    fresh = CLIPTextModel.from_pretrained(str(tiny_model), subfolder="text_encoder").get_input_embeddings().weight
+    start, pipe = fmn_method(tiny_model, "fmn.ti_steps=0")
+    pipe.text_encoder.to(torch.bfloat16)  # model.frozen_dtype on a GPU: the inversion reloads the fp32 weights
+    begun = learn_tokens(start.ctx, pipe.unet, start.ctx.config.fmn, seed=0)
+    vocab = len(pipe.tokenizer)
+    assert torch.equal(begun.text_encoder.get_input_embeddings().weight[:vocab], fresh)
+    own = pipe.tokenizer("nudity", add_special_tokens=False).input_ids[:4]
+    rows = begun.text_encoder.get_input_embeddings().weight
+    assert begun.snippets == ["<s1><s2><s3><s4>"] and len(begun.tokenizer) == vocab + 4 and len(pipe.tokenizer) == vocab
+    torch.testing.assert_close(rows[vocab : vocab + len(own)], fresh[own])  # the concept's own tokens first
+
+    fmn, pipe = fmn_method(tiny_model, "fmn.ti_steps=3")
+    fmn.prepare(pipe.unet)
+    learned = learn_tokens(fmn.ctx, pipe.unet, fmn.ctx.config.fmn, seed=fmn.ctx.config.train.seed)
+    table = learned.text_encoder.get_input_embeddings().weight
+    assert torch.equal(table[:vocab], fresh)  # every other row exactly the encoder's own
+    assert not torch.equal(table[vocab:], rows[vocab:])  # the new ones learned
+    snippet_ids = learned.tokenizer("<s1><s2><s3><s4>", add_special_tokens=False).input_ids
+    assert marked_tokens(learned.tokenizer, "a photo of <s1><s2><s3><s4>", fmn.positions[0]) == snippet_ids
+    torch.testing.assert_close(fmn.conditioning.hidden, learned.encode(["a photo of <s1><s2><s3><s4>"]).hidden.to(fmn.ctx.device))
+    loss, _ = fmn.loss(pipe.unet, torch.Generator(fmn.ctx.device).manual_seed(0))
+    assert torch.isfinite(loss) and loss > 0
 
 
 def test_fmn_loss_is_one_norm_over_all_layers():
@@ -149,7 +231,6 @@ def test_class_sets_can_train_on_real_images_per_class(pipe, tmp_path):
     assert sets["retain"].prompt_index.tolist() == [0, 0, 0, 1, 1, 1, 1]  # 3 cats, then 4 fish, each with its own prompt
 
     spec.write_text("name: three\nclasses: [cat, dog, fish]\nclass_images: train\n")  # folders default to class names
-    from erasure.core.errors import ErasureError
 
     with pytest.raises(ErasureError, match="no folder"):
         load_concept(ConceptConfig(spec=str(spec), forget="dog"))
@@ -157,7 +238,6 @@ def test_class_sets_can_train_on_real_images_per_class(pipe, tmp_path):
 
 def test_latents_cached_before_posterior_sampling_are_refused_with_the_fix(pipe, tmp_path):
     """A data folder from an earlier version holds only the posterior mean: train.latents=sample names both ways out."""
-    from erasure.core.errors import ErasureError
     from erasure.core.io import load_tensors, save_tensors
     from erasure.sd.pipeline import training_sets
 

@@ -31,6 +31,7 @@ TINY_SD = [
     "train.lr=1e-3",  # large enough that a few steps visibly move the tiny model
     "train.checkpoint_every=2",
     "esd.ddim_steps=3",
+    "fmn.ti_steps=3",  # the textual-inversion stage FMN runs first (500 in the recipe)
 ]
 
 

@@ -115,6 +115,14 @@ def test_nudity_audit_and_grid_run_on_the_erased_sdxl(runs, tmp_path):
     assert grid.is_file()
 
 
+def test_fmn_textual_inversion_on_sdxl_names_the_setting_that_turns_it_off(runs, tmp_path, capsys):
+    """Its two text encoders: the stage learns one encoder's tokens (SD 1.x/2.x), so SDXL's config turns it off."""
+    model, _, _ = runs
+    args = ["sd", "erase", "-c", CONFIG, *TINY_XL, f"model.pretrained={model}", f"workdir={tmp_path}", "--method=fmn"]
+    assert main([*args, "fmn.textual_inversion=true"]) != 0
+    assert "fmn.textual_inversion=false" in capsys.readouterr().err
+
+
 def test_an_unsupported_pipeline_class_is_a_clear_error(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
     with pytest.raises(ErasureError, match="StableDiffusion3Pipeline.*StableDiffusionXLPipeline"):

@@ -187,6 +187,20 @@ class FMNConfig:
     # reference); "per_layer": the sum of each layer's norm.
     reduction: Literal["global", "per_layer"] = "global"
     params: Literal["unet", "attn2"] = "unet"  # the reference trains the whole UNet (only_optimize_ca: false)
+    # What each image is prompted with. "template" (train_attn.py): every image of a concept with
+    # `template` filled in by the concept's snippet (its learned tokens under textual_inversion,
+    # else its name), the positions the snippet's tokens. "forget": each image's own forget
+    # prompt, the positions the spec's `words` in it (our earlier default).
+    prompts: Literal["template", "forget"] = "template"
+    template: str = "a photo of {}"  # the reference's object template; its style one: "a photo in the style of {}"
+    # The reference's first stage (use_ti: true; train_ti.py with configs/ti.yaml): learn
+    # `ti_tokens` new token embeddings per concept from its forget images, then prompt with them
+    # (see erasure.sd.textual_inversion). SD 1.x/2.x (one text encoder); needs prompts=template.
+    textual_inversion: bool = True
+    ti_tokens: int = 4  # <s1>|<s2>|<s3>|<s4>
+    ti_steps: int = 500  # max_train_steps_ti
+    ti_lr: float = 1e-3  # learning_rate_ti, constant
+    ti_weight_decay: float = 0.1  # weight_decay_ti (AdamW)
 
 
 @dataclass
@@ -257,6 +271,10 @@ class SDConfig(RunConfig):
             )
         if self.train.weights_dtype == "bf16" and self.mixed_precision == "no":
             raise ErasureError("train.weights_dtype=bf16 computes in bf16: set mixed_precision=bf16 or auto, or train.weights_dtype=fp32.")
+        if self.method == "fmn" and self.fmn.textual_inversion and self.fmn.prompts != "template":
+            raise ErasureError("fmn.textual_inversion prompts with learned tokens: set fmn.prompts=template or textual_inversion=false.")
+        if "{}" not in self.fmn.template:
+            raise ErasureError(f"fmn.template {self.fmn.template!r} has no '{{}}' for the concept; e.g. 'a photo of {{}}'.")
         if self.generation.scheduler not in SCHEDULERS:
             raise ErasureError(f"generation.scheduler is {self.generation.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}.")
 
@@ -279,7 +297,7 @@ class ConceptSpec:
 
     name: str = ""
     concept: str = ""  # the prompt ESD erases (e.g. "nudity"); default: name
-    words: str = ""  # the words of the forget prompts whose attention FMN removes (e.g. "nude"); default: concept
+    words: str = ""  # fmn.prompts=forget: the words of the forget prompts whose attention FMN removes (e.g. "nude"); default: concept
     forget: ImageSet = field(default_factory=ImageSet)
     target: ImageSet = field(default_factory=ImageSet)  # the misaligned target (SalUn)
     retain: ImageSet = field(default_factory=ImageSet)

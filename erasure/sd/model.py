@@ -300,16 +300,21 @@ def encode_images(pipe: DiffusionPipeline, images: torch.Tensor, batch_size: int
 
 def load_unet(pretrained: str, revision: str | None = None, variant: str | None = None) -> UNet2DConditionModel:
     """Only the UNet of a pipeline (fp32), e.g. the base weights a delta is made against; ``variant``: its diffusers variant."""
+    hint = f" Does it publish the '{variant}' variant? model.unet_variant=null trains its own UNet." if variant else ""
+    return load_component(UNet2DConditionModel, pretrained, "unet", revision, hint, variant=variant)
+
+
+def load_component(cls: type, pretrained: str, subfolder: str, revision: str | None = None, hint: str = "", **kwargs: Any) -> Any:
+    """One component of a pipeline (a hub id, a pipeline folder or an erasure run folder), in fp32, via ``cls.from_pretrained``."""
     local = Path(pretrained).expanduser()
     if not (local / "model_index.json").is_file() and (local / "model" / "model_index.json").is_file():
         local = local / "model"
     source = str(local) if (local / "model_index.json").is_file() else pretrained
     quiet_loading()
     try:
-        return UNet2DConditionModel.from_pretrained(source, subfolder="unet", revision=revision, variant=variant)
+        return cls.from_pretrained(source, subfolder=subfolder, revision=revision, **kwargs)
     except (OSError, ValueError) as e:
-        hint = f" Does it publish the '{variant}' variant? model.unet_variant=null trains its own UNet." if variant else ""
-        raise ErasureError(f"could not load the UNet of '{pretrained}': {str(e).splitlines()[0]}{hint}") from None
+        raise ErasureError(f"could not load the {subfolder} of '{pretrained}': {str(e).splitlines()[0]}{hint}") from None
 
 
 # The SDXL adapter registers itself; imported last because it builds on the classes above.

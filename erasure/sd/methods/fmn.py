@@ -13,12 +13,17 @@ The reference's optimizer settings (AdamW 2e-6, weight decay 0.01, 35 steps, bat
 in ``configs/sd/nudity_fmn.yaml``, without gradient clipping: ``configs/attn.yaml`` sets
 ``max_grad_norm: 1`` but, with ``only_optimize_ca: false``, ``train_attn.py`` hands the clip
 the generator ``unet.parameters()`` that AdamW has already consumed, so nothing is clipped
-(``train.grad_clip=1.0`` clips as it intended). Its textual-inversion stage
-(``use_ti: true`` in ``configs/attn.yaml``), which learns the concept tokens first, is not
-implemented: the concept's own words are used, as the reference does with ``use_ti: false``.
+(``train.grad_clip=1.0`` clips as it intended).
 
-Several concepts: the forget set is their union, and each forget prompt's positions are
-those of its own concept's words.
+Prompts (``fmn.prompts: template``): every image of a concept is prompted "a photo of
+{snippet}", the positions the snippet's tokens. The snippet is the concept's learned tokens:
+the reference's textual-inversion stage (``use_ti: true``) runs first
+(:mod:`erasure.sd.textual_inversion`); with ``fmn.textual_inversion=false`` it is the concept's
+name, as the reference's ``use_ti: false``. ``fmn.prompts=forget`` prompts each image with its
+own forget prompt and marks the spec's ``words`` in it (our earlier behaviour).
+
+Several concepts: the forget set is their union, and each image's prompt and positions are
+those of its own concept.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from diffusers.models.attention_processor import AttnProcessor
 
 from erasure.core.errors import ErasureError
 from erasure.sd.methods.base import SD_METHODS, SDMethod, eps, warn_unlike_recipe
+from erasure.sd.textual_inversion import learn_tokens
 
 # The reference's training settings (configs/attn.yaml; its clip is a no-op, see above), which
 # the `train:` section of a run config must set for FMN (the schema's defaults are SalUn's).
@@ -60,13 +66,12 @@ class AttentionProbe:
         return get_attention_scores
 
 
-def concept_positions(pipe, prompt: str, words: str, eot: str = "all") -> torch.Tensor:
+def concept_positions(tokenizer, prompt: str, words: str, eot: str = "all") -> torch.Tensor:
     """A bool vector over the padded prompt's tokens: the concept's positions and the EOT ones.
 
     ``eot``: "all" adds every position whose token is the tokenizer's end-of-text token (the
     reference's ``use_pooler``), "first" only the one ending the prompt, "none" none.
     """
-    tokenizer = pipe.tokenizer
     length = tokenizer.model_max_length
     ids = tokenizer(prompt, padding="max_length", max_length=length, truncation=True).input_ids
     concept = tokenizer(words, add_special_tokens=False).input_ids
@@ -112,18 +117,32 @@ class FMN(SDMethod):
     def prepare(self, model: torch.nn.Module) -> None:
         ctx, cfg = self.ctx, self.ctx.config.fmn
         warn_unlike_recipe(ctx.config.method, ctx.config.train, *FMN_RECIPE)
-        forget = ctx.sets["forget"]
-        parts, words = ctx.concept.part_of("forget"), [part.words for part in ctx.concept.concepts]
-        rows = [concept_positions(ctx.pipe, p, words[k], cfg.eot_positions) for p, k in zip(forget.prompts, parts)]
+        parts = ctx.concept.part_of("forget")
+        if cfg.prompts == "forget":  # each forget prompt with its own conditioning; the spec's words marked in it
+            prompts, words = ctx.sets["forget"].prompts, [ctx.concept.concepts[k].words for k in parts]
+            tokenizer, self.conditioning, self.row = ctx.pipe.tokenizer, None, torch.arange(len(prompts), device=ctx.device)
+        else:  # one template prompt per concept, the snippet marked
+            if cfg.textual_inversion:
+                learned = learn_tokens(ctx, model, cfg, ctx.config.train.seed)
+                tokenizer, words = learned.tokenizer, learned.snippets
+            else:
+                tokenizer, words = ctx.pipe.tokenizer, [part.concept for part in ctx.concept.concepts]
+            prompts = [cfg.template.format(w) for w in words]
+            self.conditioning = (learned.encode(prompts) if cfg.textual_inversion else ctx.encode(prompts)).to(ctx.device)
+            self.row = torch.tensor(parts, device=ctx.device)  # forget prompt -> its concept's template
+        rows = [concept_positions(tokenizer, p, w, cfg.eot_positions) for p, w in zip(prompts, words)]
         self.positions = torch.stack(rows).to(ctx.device)
         self.probe = AttentionProbe(model)
 
     def loss(self, model: torch.nn.Module, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         ctx = self.ctx
         latents, emb, p = ctx.sets["forget"].batch(g, ctx.config.train.batch_size)
+        row = self.row[p]
+        if self.conditioning is not None:
+            emb = self.conditioning[row]
         x_t, _, t = ctx.noisy(latents, g)
         self.probe.maps.clear()
         eps(model, x_t, t, emb)  # only the attention maps it leaves in the probe are used
-        loss = attention_loss(self.probe.maps, self.positions[p], ctx.config.fmn.reduction)
+        loss = attention_loss(self.probe.maps, self.positions[row], ctx.config.fmn.reduction)
         self.probe.maps.clear()
-        return loss, {"positions": self.positions[p].sum(1).float().mean()}
+        return loss, {"positions": self.positions[row].sum(1).float().mean()}
