@@ -21,15 +21,19 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from transformers import CLIPTextModel
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from erasure.core.data import EpochSampler
 from erasure.core.errors import ErasureError
 from erasure.sd.config import FMNConfig
 from erasure.sd.model import Conditioning, load_component
+
+if TYPE_CHECKING:
+    from erasure.sd.methods.base import SDContext
 
 NORM_TARGET = 0.4  # train_ti.py's clip_ti_decay pulls each new embedding's norm toward this
 
@@ -38,7 +42,7 @@ NORM_TARGET = 0.4  # train_ti.py's clip_ti_decay pulls each new embedding's norm
 class LearnedTokens:
     """The augmented tokenizer and fp32 text encoder, and each concept's snippet of placeholder tokens."""
 
-    tokenizer: object
+    tokenizer: CLIPTokenizer
     text_encoder: CLIPTextModel
     snippets: list[str]  # per concept, e.g. "<s1><s2><s3><s4>"
 
@@ -59,7 +63,7 @@ def pull_norms(rows: torch.Tensor, lr: float) -> torch.Tensor:
     return F.normalize(rows, dim=-1) * (norm + min(1.0, 100 * lr) * (NORM_TARGET - norm))
 
 
-def learn_tokens(ctx, unet: torch.nn.Module, cfg: FMNConfig, seed: int) -> LearnedTokens:
+def learn_tokens(ctx: SDContext, unet: torch.nn.Module, cfg: FMNConfig, seed: int) -> LearnedTokens:
     """Learn ``cfg.ti_tokens`` embeddings per concept of ``ctx.concept`` from the forget set ``ctx.sets['forget']``."""
     from erasure.sd.model import family_of
 

@@ -124,11 +124,11 @@ class FMN(SDMethod):
         else:  # one template prompt per concept, the snippet marked
             if cfg.textual_inversion:
                 learned = learn_tokens(ctx, model, cfg, ctx.config.train.seed)
-                tokenizer, words = learned.tokenizer, learned.snippets
+                tokenizer, words, encode = learned.tokenizer, learned.snippets, learned.encode
             else:
-                tokenizer, words = ctx.pipe.tokenizer, [part.concept for part in ctx.concept.concepts]
+                tokenizer, words, encode = ctx.pipe.tokenizer, [part.concept for part in ctx.concept.concepts], ctx.encode
             prompts = [cfg.template.format(w) for w in words]
-            self.conditioning = (learned.encode(prompts) if cfg.textual_inversion else ctx.encode(prompts)).to(ctx.device)
+            self.conditioning = encode(prompts).to(ctx.device)
             self.row = torch.tensor(parts, device=ctx.device)  # forget prompt -> its concept's template
         rows = [concept_positions(tokenizer, p, w, cfg.eot_positions) for p, w in zip(prompts, words)]
         self.positions = torch.stack(rows).to(ctx.device)

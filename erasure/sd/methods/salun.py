@@ -101,8 +101,8 @@ class SalUnSD(SDMethod):
         idx = self.order.forget_indices(self.step, ctx.device) if in_epochs else forget.random_indices(g, n)
         latents, emb, p = forget.take(idx, g)
         # The reference encodes the images again for the target's input: under train.latents=sample
-        # a second posterior sample, noised with the same noise at the same t (one x_t for both otherwise).
-        target_latents = forget.sample(idx, g) if forget.std is not None else latents
+        # a second posterior sample, noised with the same noise at the same t (the same mean under "mean").
+        target_latents = forget.sample(idx, g)
         noise, t = ctx.noise(latents, g)
         x_t, target_x_t = (ctx.scheduler.add_noise(z, noise, t) for z in (latents, target_latents))
         target_emb = self.target[self.target_indices(p, g)]
