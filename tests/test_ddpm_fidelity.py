@@ -14,12 +14,13 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.resnet import ResnetBlock2D
 
+from erasure.core.data import random_flip
 from erasure.core.errors import ErasureError
 from erasure.core.loop import LoopSettings, Monitor, make_accelerator, train
 from erasure.ddpm import methods as ddpm_methods
 from erasure.ddpm.config import Config, ModelConfig, SampleConfig, UnlearnConfig, load
 from erasure.ddpm.methods import EraseContext, get_method
-from erasure.ddpm.model import build_unet, noise_scheduler, random_flip
+from erasure.ddpm.model import build_unet, noise_scheduler
 from tests.conftest import DEVICE
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -197,3 +197,9 @@ class EpochSampler:
         if epoch != self._epoch:  # one permutation per epoch, made again on resume from (seed, epoch)
             self._epoch, self.seeded_perm = epoch, seeded_perm(self.n, self.seed * 100_003 + epoch).to(self.device)
         return self.seeded_perm[i * self.batch_size : (i + 1) * self.batch_size]
+
+
+def random_flip(images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Each image flipped horizontally with probability 0.5 (drawn with ``g``), as torchvision's ``RandomHorizontalFlip``."""
+    flip = torch.rand(len(images), generator=g, device=g.device).to(images.device) < 0.5
+    return torch.where(flip.view(-1, *[1] * (images.ndim - 1)), images.flip(-1), images)

@@ -17,12 +17,11 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from erasure.core.batchnorm import synced_batchnorm
-from erasure.core.data import EpochSampler, ImageData, to_model_range
+from erasure.core.data import EpochSampler, ImageData, random_flip, to_model_range
 from erasure.core.errors import ErasureError
 from erasure.core.io import load_tensors, read_json, save_tensors, torchvision_weights, write_json
 from erasure.core.loop import LoopSettings, make_accelerator, shard, shard_weight, train
 from erasure.ddpm.config import ClassifierConfig
-from erasure.ddpm.model import random_flip
 
 
 class Judge(nn.Module):

@@ -64,12 +64,6 @@ def build_unet(config: ModelConfig, image_shape: tuple[int, int, int], num_class
     )
 
 
-def random_flip(images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Each image flipped horizontally with probability 0.5 (drawn with ``g``), as torchvision's ``RandomHorizontalFlip``."""
-    flip = torch.rand(len(images), generator=g, device=g.device).to(images.device) < 0.5
-    return torch.where(flip.view(-1, *[1] * (images.ndim - 1)), images.flip(-1), images)
-
-
 def null_class(unet: UNet2DModel) -> int:
     """The label of the unconditional (null) class."""
     return unet.config.num_class_embeds - 1

@@ -16,7 +16,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from erasure.core.card import command_line, write_cards
-from erasure.core.data import load_data, to_model_range
+from erasure.core.data import load_data, random_flip, to_model_range
 from erasure.core.errors import ErasureError
 from erasure.core.io import load_tensors, save_tensors
 from erasure.core.loop import LoopSettings, make_accelerator, process_state, stage_precision, train
@@ -25,7 +25,7 @@ from erasure.core.stages import Stage, config_fingerprint, is_main_process, shar
 from erasure.ddpm.config import Config
 from erasure.ddpm.judge import Judge, train_classifier
 from erasure.ddpm.methods import EraseContext, get_method
-from erasure.ddpm.model import build_unet, denoising_loss, load_scheduler, load_unet, noise_scheduler, null_class, random_flip, save_model
+from erasure.ddpm.model import build_unet, denoising_loss, load_scheduler, load_unet, noise_scheduler, null_class, save_model
 
 
 def run_info(seed: int) -> dict[str, int]:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from erasure.core.data import EpochSampler
+from erasure.core.data import EpochSampler, random_flip
 from erasure.core.errors import ErasureError
 from erasure.sd.config import FMNConfig
 from erasure.sd.model import Conditioning, load_component
@@ -112,9 +112,7 @@ def learn_tokens(ctx: SDContext, unet: torch.nn.Module, cfg: FMNConfig, seed: in
         optimizer = torch.optim.AdamW([table], lr=cfg.ti_lr, weight_decay=cfg.ti_weight_decay)
         for step in range(cfg.ti_steps):
             idx = items[sampler(step)]
-            latents = forget.sample(idx, g)
-            flip = torch.rand(len(idx), generator=g, device=g.device).to(latents.device) < 0.5
-            latents = torch.where(flip.view(-1, 1, 1, 1), latents.flip(-1), latents)  # the image's flip, on its latents
+            latents = random_flip(forget.sample(idx, g), g)  # the image's flip, on its latents
             x_t, target, t = ctx.noisy(latents, g)
             with torch.autocast(ctx.device.type, enabled=False):
                 hidden = encoder(prompt_ids[k : k + 1].expand(len(idx), -1))[0]

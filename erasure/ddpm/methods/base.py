@@ -8,10 +8,10 @@ from typing import ClassVar
 import torch
 from diffusers import DDPMScheduler
 
+from erasure.core.data import random_flip
 from erasure.core.registry import Registry
 from erasure.core.saliency import Mask
 from erasure.ddpm.config import SampleConfig, UnlearnConfig
-from erasure.ddpm.model import random_flip
 
 
 @dataclass
