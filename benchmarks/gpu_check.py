@@ -9,8 +9,9 @@ Runs, each part in its own process with its own time limit, and writes one JSON 
 2. ``demo``       - ``erasure demo`` (bf16 base DDPM, then the fp32 judge, in one process)
 3. ``ddpm-bf16``  - a bf16 ESD erase in the demo's workdir with its trajectory eager (``unlearn.esd_cuda_graph=false``),
                     then through CUDA graphs (the default; forget class 1)
-4. ``sd-tiny``    - tiny random SD and SDXL pipelines on CUDA: SalUn (and SDXL ESD-x) erases, generation, a NudeNet
-                    audit and an adversarial-prompt attack
+4. ``sd-tiny``    - tiny random SD and SDXL pipelines on CUDA: SalUn, FMN (with its textual inversion) and
+                    ESD-x on bf16 weights (SDXL: SalUn, ESD-x) erases, generation, a NudeNet audit and an
+                    adversarial-prompt attack
 5. ``classification`` - ``erasure unlearn-classifier`` on its embedded default
 6. ``sd-step``    - the SD v1.4 SalUn step at batch 8 / 512 px: fp32 eager (the reference regime) and
                     bf16 eager, then with ``--compile`` bf16 compiled (``benchmarks/sd_training.py``)
@@ -131,6 +132,11 @@ def main() -> None:
             [*erasure, "sd", "tiny-pipeline", str(tiny)],
             [*erasure, "sd", "erase", "-c", "configs/sd/nudity_salun.yaml", "--model", str(tiny), "--workdir", str(work / "sd")]
             + sd_overrides,
+            # FMN with its textual-inversion stage, and ESD-x on bf16 weights (esd_sd.py's), on the same images.
+            [*erasure, "sd", "erase", "-c", "configs/sd/nudity_salun.yaml", "--model", str(tiny), "--workdir", str(work / "sd"),
+             "--method", "fmn", "fmn.ti_steps=20"] + sd_overrides,
+            [*erasure, "sd", "erase", "-c", "configs/sd/nudity_salun.yaml", "--model", str(tiny), "--workdir", str(work / "sd-bf16"),
+             "--method", "esd-x", "train.weights_dtype=bf16"] + sd_overrides,
             [*erasure, "audit", "nudity", "--model", f"base={tiny}", "--model", f"salun={work / 'sd' / 'salun' / 'model'}",
              "--prompts", "prompts/template_forget.txt", "--limit", "4", "--steps", "4", "--out", str(work / "audit")],
             [*erasure, "audit", "attack", "--base", str(tiny), "--model", f"salun={work / 'sd' / 'salun' / 'model'}",

@@ -326,7 +326,7 @@ def test_gpu_check_runs_the_tests_beside_the_correctness_parts_and_times_the_res
 
     def fake_run(cmd, env, timeout, log):  # each part's commands, timed instead of run
         start = time.time()
-        time.sleep(0.5 if log.name.startswith("tests") else 0.05)
+        time.sleep(1.5 if log.name.startswith("tests") else 0.05)  # the tests outlast the dozen commands that share the GPU
         spans.setdefault(log.name.rsplit("-", 1)[0], (start, time.time()))
         return True, 0.1, ""
 

@@ -298,14 +298,16 @@ def encode_images(pipe: DiffusionPipeline, images: torch.Tensor, batch_size: int
     return encode_posterior(pipe, images, batch_size)[0]
 
 
-def load_unet(pretrained: str, revision: str | None = None, variant: str | None = None) -> UNet2DConditionModel:
-    """Only the UNet of a pipeline (fp32), e.g. the base weights a delta is made against; ``variant``: its diffusers variant."""
+def load_unet(
+    pretrained: str, revision: str | None = None, variant: str | None = None, dtype: torch.dtype = torch.float32
+) -> UNet2DConditionModel:
+    """Only the UNet of a pipeline, e.g. the base weights a delta is made against; ``variant``: its diffusers variant."""
     hint = f" Does it publish the '{variant}' variant? model.unet_variant=null trains its own UNet." if variant else ""
-    return load_component(UNet2DConditionModel, pretrained, "unet", revision, hint, variant=variant)
+    return load_component(UNet2DConditionModel, pretrained, "unet", revision, hint, variant=variant, torch_dtype=dtype)
 
 
 def load_component(cls: type, pretrained: str, subfolder: str, revision: str | None = None, hint: str = "", **kwargs: Any) -> Any:
-    """One component of a pipeline (a hub id, a pipeline folder or an erasure run folder), in fp32, via ``cls.from_pretrained``."""
+    """One component of a pipeline (a hub id, a pipeline folder or an erasure run folder), via ``cls.from_pretrained``."""
     local = Path(pretrained).expanduser()
     if not (local / "model_index.json").is_file() and (local / "model" / "model_index.json").is_file():
         local = local / "model"

@@ -146,8 +146,8 @@ def erase(config: SDConfig) -> Path:
         sets = training_sets(config, concept, pipe, method_cls.needs, device)
         size = resolution(config, pipe)
         uncond = encode_conditioning(pipe, [""], size).float().to(device)
-        unet = load_unet(config.model.pretrained, config.model.revision, config.model.unet_variant)
-        unet = pipe.unet = unet.to(device, torch.bfloat16 if bf16_weights else torch.float32)
+        dtype = torch.bfloat16 if bf16_weights else torch.float32
+        unet = pipe.unet = load_unet(config.model.pretrained, config.model.revision, config.model.unet_variant, dtype).to(device)
         scheduler = noise_scheduler(pipe)
         ctx = SDContext(config, concept, pipe, scheduler, sets, uncond, device, size, accelerator.process_index, accelerator.num_processes)
         method = method_cls(ctx)

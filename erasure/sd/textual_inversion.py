@@ -89,7 +89,7 @@ def learn_tokens(ctx: SDContext, unet: torch.nn.Module, cfg: FMNConfig, seed: in
         inits.append(torch.cat([table[own].detach(), random_rows]))
         snippets.append("".join(names))
         ids.append(tokenizer.convert_tokens_to_ids(names))
-    encoder.resize_token_embeddings(len(tokenizer))
+    encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the new rows are set below
     table = encoder.get_input_embeddings().weight
     with torch.no_grad():
         for rows, init in zip(ids, inits):
