@@ -147,6 +147,22 @@ def test_textual_inversion_learns_only_its_new_rows_and_fmn_prompts_with_them(ti
     assert torch.isfinite(loss) and loss > 0
 
 
+def test_the_learned_tokens_are_kept_in_the_run_folder_and_a_resumed_run_reads_them(tiny_model, tmp_path):
+    import dataclasses
+
+    first, pipe = fmn_method(tiny_model, "fmn.ti_steps=3")
+    first.ctx = dataclasses.replace(first.ctx, folder=tmp_path)
+    first.prepare(pipe.unet)
+    assert (tmp_path / "textual_inversion.safetensors").is_file()
+    again, pipe = fmn_method(tiny_model, "fmn.ti_steps=3")
+    again.ctx = dataclasses.replace(again.ctx, folder=tmp_path)
+    calls = []
+    pipe.unet.register_forward_pre_hook(lambda m, a: calls.append(1))
+    again.prepare(pipe.unet)
+    assert not calls  # read back, not learned again
+    assert torch.equal(again.conditioning.hidden, first.conditioning.hidden)
+
+
 def test_fmn_loss_is_one_norm_over_all_layers():
     g = torch.Generator().manual_seed(0)
     maps = [torch.rand(1, 2, 16, 8, generator=g).softmax(-1), torch.rand(1, 2, 4, 8, generator=g).softmax(-1)]

@@ -65,6 +65,7 @@ def test_each_method_trains_exports_and_the_model_reloads_and_generates(runs, me
     image = pipe("a photo", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert image.shape == (1, 16, 16, 3) and torch.isfinite(torch.from_numpy(image)).all()
     assert changed_params(load_unet(str(model)), pipe.unet), "training changed nothing"
+    assert (folder / "textual_inversion.safetensors").is_file() == (method == "fmn")  # FMN keeps its learned tokens
 
 
 def assert_mask_held(base: torch.nn.Module, erased: torch.nn.Module, mask: Mask) -> None:

@@ -149,7 +149,8 @@ def erase(config: SDConfig) -> Path:
         dtype = torch.bfloat16 if bf16_weights else torch.float32
         unet = pipe.unet = load_unet(config.model.pretrained, config.model.revision, config.model.unet_variant, dtype).to(device)
         scheduler = noise_scheduler(pipe)
-        ctx = SDContext(config, concept, pipe, scheduler, sets, uncond, device, size, accelerator.process_index, accelerator.num_processes)
+        processes = accelerator.process_index, accelerator.num_processes
+        ctx = SDContext(config, concept, pipe, scheduler, sets, uncond, device, size, *processes, folder=stage.folder)
         method = method_cls(ctx)
         if method_cls.closed_form:
             # Every process makes the same deterministic edit; only the main one writes it.

@@ -15,11 +15,14 @@ FMN's first stage, as the reference runs it (SHI-Labs Forget-Me-Not ``train_ti.p
 
 The text encoder is a copy in fp32 (loaded afresh where the pipeline's runs in bf16). Only
 the new rows change; the pipeline's own tokenizer and text encoder are left as they were.
+The learned rows are kept in the run folder (``textual_inversion.safetensors``), where a
+resumed run reads them back.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -29,6 +32,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from erasure.core.data import EpochSampler, random_flip
 from erasure.core.errors import ErasureError
+from erasure.core.io import load_tensors, save_tensors
+from erasure.core.stages import is_main_process
 from erasure.sd.config import FMNConfig
 from erasure.sd.model import Conditioning, load_component
 
@@ -94,8 +99,13 @@ def learn_tokens(ctx: SDContext, unet: torch.nn.Module, cfg: FMNConfig, seed: in
     with torch.no_grad():
         for rows, init in zip(ids, inits):
             table[rows] = init.to(table.dtype)
-    table.requires_grad_(True)
     learned = LearnedTokens(tokenizer, encoder, snippets)
+    saved = ctx.folder / "textual_inversion.safetensors" if ctx.folder is not None else None
+    if saved is not None and saved.is_file():  # learned before this run was interrupted (the folder's fingerprint is the config's)
+        with torch.no_grad():
+            table[sum(ids, [])] = load_tensors(saved, table.device)["embeddings"]
+        return learned
+    table.requires_grad_(True)
 
     # One inversion per concept, on its own images, as the reference runs train_ti.py once per concept.
     forget = ctx.sets["forget"]
@@ -125,4 +135,6 @@ def learn_tokens(ctx: SDContext, unet: torch.nn.Module, cfg: FMNConfig, seed: in
                 table[others] = original[others]  # the decay moved every row: only this concept's learn
                 table[rows] = pull_norms(table[rows], cfg.ti_lr)
     table.requires_grad_(False)
+    if saved is not None and is_main_process():  # as the reference keeps step_inv_500.safetensors
+        save_tensors(saved, {"embeddings": table[sum(ids, [])].detach().cpu()}, {"snippets": json.dumps(snippets)})
     return learned

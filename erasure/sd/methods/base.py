@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -151,6 +152,7 @@ class SDContext:
     size: int | None = None  # training image size in px (SDXL's size conditioning); None: the model's native size
     process: int = 0  # this process's index in a multi-process run, and their number (ordered data splits batches)
     processes: int = 1
+    folder: Path | None = None  # the run's folder: where a method keeps what it made before training (FMN's tokens)
 
     def noise(self, latents: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``(noise, t)``: the forward process's noise for ``latents`` and random timesteps."""
