@@ -208,8 +208,7 @@ def train_classifier(
     settings = LoopSettings.from_config(
         config, lr=config.resolved_lr(), warmup_steps=config.steps // 20, cosine=True, checkpoint_every=every, desc="classifier"
     )
-    with synced_batchnorm(model, accelerator):
-        model, _ = train(model, step_loss, settings, folder, accelerator, fingerprint=fingerprint)
+    model, _ = train(model, step_loss, settings, folder, accelerator, fingerprint=fingerprint)
     return model.eval()
 
 
