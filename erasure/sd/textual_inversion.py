@@ -35,7 +35,7 @@ from erasure.core.errors import ErasureError
 from erasure.core.io import load_tensors, save_tensors
 from erasure.core.stages import is_main_process
 from erasure.sd.config import FMNConfig
-from erasure.sd.model import Conditioning, load_component
+from erasure.sd.model import Conditioning, family_of, load_component
 
 if TYPE_CHECKING:
     from erasure.sd.methods.base import SDContext
@@ -70,8 +70,6 @@ def pull_norms(rows: torch.Tensor, lr: float) -> torch.Tensor:
 
 def learn_tokens(ctx: SDContext, unet: torch.nn.Module, cfg: FMNConfig, seed: int) -> LearnedTokens:
     """Learn ``cfg.ti_tokens`` embeddings per concept of ``ctx.concept`` from the forget set ``ctx.sets['forget']``."""
-    from erasure.sd.model import family_of
-
     if family_of(ctx.pipe).name != "StableDiffusionPipeline":
         raise ErasureError("FMN's textual inversion supports SD 1.x and 2.x (one text encoder); set fmn.textual_inversion=false.")
     if ctx.pipe.text_encoder.dtype == torch.float32:
