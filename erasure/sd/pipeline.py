@@ -78,7 +78,7 @@ def training_sets(
         fingerprint = config_fingerprint(config, ("model", "generation"), skip={"model.unet_variant"}, prompts=prompts, real=real)
         stage = Stage(Path(config.workdir) / "data" / name, fingerprint)
         stage.run(config, functools.partial(_make_set, config, pipe, stage.folder, name, prompts, real, size))
-        cached = load_tensors(stage.folder / "latents.safetensors", device)
+        cached = load_tensors(stage.folder / "latents.safetensors")  # on the CPU: only what training reads moves to the device
         std = None
         if config.train.latents == "sample":
             if "std" not in cached:
@@ -87,9 +87,9 @@ def training_sets(
                     "train.latents=sample draws from the whole posterior: delete "
                     f"{stage.folder / 'done.json'} to encode the images kept there again, or set train.latents=mean"
                 )
-            std = cached["std"]
+            std = cached["std"].to(device)
         embeddings = encode_conditioning(pipe, prompts, size).float().to(device)
-        out[name] = LatentSet(cached["latents"], cached["prompt_index"].long(), embeddings, prompts, std)
+        out[name] = LatentSet(cached["latents"].to(device), cached["prompt_index"].long().to(device), embeddings, prompts, std)
     return out
 
 
@@ -109,8 +109,8 @@ def _make_set(
         return {}
     # The posterior's mean and std: training draws a fresh sample from them (train.latents).
     if isinstance(real, list):  # one folder per prompt (a class set's real images)
-        parts = [encode_posterior(pipe, load_image_folder(f, size)) for f in real]
-        latents, std = (torch.cat([part[k] for part in parts]).cpu() for k in (0, 1))
+        parts = [[x.cpu() for x in encode_posterior(pipe, load_image_folder(f, size))] for f in real]
+        latents, std = (torch.cat([part[k] for part in parts]) for k in (0, 1))
         index = torch.cat([torch.full((len(p[0]),), k) for k, p in enumerate(parts)])
     else:
         latents, std = (x.cpu() for x in encode_posterior(pipe, load_image_folder(real or folder / "images", size)))
