@@ -1,4 +1,4 @@
-"""The DDPM path's commands: ``erasure demo | config | train-ddpm | train-classifier | mask | erase | evaluate``.
+"""The DDPM path's commands: ``erasure demo | config | train-ddpm | import-ddpm | train-classifier | mask | erase | evaluate``.
 
 Each takes ``-c CONFIG.yaml`` (optional: the defaults are the embedded demo), ``--workdir``
 and ``key=value`` overrides, e.g. ``erasure erase -c configs/mnist.yaml unlearn.alpha=0.5``.
@@ -23,6 +23,13 @@ def cmd_train_ddpm(args: argparse.Namespace) -> None:
     from erasure.ddpm.pipeline import train_base
 
     print(f"base model: {train_base(config)}")
+
+
+def cmd_import_ddpm(args: argparse.Namespace) -> None:
+    config = load(args)
+    from erasure.ddpm.reference import import_reference
+
+    print(f"base model: {import_reference(config, args.checkpoint)}")
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> None:
@@ -77,6 +84,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add("demo", cmd_demo, "Offline demo: train a small DDPM on 8x8 digits, erase a class with SalUn, evaluate.")
     add("config", cmd_config, "Print the resolved config.")
     add("train-ddpm", cmd_train_ddpm, "Train (or resume) the class-conditional DDPM.")
+    add("import-ddpm", cmd_import_ddpm, "Import a reference-code DDPM (its ckpt.pth) as this config's base model.").add_argument(
+        "--checkpoint", required=True, help="the reference run's ckpts/ckpt.pth"
+    )
     add("train-classifier", cmd_train_classifier, "Train the classifier that scores generated images.")
     add("mask", cmd_mask, "Compute and save a SalUn saliency mask for the forgotten class.").add_argument(
         "--out", help="mask file (.safetensors)"

@@ -44,11 +44,13 @@ class ModelConfig:
     # demo's small model keeps 0.0 (the reference has no digits config).
     dropout: float = 0.0
     norm_groups: int = 8
-    # Small conventions of the layers. "reference": those of the reference's Conditional_Model
-    # (the DDIM code base): the timestep sinusoid as [sin, cos] at frequencies
-    # exp(-ln(1e4)·i / (half - 1)), GroupNorm eps 1e-6, and downsampling convs that pad only the
-    # right and bottom edge. "diffusers": diffusers' defaults ([cos, sin], frequencies over
-    # half, eps 1e-5, symmetric padding), our earlier layout.
+    # The layout of the reference's Conditional_Model (the DDIM code base), or diffusers'.
+    # "reference" (ddpm.model.ClassConcatUNet2DModel): time and class embeddings (the class one
+    # through its own MLP) concatenated into every ResNet block, the timestep sinusoid as
+    # [sin, cos] at frequencies exp(-ln(1e4)·i / (half - 1)), GroupNorm eps 1e-6, downsampling
+    # convs that pad only the right and bottom edge. "diffusers": a plain UNet2DModel with the
+    # class embedding added to the time embedding, [cos, sin] over half, eps 1e-5, symmetric
+    # padding: our earlier layout.
     conventions: Literal["reference", "diffusers"] = "reference"
     num_train_timesteps: int = 1000
 

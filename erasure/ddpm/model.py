@@ -1,5 +1,8 @@
 """The class-conditional DDPM: a diffusers ``UNet2DModel``, its noise schedule and DDIM sampling.
 
+Under ``model.conventions: reference`` the UNet is :class:`ClassConcatUNet2DModel`, the
+reference's ``Conditional_Model`` layout on diffusers' blocks.
+
 Class ``num_classes`` is the null class: training replaces labels with it at the
 class-dropout rate, which gives classifier-free guidance its unconditional branch.
 Guidance follows the reference form ``(1 + w) * eps(x, c) - w * eps(x, null)``.
@@ -7,6 +10,8 @@ Guidance follows the reference form ``(1 + w) * eps(x, c) - w * eps(x, null)``.
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import shutil
 from pathlib import Path
@@ -14,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers.models.embeddings import TimestepEmbedding
 from tqdm.auto import tqdm
 
 from erasure.core.errors import ErasureError
@@ -25,6 +31,44 @@ CONVENTIONS = {
     "reference": {"flip_sin_to_cos": False, "freq_shift": 1, "norm_eps": 1e-6, "downsample_padding": 0},
     "diffusers": {"flip_sin_to_cos": True, "freq_shift": 0, "norm_eps": 1e-5, "downsample_padding": 1},
 }
+
+
+class _Half(torch.nn.Module):
+    """An embedding written into one half of a vector twice its width, zeros in the other half."""
+
+    def __init__(self, inner: torch.nn.Module, first: bool) -> None:
+        super().__init__()
+        self.inner, self.first = inner, first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.inner(x)
+        return F.pad(e, (0, e.shape[-1]) if self.first else (e.shape[-1], 0))
+
+
+class ClassConcatUNet2DModel(UNet2DModel):
+    """``UNet2DModel`` whose ResNet blocks read the time and class embeddings side by side.
+
+    The reference's ``Conditional_Model`` (the DDIM code base) gives every ResNet block
+    ``Linear(silu([t_emb, c_emb]))``, where ``UNet2DModel`` adds the two. Both are
+    ``time_embedding_dim // 2`` wide: the time MLP (sinusoid -> Linear, silu, Linear) and the
+    class MLP (a table of ``num_class_embeds`` rows, the last the null class, -> Linear, silu,
+    Linear). The time MLP fills the first half of a ``time_embedding_dim`` vector and the class
+    MLP the second, so ``UNet2DModel``'s own sum of the two *is* their concatenation and its
+    forward runs unchanged.
+    """
+
+    # The same signature as UNet2DModel's, so that from_pretrained rebuilds it from config.json.
+    @functools.wraps(UNet2DModel.__init__)
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        c = self.config
+        width, channels = c.time_embedding_dim // 2, c.block_out_channels[0]
+        self.time_embedding = _Half(TimestepEmbedding(channels, width), first=True)
+        table = torch.nn.Embedding(c.num_class_embeds, channels)
+        self.class_embedding = _Half(torch.nn.Sequential(table, TimestepEmbedding(channels, width)), first=False)
+
+
+UNET_CLASSES = {cls.__name__: cls for cls in (UNet2DModel, ClassConcatUNet2DModel)}
 
 
 def build_unet(config: ModelConfig, image_shape: tuple[int, int, int], num_classes: int) -> UNet2DModel:
@@ -47,7 +91,10 @@ def build_unet(config: ModelConfig, image_shape: tuple[int, int, int], num_class
     down = ["AttnDownBlock2D" if attend[i] else "DownBlock2D" for i in range(levels)]
     # Up block i works at the resolution of level levels - 1 - i (the lowest first).
     up = ["AttnUpBlock2D" if attend[levels - 1 - i] else "UpBlock2D" for i in range(levels)]
-    return UNet2DModel(
+    # The reference's embeddings are 4x the first level's channels each; concatenated, 8x.
+    reference = config.conventions == "reference"
+    cls, time_dim = (ClassConcatUNet2DModel, 8 * config.channels[0]) if reference else (UNet2DModel, None)
+    return cls(
         sample_size=size,
         in_channels=channels,
         out_channels=channels,
@@ -60,6 +107,7 @@ def build_unet(config: ModelConfig, image_shape: tuple[int, int, int], num_class
         dropout=config.dropout,
         norm_num_groups=config.norm_groups,
         num_class_embeds=num_classes + 1,
+        time_embedding_dim=time_dim,
         **CONVENTIONS[config.conventions],
     )
 
@@ -213,12 +261,15 @@ def load_scheduler(folder: str | Path) -> DDPMScheduler:
 
 
 def load_unet(folder: str | Path, device: str | torch.device = "cpu") -> UNet2DModel:
-    """Load a UNet saved by :func:`save_model` (or any diffusers ``UNet2DModel`` folder)."""
+    """Load a UNet saved by :func:`save_model` (or any diffusers ``UNet2DModel`` folder), of the class its config names."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ErasureError(f"'{folder}' holds no UNet (config.json missing); train or point at a model folder.")
+    name = json.loads((folder / "config.json").read_text()).get("_class_name", "UNet2DModel")
+    if name not in UNET_CLASSES:
+        raise ErasureError(f"the model in '{folder}' is a {name}; a class-conditional DDPM is one of {sorted(UNET_CLASSES)}.")
     try:
-        unet = UNet2DModel.from_pretrained(folder, use_safetensors=True)
+        unet = UNET_CLASSES[name].from_pretrained(folder, use_safetensors=True)
     except (OSError, ValueError) as e:
         raise ErasureError(f"could not load the UNet in '{folder}' ({e}).") from None
     if unet.config.num_class_embeds is None:
