@@ -342,6 +342,67 @@ def test_base_lr_schedule(tmp_path, schedule):
         assert lrs[0] == 1e-3 and lrs[-1] < 1e-4
 
 
+# ----------------------------------------------------------------------------- data order
+
+
+def test_erasure_reads_forget_and_retain_sets_in_shuffled_passes_by_default(monkeypatch):
+    """unlearn.data_order=epochs, as the reference's cycled DataLoader(shuffle=True): each pass reads every image once,
+    its last batch smaller, each pass in its own order; the step picks the batch, so a resumed run continues it."""
+    from erasure.ddpm.methods import rl
+
+    ctx, g = context(n_forget=50), torch.Generator().manual_seed(0)  # batch 16: passes of 16, 16, 16, 2
+    assert ctx.config.data_order == "epochs"
+
+    def batches(c: EraseContext, which: str, steps: range) -> list[torch.Tensor]:
+        out = []
+        for step in steps:
+            c.step = step
+            out.append(c.batch(which, g))
+        return out
+
+    forget = batches(ctx, "forget", range(8))
+    assert [len(b) for b in forget] == [16, 16, 16, 2] * 2
+    first, second = torch.cat(forget[:4]), torch.cat(forget[4:])
+    assert sorted(first.tolist()) == sorted(second.tolist()) == list(range(50)) and not torch.equal(first, second)
+    retain = batches(ctx, "retain", range(4))
+    assert [len(b) for b in retain] == [16, 16, 16, 12] and sorted(torch.cat(retain).tolist()) == list(range(60))
+    assert torch.equal(batches(context(n_forget=50), "forget", range(5, 6))[0], forget[5])  # a fresh (resumed) context
+    assert not torch.equal(batches(dataclasses.replace(context(n_forget=50), rank=1), "forget", range(1))[0], forget[0])
+
+    seen = record_x0(monkeypatch, rl)  # RL noises exactly the step's forget batch, then its retain batch
+    m = get_method("rl")(ctx)
+    ctx.step = 3
+    m.loss(lambda x_t, t, class_labels: SimpleNamespace(sample=x_t * 0.5), g)
+    assert torch.equal(seen[0], ctx.forget_images[forget[3]]) and torch.equal(seen[1], ctx.retain_images[retain[3]])
+
+    drawn = batches(context(n_forget=50, data_order="random"), "forget", range(4))  # our earlier default
+    assert [len(b) for b in drawn] == [16] * 4
+
+
+def test_base_training_reads_the_train_split_in_shuffled_passes(tmp_path, monkeypatch):
+    """train.data_order=epochs: one pass of base training reads every train image exactly once."""
+    from erasure.core.data import load_data, to_model_range
+    from erasure.ddpm import pipeline
+
+    seen: list[torch.Tensor] = []
+    original = pipeline.denoising_loss
+
+    def spy(unet, scheduler, x0, *args, **kwargs):
+        seen.append(x0.detach().clone())
+        return original(unet, scheduler, x0, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "denoising_loss", spy)
+    config = load(None, ["model.channels=[8,16]", "train.batch_size=128", f"workdir={tmp_path}", "device=cpu", "mixed_precision=no"])
+    images = to_model_range(load_data(config.data, "train").images)
+    steps = math.ceil(len(images) / 128)
+    pipeline.train_base(dataclasses.replace(config, train=dataclasses.replace(config.train, steps=steps)))
+    read = torch.cat(seen)
+    assert [len(x) for x in seen] == [128] * (steps - 1) + [len(images) - 128 * (steps - 1)]
+    rows, counts = torch.unique(read.flatten(1), dim=0, return_counts=True)
+    expected_rows, expected_counts = torch.unique(images.flatten(1), dim=0, return_counts=True)
+    assert torch.equal(rows, expected_rows) and torch.equal(counts, expected_counts)
+
+
 # ----------------------------------------------------------------------------- F10: GA's alpha
 
 
@@ -396,6 +457,8 @@ def test_each_new_key_lands_in_the_fingerprint_of_the_stage_that_reads_it():
         "unlearn.mask.batches=4": {"erase"},
         "unlearn.mask.loss_reduction=mean": {"erase"},
         "unlearn.ga_alpha=2": {"erase"},
+        "train.data_order=random": {"base", "erase"},
+        "unlearn.data_order=random": {"erase"},
         "classifier.arch=resnet34": {"judge"},
         "classifier.epochs=3": {"judge"},
         "classifier.head_lr_scale=5": {"judge"},

@@ -85,6 +85,11 @@ class TrainConfig:
     seed: int = 0
     # A batch's timesteps: half drawn, half mirrored (T - 1 - t), as the reference trains; iid: all drawn.
     timesteps: Literal["antithetic", "iid"] = "antithetic"
+    # Which images a step reads: "epochs", shuffled passes over the train split whose last batch
+    # holds the remainder, as the reference's cycled DataLoader(shuffle=True); "random", every
+    # batch drawn with replacement (our earlier default). Each process of a multi-GPU job reads
+    # its own order.
+    data_order: Literal["epochs", "random"] = "epochs"
 
 
 JUDGE_LR = {"cnn": 3e-3, "resnet34": 1e-5}  # classifier.lr: null takes its arch's; resnet34: train_classifier.py --lr
@@ -209,6 +214,11 @@ class UnlearnConfig:
     # Timesteps of the forget, retain and mask batches: antithetic as the reference's
     # saliency_unlearn and generate_mask (each batch its own draw); iid: all drawn.
     timesteps: Literal["antithetic", "iid"] = "antithetic"
+    # The forget and retain batches of each step: "epochs", each set read in shuffled passes (the
+    # last batch of a pass smaller), as the reference's two cycled DataLoaders (shuffle=True, no
+    # drop_last; CIFAR-10's forget set gives a batch of 8 every 40th step); "random", drawn with
+    # replacement (our earlier default).
+    data_order: Literal["epochs", "random"] = "epochs"
     # The weights erasure (and its mask) starts from: the base's raw training weights, as the
     # reference's saliency_unlearn, generate_mask and train_esd load them (states[0]), or its
     # EMA weights, which the "original" row is sampled with.

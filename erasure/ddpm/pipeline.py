@@ -16,7 +16,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from erasure.core.card import command_line, write_cards
-from erasure.core.data import load_data, random_flip, to_model_range
+from erasure.core.data import EpochSampler, load_data, random_flip, to_model_range
 from erasure.core.errors import ErasureError
 from erasure.core.io import load_tensors, save_tensors
 from erasure.core.loop import LoopSettings, make_accelerator, process_state, stage_precision, train
@@ -83,10 +83,14 @@ def train_base(config: Config) -> Path:
         scheduler = noise_scheduler(config.model.num_train_timesteps)
         images, labels = data.images.to(accelerator.device), data.labels.to(accelerator.device)
         null, cfg = null_class(unet), config.train
+        sampler = EpochSampler(len(labels), cfg.batch_size, cfg.seed * 1_009 + accelerator.process_index, accelerator.device)
 
         def step_loss(model: torch.nn.Module, g: torch.Generator, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-            idx = torch.randint(0, len(labels), (cfg.batch_size,), generator=g, device=g.device)
-            drop = torch.rand(cfg.batch_size, generator=g, device=g.device) < cfg.class_dropout
+            if cfg.data_order == "epochs":
+                idx = sampler(step)
+            else:
+                idx = torch.randint(0, len(labels), (cfg.batch_size,), generator=g, device=g.device)
+            drop = torch.rand(len(idx), generator=g, device=g.device) < cfg.class_dropout
             c = torch.where(drop, null, labels[idx])
             x0 = to_model_range(images[idx])
             if config.data.random_flip:
@@ -143,12 +147,17 @@ def erase(config: Config, method: str | None = None) -> Path:
     def work() -> dict:
         accelerator = make_accelerator(config.device, config.mixed_precision, config.log_with)
         unet = start_weights(config, base, accelerator.device)
-        ctx = erase_context(config, unet, load_scheduler(base), accelerator.device)
+        ctx = erase_context(config, unet, load_scheduler(base), accelerator.device, accelerator.process_index)
         m = method_cls(ctx)
         mask = shared_mask(stage, accelerator, unet, lambda: m.make_mask(unet))
         m.prepare(unet)
         settings = LoopSettings.from_config(config.unlearn, desc=f"erase {method}")
-        unet, _ = train(unet, lambda model, g, step: m.loss(model, g), settings, stage.folder, accelerator, mask, stage.fingerprint)
+
+        def step_loss(model: torch.nn.Module, g: torch.Generator, step: int) -> tuple[torch.Tensor, dict]:
+            ctx.step = step  # under unlearn.data_order=epochs the step picks the batches
+            return m.loss(model, g)
+
+        unet, _ = train(unet, step_loss, settings, stage.folder, accelerator, mask, stage.fingerprint)
         if accelerator.is_main_process:
             save_model(unet, ctx.scheduler, stage.folder / "model")
         summary = {"method": method, "forget_class": config.unlearn.forget_class, "target_class": ctx.target_class}
@@ -164,8 +173,8 @@ def erase(config: Config, method: str | None = None) -> Path:
     return stage.folder / "model"
 
 
-def erase_context(config: Config, unet: UNet2DModel, scheduler: DDPMScheduler, device: torch.device) -> EraseContext:
-    """The data and settings an erasure method sees."""
+def erase_context(config: Config, unet: UNet2DModel, scheduler: DDPMScheduler, device: torch.device, rank: int = 0) -> EraseContext:
+    """The data and settings an erasure method sees (``rank``: this process's index in a multi-GPU job)."""
     cfg = config.unlearn
     data = load_data(config.data, "train")
     k = data.num_classes
@@ -183,6 +192,7 @@ def erase_context(config: Config, unet: UNet2DModel, scheduler: DDPMScheduler, d
         target_class=(cfg.forget_class + cfg.target_shift) % k,
         null_class=null_class(unet),
         random_flip=config.data.random_flip,
+        rank=rank,
     )
 
 

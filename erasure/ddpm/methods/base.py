@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
 import torch
 from diffusers import DDPMScheduler
 
-from erasure.core.data import random_flip
+from erasure.core.data import EpochSampler, random_flip
 from erasure.core.registry import Registry
 from erasure.core.saliency import Mask
 from erasure.ddpm.config import SampleConfig, UnlearnConfig
@@ -28,10 +28,28 @@ class EraseContext:
     target_class: int  # the misaligned class the forgotten one is steered to
     null_class: int
     random_flip: bool = False  # data.random_flip: every batch a method takes is flipped at random (p = 0.5)
+    rank: int = 0  # this process's index under `accelerate launch`: each process reads its own order
+    step: int = 0  # the training step, set before each loss; under data_order=epochs it picks the batches
+    _samplers: dict[str, EpochSampler] = field(default_factory=dict, repr=False)
 
     def draw(self, images: torch.Tensor, g: torch.Generator, n: int | None = None) -> torch.Tensor:
         """Indices of a random batch from ``images``."""
         return torch.randint(0, len(images), (n or self.config.batch_size,), generator=g, device=images.device)
+
+    def batch(self, which: Literal["forget", "retain"], g: torch.Generator) -> torch.Tensor:
+        """Indices of this step's forget or retain batch, in ``unlearn.data_order``.
+
+        ``epochs``: the step's batch of shuffled passes over the set, the last of each pass
+        smaller, as the reference's cycled loaders; a function of the step, so a resumed run
+        continues the same order. ``random``: :meth:`draw`.
+        """
+        images = self.forget_images if which == "forget" else self.retain_images
+        if self.config.data_order == "random":
+            return self.draw(images, g)
+        if which not in self._samplers:
+            seed = (self.config.seed * 2 + (which == "retain")) * 1_009 + self.rank
+            self._samplers[which] = EpochSampler(len(images), self.config.batch_size, seed, images.device)
+        return self._samplers[which](self.step)
 
     def in_shuffled_order(self, images: torch.Tensor, n: int, g: torch.Generator) -> list[torch.Tensor]:
         """One pass over ``images`` in a random order: the indices of consecutive batches of ``n`` (the last holds the rest).

@@ -25,7 +25,7 @@ class GA(RL):
 
     def loss(self, model: torch.nn.Module, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         ctx, cfg = self.ctx, self.ctx.config
-        x0 = ctx.augment(ctx.forget_images[ctx.draw(ctx.forget_images, g)], g)
+        x0 = ctx.augment(ctx.forget_images[ctx.batch("forget", g)], g)
         labels = ctx.drop(ctx.labels(ctx.forget_class, len(x0)), cfg.forget_cond_drop, g)
         x_t, noise, t = add_noise(ctx.scheduler, x0, g, cfg.timesteps == "antithetic")
         retain_x_t, retain_noise, retain_t, retain_labels = self.retain_batch(g)

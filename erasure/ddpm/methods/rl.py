@@ -25,7 +25,7 @@ class RL(Method):
 
     def loss(self, model: torch.nn.Module, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         ctx, cfg = self.ctx, self.ctx.config
-        x0 = ctx.augment(ctx.forget_images[ctx.draw(ctx.forget_images, g)], g)
+        x0 = ctx.augment(ctx.forget_images[ctx.batch("forget", g)], g)
         x_t, _, t = add_noise(ctx.scheduler, x0, g, cfg.timesteps == "antithetic")
         n = len(x0)
         # The reference draws the dropout separately for the target and the prediction.
@@ -43,7 +43,7 @@ class RL(Method):
     def retain_batch(self, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(x_t, noise, t, labels)`` of a noised retain batch for the standard DDPM loss, labels dropped at ``retain_cond_drop``."""
         ctx = self.ctx
-        idx = ctx.draw(ctx.retain_images, g)
+        idx = ctx.batch("retain", g)
         labels = ctx.drop(ctx.retain_labels[idx], ctx.config.retain_cond_drop, g)
         x_t, noise, t = add_noise(ctx.scheduler, ctx.augment(ctx.retain_images[idx], g), g, ctx.config.timesteps == "antithetic")
         return x_t, noise, t, labels
