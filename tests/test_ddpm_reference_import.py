@@ -204,6 +204,7 @@ def test_import_ddpm_makes_a_reference_checkpoint_the_base_model(tmp_path, capsy
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     assert main(["import-ddpm", "--checkpoint", str(tmp_path / "junk.pth"), "--workdir", str(tmp_path / "c"), *OVERRIDES]) == 2
     assert "could not read" in capsys.readouterr().err
+    assert not (tmp_path / "b" / "ddpm").exists() and not (tmp_path / "c" / "ddpm").exists()  # a refused import leaves nothing
     assert main([*args[:3], "--workdir", str(tmp_path / "d"), *OVERRIDES, "model.conventions=diffusers"]) == 2
     assert "model.conventions=reference" in capsys.readouterr().err
 

@@ -15,9 +15,12 @@ from pathlib import Path
 
 import torch
 
+from erasure.core.data import load_data
 from erasure.core.errors import ErasureError
 from erasure.core.io import save_tensors
 from erasure.ddpm.config import Config
+from erasure.ddpm.model import build_unet, noise_scheduler, save_model
+from erasure.ddpm.pipeline import RAW_WEIGHTS, base_stage
 
 # Reference module -> ours, per ResNet and attention block; attention's 1x1 convs become linears.
 _RESNET = {"norm1": "norm1", "conv1": "conv1", "temb_cemb_proj": "time_emb_proj", "norm2": "norm2", "conv2": "conv2",
@@ -110,32 +113,31 @@ def import_reference(config: Config, checkpoint: str | Path) -> Path:
     holds those of the reference's ``cifar10_train.yml``). Without EMA weights in the
     checkpoint, the raw ones are also the sampled model.
     """
-    from erasure.core.data import load_data
-    from erasure.ddpm.model import build_unet, noise_scheduler, save_model
-    from erasure.ddpm.pipeline import RAW_WEIGHTS, base_stage
-
     if config.model.conventions != "reference":
         raise ErasureError("a reference checkpoint needs the reference's UNet layout: set model.conventions=reference.")
     stage = base_stage(config)
+    if stage.done():
+        return stage.folder / "model"
+    # Everything is read and checked before the stage folder is touched: a bad checkpoint leaves nothing behind.
+    raw, ema = read_checkpoint(checkpoint)
+    data = load_data(config.data, "train")  # the image shape and class count, as train_base builds the UNet
+    unet = build_unet(config.model, data.shape, data.num_classes)
+    states = []
+    for weights in (raw, ema or raw):
+        try:
+            unet.load_state_dict(convert_state_dict(weights))
+        except RuntimeError as e:
+            detail = "; ".join(line.strip() for line in str(e).splitlines()[1:4])
+            raise ErasureError(
+                f"the checkpoint's UNet differs from this config's ({detail}). Set model.channels, "
+                "model.layers_per_block and model.attention_resolutions to the reference run's ch * ch_mult, "
+                "num_res_blocks and attn_resolutions, and data to its dataset."
+            ) from None
+        states.append({k: v.clone() for k, v in unet.state_dict().items()})
 
     def work() -> dict:
-        raw, ema = read_checkpoint(checkpoint)
-        data = load_data(config.data, "train")  # the image shape and class count, as train_base builds the UNet
-        unet = build_unet(config.model, data.shape, data.num_classes)
-        for weights in (raw, ema):
-            if weights is None:
-                continue
-            try:
-                unet.load_state_dict(convert_state_dict(weights))
-            except RuntimeError as e:
-                detail = "; ".join(line.strip() for line in str(e).splitlines()[1:4])
-                raise ErasureError(
-                    f"the checkpoint's UNet differs from this config's ({detail}). Set model.channels, "
-                    "model.layers_per_block and model.attention_resolutions to the reference run's ch * ch_mult, "
-                    "num_res_blocks and attn_resolutions, and data to its dataset."
-                ) from None
-            if weights is raw:
-                save_tensors(stage.folder / RAW_WEIGHTS, unet.state_dict())
+        save_tensors(stage.folder / RAW_WEIGHTS, states[0])
+        unet.load_state_dict(states[1])  # the EMA weights sample; without them, the raw ones
         save_model(unet, noise_scheduler(config.model.num_train_timesteps), stage.folder / "model")
         return {"imported_from": str(Path(checkpoint).resolve()), "ema": ema is not None,
                 "parameters": sum(p.numel() for p in unet.parameters())}  # fmt: skip

@@ -30,7 +30,7 @@ class EraseContext:
     random_flip: bool = False  # data.random_flip: every batch a method takes is flipped at random (p = 0.5)
     rank: int = 0  # this process's index under `accelerate launch`: each process reads its own order
     step: int = 0  # the training step, set before each loss; under data_order=epochs it picks the batches
-    _samplers: dict[str, EpochSampler] = field(default_factory=dict, repr=False)
+    _samplers: dict[str, EpochSampler] = field(default_factory=dict, init=False, repr=False)  # per set, made at first use
 
     def draw(self, images: torch.Tensor, g: torch.Generator, n: int | None = None) -> torch.Tensor:
         """Indices of a random batch from ``images``."""
