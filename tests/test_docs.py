@@ -30,8 +30,8 @@ def test_site_builds_strictly_with_readme_as_front_page_and_linked_repository_fi
     assert 'href="ddpm/"' in index  # README's docs/ddpm.md link points at the page on the site
     # a page's ../benchmarks/results/*.png link is served, and the image is there
     page = (tmp_path / "site" / "benchmarks" / "index.html").read_text(encoding="utf-8")
-    assert 'src="../repo/benchmarks/results/ddpm_erasure_mnist_cpu-16px_grid.png"' in page
-    assert (tmp_path / "site" / "repo" / "benchmarks" / "results" / "ddpm_erasure_mnist_cpu-16px_grid.png").is_file()
+    assert 'src="../repo/benchmarks/results/ddpm_erasure_mnist16_cpu-16px_grid.png"' in page
+    assert (tmp_path / "site" / "repo" / "benchmarks" / "results" / "ddpm_erasure_mnist16_cpu-16px_grid.png").is_file()
 
 
 def test_a_broken_link_fails_the_strict_build(tmp_path):
