@@ -196,6 +196,15 @@ def test_import_ddpm_makes_a_reference_checkpoint_the_base_model(tmp_path, capsy
         torch.testing.assert_close(erased_from(x, t, class_labels=c).sample, reference_forward(raw, x, t, c), atol=1e-4, rtol=1e-4)
     assert main(args) == 0  # a second import reuses the finished stage
 
+    # Erasure starts from the imported model, and its card's "Use" code loads the erased UNet.
+    assert main(["erase", "--workdir", str(workdir), *OVERRIDES, "unlearn.steps=2", "unlearn.batch_size=8"]) == 0
+    card = (workdir / "erase" / "salun-forget0" / "README.md").read_text()
+    code = card.split("## Use", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    assert "load_unet" in code
+    scope: dict = {}
+    exec(code, scope)  # noqa: S102  (our own card's snippet)
+    assert isinstance(scope["unet"], ClassConcatUNet2DModel)
+
     capsys.readouterr()
     other = ["import-ddpm", "--checkpoint", str(ckpt), "--workdir", str(tmp_path / "b"), *OVERRIDES, "model.channels=[32,32]"]
     assert main(other) == 2

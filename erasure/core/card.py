@@ -324,8 +324,8 @@ def model_card(run_dir: str | Path, results: list[str | Path] = ()) -> str:
         cls = _pipeline_class(model_dir)
         body += [f"from diffusers import {cls}", "", "# this folder, or the Hub repo it was pushed to",
                  f'pipe = {cls}.from_pretrained("{model_dir}")']  # fmt: skip
-    elif (model_dir / "config.json").is_file() and read_json(model_dir / "config.json").get("_class_name") == "ClassConcatUNet2DModel":
-        # The reference layout is our UNet2DModel subclass: diffusers alone cannot build it.
+    elif (model_dir / "config.json").is_file() and read_json(model_dir / "config.json").get("_class_name") != "UNet2DModel":
+        # A UNet2DModel subclass of ours (the reference layout): diffusers alone cannot build it.
         body += ["from erasure.ddpm.model import load_unet", "", "# this folder (a Hub repo: snapshot_download it first)",
                  f'unet = load_unet("{model_dir}")']  # fmt: skip
     else:

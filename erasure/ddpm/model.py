@@ -11,7 +11,6 @@ Guidance follows the reference form ``(1 + w) * eps(x, c) - w * eps(x, null)``.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import shutil
 from pathlib import Path
@@ -23,6 +22,7 @@ from diffusers.models.embeddings import TimestepEmbedding
 from tqdm.auto import tqdm
 
 from erasure.core.errors import ErasureError
+from erasure.core.io import read_json
 from erasure.ddpm.config import ModelConfig, SampleConfig
 
 # UNet2DModel's settings for each model.conventions (see ModelConfig); padding 0 makes
@@ -265,7 +265,7 @@ def load_unet(folder: str | Path, device: str | torch.device = "cpu") -> UNet2DM
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ErasureError(f"'{folder}' holds no UNet (config.json missing); train or point at a model folder.")
-    name = json.loads((folder / "config.json").read_text()).get("_class_name", "UNet2DModel")
+    name = read_json(folder / "config.json").get("_class_name", "UNet2DModel")
     if name not in UNET_CLASSES:
         raise ErasureError(f"the model in '{folder}' is a {name}; a class-conditional DDPM is one of {sorted(UNET_CLASSES)}.")
     try:

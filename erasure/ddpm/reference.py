@@ -122,10 +122,10 @@ def import_reference(config: Config, checkpoint: str | Path) -> Path:
     raw, ema = read_checkpoint(checkpoint)
     data = load_data(config.data, "train")  # the image shape and class count, as train_base builds the UNet
     unet = build_unet(config.model, data.shape, data.num_classes)
-    states = []
-    for weights in (raw, ema or raw):
+    states = [convert_state_dict(weights) for weights in (raw, ema or raw)]
+    for state in states:
         try:
-            unet.load_state_dict(convert_state_dict(weights))
+            unet.load_state_dict(state)  # strict: every name and shape must fit
         except RuntimeError as e:
             detail = "; ".join(line.strip() for line in str(e).splitlines()[1:4])
             raise ErasureError(
@@ -133,10 +133,10 @@ def import_reference(config: Config, checkpoint: str | Path) -> Path:
                 "model.layers_per_block and model.attention_resolutions to the reference run's ch * ch_mult, "
                 "num_res_blocks and attn_resolutions, and data to its dataset."
             ) from None
-        states.append({k: v.clone() for k, v in unet.state_dict().items()})
 
     def work() -> dict:
-        save_tensors(stage.folder / RAW_WEIGHTS, states[0])
+        unet.load_state_dict(states[0])
+        save_tensors(stage.folder / RAW_WEIGHTS, unet.state_dict())
         unet.load_state_dict(states[1])  # the EMA weights sample; without them, the raw ones
         save_model(unet, noise_scheduler(config.model.num_train_timesteps), stage.folder / "model")
         return {"imported_from": str(Path(checkpoint).resolve()), "ema": ema is not None,
