@@ -10,6 +10,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # machine covers the CUDA paths. accelerate fixes the device once per process, so every
 # test uses this one.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cuda":
+    # The tests check semantics at fp32 precision and compare runs bit for bit (a resumed run
+    # with a straight one, a run of k epochs with the first k of a longer one). On CUDA that
+    # needs deterministic kernels (cuDNN's weight gradients add in any order otherwise) and no
+    # TF32 convolutions, which PyTorch allows by default and erasure's runs keep for speed.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
 
 
 @contextmanager

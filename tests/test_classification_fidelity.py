@@ -164,15 +164,18 @@ def original_fit(folder, epochs: int, select: str, val=None):
     return fit(model, images, labels, config.train, folder, accelerator, "test", desc="original", val=val), val
 
 
-def test_the_original_model_is_the_best_validation_epoch_as_the_reference(tmp_path):
+def test_the_original_model_is_the_best_validation_epoch_as_the_reference(tmp_path, capsys):
     """The reference's original model is model_SA_best: the first epoch with the highest validation accuracy.
 
     Its weights are the ones that epoch ended with: training only that many epochs with
-    select=last gives the same tensors, bit for bit.
+    select=last gives the same tensors, bit for bit. The progress bar shows the scores as
+    they come (a run stopped by a time limit has told them).
     """
     model, val = original_fit(tmp_path / "best", 6, "best_val")
     record = json.loads((tmp_path / "best" / "selection.json").read_text())
     scores = record["scores"]
+    last_bar = [line for line in capsys.readouterr().err.split("\r") if "val=" in line][-1]
+    assert f"val={scores[-1]:.2f}%" in last_bar and f"best={max(scores):.2f}% (epoch {record['epoch']})" in last_bar
     assert len(scores) == 6 and record["epoch"] == scores.index(max(scores)) + 1 and record["val_images"] == 32
     assert predict(model, *val, 64, make_accelerator(DEVICE)).accuracy == record["val_accuracy"] == max(scores)
     prefix, _ = original_fit(tmp_path / "prefix", record["epoch"], "last")

@@ -154,7 +154,7 @@ class Weights(Monitor):
         self.after: list[torch.Tensor] = []
 
     def after_step(self, model, step):
-        self.after.append(torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone())
+        self.after.append(torch.nn.utils.parameters_to_vector(model.parameters()).detach().to("cpu", copy=True))  # beside `start`
 
 
 def ema_run(tmp_path: Path, warmup: bool) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:

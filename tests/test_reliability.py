@@ -366,6 +366,25 @@ def test_gpu_check_keeps_what_each_failed_test_said(tmp_path):
     assert "ValueError: boom 0.5" in failures["test_sample.py::test_param[0.5]"]
 
 
+def test_gpu_check_interrupts_a_part_at_its_limit_and_keeps_the_failures_so_far(tmp_path, monkeypatch):
+    """A part that runs out of time gets SIGINT before it is killed: pytest still prints the failures it met
+    (on one H100 the tests part once stopped at its limit with nothing but progress dots to show)."""
+    import importlib.util
+
+    (tmp_path / "test_sample.py").write_text(
+        "import time\ndef test_bad():\n    assert 1 == 2, 'one is not two'\ndef test_slow():\n    time.sleep(120)\n"
+    )
+    spec = importlib.util.spec_from_file_location("gpu_check", "benchmarks/gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    monkeypatch.setattr(gpu_check, "ROOT", tmp_path)  # the folder the command runs in
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=short", "test_sample.py"]
+    ok, seconds, tail = gpu_check.run(command, dict(os.environ), 20, tmp_path / "tests-0.log")
+    log = (tmp_path / "tests-0.log").read_text()
+    assert not ok and seconds < 20 and tail.endswith("timed out after 20 s")
+    assert "KeyboardInterrupt" in log and "one is not two" in gpu_check.test_failures(log)["test_sample.py::test_bad"]
+
+
 def test_gpu_check_compiles_the_sd_step_in_bf16_only_and_reports_both_runs(tmp_path, monkeypatch):
     """--compile adds a bf16 compiled SD step as a run of its own (an fp32 compile would cost ~2 more minutes)."""
     import importlib.util

@@ -286,6 +286,11 @@ class BestOnValidation(Monitor):
     def load(self, tensors: dict[str, torch.Tensor], values: dict) -> None:
         self.weights, self.scores = dict(tensors), list(values.get("scores", []))
 
+    def postfix(self) -> dict[str, str]:
+        if not self.scores:
+            return {}
+        return {"val": f"{self.scores[-1]:.2f}%", "best": f"{max(self.scores):.2f}% (epoch {self.best_epoch})"}
+
     def restore(self, model: nn.Module) -> None:
         """Put the best epoch's weights into ``model``."""
         model.load_state_dict(self.weights)

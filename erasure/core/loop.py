@@ -53,6 +53,10 @@ class Monitor:
         """Tensors and JSON-able values to keep in the checkpoint."""
         return {}, {}
 
+    def postfix(self) -> dict[str, str]:
+        """What to show beside the loss in the progress bar (a run stopped early has told it)."""
+        return {}
+
     def load(self, tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
         """Restore what :meth:`state` returned, from a checkpoint being resumed."""
 
@@ -401,7 +405,7 @@ def train(
                 value = accelerator.reduce(loss.detach(), reduction="mean") if accelerator.num_processes > 1 else loss
                 row = {"step": step, "loss": value.item(), "lr": optimizer.param_groups[0]["lr"], **logs}
                 row["grad_norm"] = float(grad_norm)  # before clipping
-                bar.set_postfix(loss=f"{row['loss']:.4f}")
+                bar.set_postfix(loss=f"{row['loss']:.4f}", **(monitor.postfix() if monitor is not None else {}))
                 if accelerator.is_main_process:
                     _append_log(log_path, row)
                     tracker.log({k: v for k, v in row.items() if k != "step"}, step)
