@@ -134,8 +134,7 @@ def main() -> None:
     parts: dict[str, list[list[str]]] = {
         # The tests marked slow exercise CPU multi-process jobs, notebooks and long CLI runs, which CI covers;
         # left out by default to keep the check within its 8 minutes. No -x: one GPU run should show every failure.
-        "tests": [[py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=short", *([] if args.all_tests else ["-m", "not slow"]),
-                   *test_workers()]],
+        "tests": [pytest_command(py, args.all_tests)],
         "demo": [[*erasure, "demo", "--workdir", str(work / "demo")]],
         "ddpm-bf16": [
             [*erase_esd, "unlearn.esd_cuda_graph=false"],
@@ -258,13 +257,18 @@ def main() -> None:
     sys.exit(0 if all(p["status"] != "fail" for p in summary["parts"].values()) else 1)
 
 
-def test_workers() -> list[str]:
-    """pytest-xdist's ``-n N`` where it is installed and the machine has the cores: on one H100 the
-    suite in one process outlasted the check's budget. Each worker holds its own CUDA context."""
+def pytest_command(py: str, all_tests: bool) -> list[str]:
+    """The suite on this machine: in parallel (pytest-xdist's ``-n``) where it is installed and there
+    are the cores, each worker with its share of them; on one H100 the suite in one process
+    outlasted the check's budget."""
     import importlib.util
 
-    workers = min(8, (os.cpu_count() or 1) // 2)
-    return ["-n", str(workers)] if workers >= 2 and importlib.util.find_spec("xdist") else []
+    command = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=short", *([] if all_tests else ["-m", "not slow"])]
+    cores = os.cpu_count() or 1
+    workers = min(8, cores // 2)
+    if workers < 2 or not importlib.util.find_spec("xdist"):
+        return command
+    return ["env", f"OMP_NUM_THREADS={cores // workers}", *command, "-n", str(workers)]
 
 
 def write_summary(path: Path, summary: dict) -> None:

@@ -385,6 +385,23 @@ def test_gpu_check_interrupts_a_part_at_its_limit_and_keeps_the_failures_so_far(
     assert "KeyboardInterrupt" in log and "one is not two" in gpu_check.test_failures(log)["test_sample.py::test_bad"]
 
 
+def test_gpu_check_runs_the_suite_in_parallel_where_it_can(monkeypatch):
+    """pytest-xdist workers, each with its share of the cores, on a machine with them; one process otherwise."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", "benchmarks/gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "xdist" else find_spec(name, *a))
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    command = gpu_check.pytest_command("python", all_tests=False)
+    assert command[:2] == ["env", "OMP_NUM_THREADS=2"] and command[-2:] == ["-n", "8"] and "not slow" in command
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert gpu_check.pytest_command("python", all_tests=True)[:3] == ["python", "-m", "pytest"]
+    assert "-n" not in gpu_check.pytest_command("python", all_tests=True)
+
+
 def test_gpu_check_compiles_the_sd_step_in_bf16_only_and_reports_both_runs(tmp_path, monkeypatch):
     """--compile adds a bf16 compiled SD step as a run of its own (an fp32 compile would cost ~2 more minutes)."""
     import importlib.util
