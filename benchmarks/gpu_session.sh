@@ -11,7 +11,7 @@
 #           carry .gpu-data/cifar10; returns at once, the table training on (setsid) from a copy in $WORK
 #   call 2: sh benchmarks/gpu_session.sh beside [SECONDS]       carry .whl, .gpu-data/clip_tokenizer
 #           gpu_check.py's correctness parts (tests, demo, ddpm-bf16, sd-tiny, classification) with
-#           --budget SECONDS (default 240), then waits for the table until WAIT seconds (default 560)
+#           --budget SECONDS (default 300), then waits for the table until WAIT seconds (default 560)
 #           from its own start, and packs what the table wrote into $OUT/table.tgz
 # Or one part alone, in the foreground:
 #   table [recipe|random10|others|trials] [LABEL [key=value ...]]  carry .gpu-data/cifar10; under TABLE_SECONDS (default 520)
@@ -25,7 +25,7 @@
 # Everything lands in $OUT (the folder the device returns), at most 8 files.
 PART=${1:?background, beside, table or speed}
 case $PART in table | background) TABLE=${2:-recipe}; LABEL=${3:-h100} ;; esac  # speed, beside: gpu_check.py names its files
-if [ "$PART" = beside ]; then BUDGET=${2:-240}; fi
+if [ "$PART" = beside ]; then BUDGET=${2:-300}; fi
 if [ $# -gt 3 ]; then shift 3; else set --; fi  # the rest: overrides for every table (the tests run it tiny this way)
 case $PART:${TABLE:-} in
 table:recipe|table:random10|table:others|table:trials|background:recipe|background:random10|background:others|background:trials|speed:|beside:) ;;
