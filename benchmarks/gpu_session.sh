@@ -21,7 +21,8 @@
 # on the exact-pixel test images against their JPEG copies (benchmarks/classification_jpeg.py --score).
 # `random10`, `others`, `trials`: gpu_tables.sh's tables.
 # `speed`: gpu_check.py with the test suite on CUDA (alone), then the SD v1.4 SalUn step in fp32
-# and bf16 eager and bf16 compiled; its summary keeps each failed test's traceback.
+# and bf16 eager and bf16 compiled; its summary keeps each failed test's traceback. A background
+# table still training is stopped first.
 # Everything lands in $OUT (the folder the device returns), at most 8 files.
 PART=${1:?background, beside, table or speed}
 case $PART in table | background) TABLE=${2:-recipe}; LABEL=${3:-h100} ;; esac  # speed, beside: gpu_check.py names its files
@@ -76,6 +77,9 @@ beside)
     tar czf "$OUT/table.tgz" -C "$WORK" out session.log
     ;;
 speed)
+    if [ -f "$WORK/run.sh" ] && [ ! -f "$WORK/exit" ]; then  # a background table would share the GPU with the timings
+        pkill -f "$WORK/" && echo "stopped the background table in $WORK"
+    fi
     timeout 560 ${PYTHON:-python3} benchmarks/gpu_check.py --wheels .whl --tokenizer .gpu-data/clip_tokenizer --budget 540 --compile \
         --skip demo ddpm-bf16 sd-tiny classification esd-step generation
     ;;

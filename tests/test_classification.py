@@ -393,3 +393,23 @@ def test_gpu_session_trains_a_table_in_the_background_and_packs_it_after_the_che
         names = packed.getnames()
     assert "out/classification_jpeg_tiny-reference-score.json" in names and "out/table.log" in names and "session.log" in names
     assert (work / "repo" / "runs" / "classification" / "recipe-reference" / "original" / "model.safetensors").is_file()
+
+
+def test_gpu_session_speed_stops_a_background_table_before_timing(tmp_path):
+    """A table still training from `background` would share the GPU with `speed`'s timings: it is stopped first."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    data = tiny_cifar10(tmp_path)
+    out, work = tmp_path / "out", tmp_path / "work"
+    out.mkdir()
+    env = {**os.environ, "PYTHON": sys.executable, "DATA_DIR": str(data), "OUT": str(out), "WORK": str(work), "OMP_NUM_THREADS": "1"}
+    long = [*TINY_RECIPE, "train.epochs=500"]
+    subprocess.run(["sh", "benchmarks/gpu_session.sh", "background", "recipe", "tiny", *long], env=env, check=True, timeout=60)
+    assert subprocess.run(["pgrep", "-f", f"{work}/"], capture_output=True).returncode == 0  # training
+    timed = subprocess.run(["sh", "benchmarks/gpu_session.sh", "speed"], env={**env, "PYTHON": "true"}, capture_output=True, text=True)
+    assert timed.returncode == 0 and "stopped the background table" in timed.stdout, timed.stdout + timed.stderr
+    time.sleep(1)
+    assert subprocess.run(["pgrep", "-f", f"{work}/"], capture_output=True).returncode == 1  # nothing of it left
