@@ -379,9 +379,9 @@ def test_gpu_check_interrupts_a_part_at_its_limit_and_keeps_the_failures_so_far(
     spec.loader.exec_module(gpu_check)
     monkeypatch.setattr(gpu_check, "ROOT", tmp_path)  # the folder the command runs in
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=short", "test_sample.py"]
-    ok, seconds, tail = gpu_check.run(command, dict(os.environ), 20, tmp_path / "tests-0.log")
+    ok, seconds, tail = gpu_check.run(command, dict(os.environ), 10, tmp_path / "tests-0.log")
     log = (tmp_path / "tests-0.log").read_text()
-    assert not ok and seconds < 20 and tail.endswith("timed out after 20 s")
+    assert not ok and seconds < 10 and tail.endswith("timed out after 10 s")
     assert "KeyboardInterrupt" in log and "one is not two" in gpu_check.test_failures(log)["test_sample.py::test_bad"]
 
 
