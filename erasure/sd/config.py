@@ -118,7 +118,7 @@ class SDTrainConfig:
     # the UNet in bf16 and lets Adam update it there, each step rounded to bf16; it computes
     # under bf16 autocast (mixed_precision auto or bf16), also on a CPU.
     weights_dtype: Literal["fp32", "bf16"] = "fp32"
-    compile: bool = False  # torch.compile the UNet (about 2 min to compile the SD v1.4 UNet on an H100)
+    compile: bool = False  # torch.compile the UNet (the SalUn step compiles two graphs: over 3 min on an H100)
     checkpoint_every: int = 50
     log_every: int = 10
     seed: int = 0
