@@ -122,8 +122,10 @@ def test_textual_inversion_learns_only_its_new_rows_and_fmn_prompts_with_them(ti
     from transformers import CLIPTextModel
 
     from erasure.sd.textual_inversion import learn_tokens
+    from tests.conftest import DEVICE
 
-    fresh = CLIPTextModel.from_pretrained(str(tiny_model), subfolder="text_encoder").get_input_embeddings().weight
+    # beside the inversion's encoder, which learns on the training device
+    fresh = CLIPTextModel.from_pretrained(str(tiny_model), subfolder="text_encoder").get_input_embeddings().weight.to(DEVICE)
     start, pipe = fmn_method(tiny_model, "fmn.ti_steps=0")
     pipe.text_encoder.to(torch.bfloat16)  # model.frozen_dtype on a GPU: the inversion reloads the fp32 weights
     begun = learn_tokens(start.ctx, pipe.unet, start.ctx.config.fmn, seed=0)
