@@ -260,10 +260,13 @@ def main() -> None:
 def pytest_command(py: str, all_tests: bool) -> list[str]:
     """The suite on this machine: in parallel (pytest-xdist's ``-n``) where it is installed and there
     are the cores, each worker with its share of them; on one H100 the suite in one process
-    outlasted the check's budget."""
+    outlasted the check's budget. Where pytest-timeout is installed, a test that hangs (a stuck
+    process group, say) fails after 5 minutes instead of spending the whole part."""
     import importlib.util
 
     command = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=short", *([] if all_tests else ["-m", "not slow"])]
+    if importlib.util.find_spec("pytest_timeout"):
+        command += ["--timeout", "300"]
     cores = os.cpu_count() or 1
     workers = min(8, cores // 2)
     if workers < 2 or not importlib.util.find_spec("xdist"):

@@ -393,13 +393,17 @@ def test_gpu_check_runs_the_suite_in_parallel_where_it_can(monkeypatch):
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "xdist" else find_spec(name, *a))
+    installed = {"xdist", "pytest_timeout"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name in installed else find_spec(name, *a))
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     command = gpu_check.pytest_command("python", all_tests=False)
     assert command[:2] == ["env", "OMP_NUM_THREADS=2"] and command[-2:] == ["-n", "8"] and "not slow" in command
+    assert command[command.index("--timeout") + 1] == "300"  # a hung test fails alone
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    installed.clear()
     assert gpu_check.pytest_command("python", all_tests=True)[:3] == ["python", "-m", "pytest"]
     assert "-n" not in gpu_check.pytest_command("python", all_tests=True)
+    assert "--timeout" not in gpu_check.pytest_command("python", all_tests=True)
 
 
 def test_gpu_check_compiles_the_sd_step_in_bf16_only_and_reports_both_runs(tmp_path, monkeypatch):
