@@ -281,10 +281,19 @@ def test_a_run_that_failed_before_making_anything_does_not_block_other_settings(
     assert Stage(tmp_path, "new").run(CFG, lambda: {})
 
 
+def load_gpu_check():
+    """benchmarks/gpu_check.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", "benchmarks/gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_gpu_check_keeps_what_it_measured_within_its_budget(tmp_path):
     """benchmarks/gpu_check.py on scarce GPU time: its summary lands in $OUT, parts left no time are skipped
     (not killed with the run), and only result files written by this run are copied beside the summary."""
-    import importlib.util
     import time
 
     out = tmp_path / "out"
@@ -297,9 +306,7 @@ def test_gpu_check_keeps_what_it_measured_within_its_budget(tmp_path):
     assert parts["demo"] == {"status": "skipped", "why": "--budget 1 s spent"}
     assert not list(out.glob(".*.tmp"))
 
-    spec = importlib.util.spec_from_file_location("gpu_check", "benchmarks/gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    gpu_check = load_gpu_check()
     gpu_check.RESULTS = results = tmp_path / "results"
     results.mkdir()
     (results / "sd_training_gpu-check.json").write_text('{"results": [{"seconds_per_step": 1.0}]}')
@@ -316,12 +323,9 @@ def test_gpu_check_keeps_what_it_measured_within_its_budget(tmp_path):
 def test_gpu_check_runs_the_tests_beside_the_correctness_parts_and_times_the_rest_alone(tmp_path, monkeypatch):
     """The check fits its 8 minutes by running the tests while the demo, ESD, tiny-SD and classification parts
     (pass or fail only) share the GPU; the summary says which parts shared it."""
-    import importlib.util
     import time
 
-    spec = importlib.util.spec_from_file_location("gpu_check", "benchmarks/gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    gpu_check = load_gpu_check()
     spans: dict[str, tuple[float, float]] = {}
 
     def fake_run(cmd, env, timeout, log):  # each part's commands, timed instead of run
@@ -347,8 +351,6 @@ def test_gpu_check_runs_the_tests_beside_the_correctness_parts_and_times_the_res
 
 def test_gpu_check_keeps_what_each_failed_test_said(tmp_path):
     """On a GPU machine the tests' log stays behind; the summary keeps each failure's traceback."""
-    import importlib.util
-
     (tmp_path / "test_sample.py").write_text(
         "import pytest\n"
         "def test_ok(): pass\n"
@@ -357,9 +359,7 @@ def test_gpu_check_keeps_what_each_failed_test_said(tmp_path):
     )
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=short", "test_sample.py"]
     log = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True).stdout
-    spec = importlib.util.spec_from_file_location("gpu_check", "benchmarks/gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    gpu_check = load_gpu_check()
     failures = gpu_check.test_failures(log)
     assert list(failures) == ["test_sample.py::test_bad", "test_sample.py::test_param[0.5]"]
     assert "one is not two" in failures["test_sample.py::test_bad"] and "noise" not in failures["test_sample.py::test_bad"]
@@ -369,14 +369,10 @@ def test_gpu_check_keeps_what_each_failed_test_said(tmp_path):
 def test_gpu_check_interrupts_a_part_at_its_limit_and_keeps_the_failures_so_far(tmp_path, monkeypatch):
     """A part that runs out of time gets SIGINT before it is killed: pytest still prints the failures it met
     (on one H100 the tests part once stopped at its limit with nothing but progress dots to show)."""
-    import importlib.util
-
     (tmp_path / "test_sample.py").write_text(
         "import time\ndef test_bad():\n    assert 1 == 2, 'one is not two'\ndef test_slow():\n    time.sleep(120)\n"
     )
-    spec = importlib.util.spec_from_file_location("gpu_check", "benchmarks/gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    gpu_check = load_gpu_check()
     monkeypatch.setattr(gpu_check, "ROOT", tmp_path)  # the folder the command runs in
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=short", "test_sample.py"]
     ok, seconds, tail = gpu_check.run(command, dict(os.environ), 10, tmp_path / "tests-0.log")
@@ -389,9 +385,7 @@ def test_gpu_check_runs_the_suite_in_parallel_where_it_can(monkeypatch):
     """pytest-xdist workers, each with its share of the cores, on a machine with them; one process otherwise."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("gpu_check", "benchmarks/gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    gpu_check = load_gpu_check()
     find_spec = importlib.util.find_spec
     installed = {"xdist", "pytest_timeout"}
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name in installed else find_spec(name, *a))
@@ -408,12 +402,9 @@ def test_gpu_check_runs_the_suite_in_parallel_where_it_can(monkeypatch):
 
 def test_gpu_check_compiles_the_sd_step_in_bf16_only_and_reports_both_runs(tmp_path, monkeypatch):
     """--compile adds a bf16 compiled SD step as a run of its own (an fp32 compile would cost ~2 more minutes)."""
-    import importlib.util
     import time
 
-    spec = importlib.util.spec_from_file_location("gpu_check", "benchmarks/gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    gpu_check = load_gpu_check()
     commands: dict[str, list[list[str]]] = {}
 
     def fake_run(cmd, env, timeout, log):  # records each part's commands instead of running them
