@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import re
@@ -262,8 +263,6 @@ def pytest_command(py: str, all_tests: bool) -> list[str]:
     are the cores, each worker with its share of them; on one H100 the suite in one process
     outlasted the check's budget. Where pytest-timeout is installed, a test that hangs (a stuck
     process group, say) fails after 5 minutes instead of spending the whole part."""
-    import importlib.util
-
     command = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=short", *([] if all_tests else ["-m", "not slow"])]
     if importlib.util.find_spec("pytest_timeout"):
         command += ["--timeout", "300"]

@@ -83,10 +83,12 @@ def train_base(config: Config) -> Path:
         scheduler = noise_scheduler(config.model.num_train_timesteps)
         images, labels = data.images.to(accelerator.device), data.labels.to(accelerator.device)
         null, cfg = null_class(unet), config.train
-        sampler = EpochSampler(len(labels), cfg.batch_size, cfg.seed * 1_009 + accelerator.process_index, accelerator.device)
+        sampler = None
+        if cfg.data_order == "epochs":  # each process its own order
+            sampler = EpochSampler(len(labels), cfg.batch_size, cfg.seed * 1_009 + accelerator.process_index, accelerator.device)
 
         def step_loss(model: torch.nn.Module, g: torch.Generator, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-            if cfg.data_order == "epochs":
+            if sampler is not None:
                 idx = sampler(step)
             else:
                 idx = torch.randint(0, len(labels), (cfg.batch_size,), generator=g, device=g.device)
